@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Set up this machine (deploy/setup.sh), start what the tests need, and run
+# the whole test suite with trial. Extra arguments name test modules to run
+# instead of all of them.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+bin=$("$here/deploy/setup.sh" | tail -1)
+cd "$here"
+export PATH="$bin:$PATH"
+"$here/deploy/services.sh"
+status=0
+"$bin/python" -m twisted.trial --temp-directory="${TMPDIR:-/tmp}/qvd-trial-$$" "${@:-tests}" || status=$?
+rm -rf "${TMPDIR:-/tmp}/qvd-trial-$$"
+exit $status

@@ -1,0 +1,3 @@
+"""
+The HKD: the node daemon that starts, supervises and stops desktops.
+"""

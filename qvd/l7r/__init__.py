@@ -1,0 +1,3 @@
+"""
+The L7R: qvd's front door (TLS, QVD client protocol, authentication, broker, NX relay).
+"""

@@ -1,0 +1,3 @@
+"""
+Fakes and fixtures that qvd's tests (and anyone testing against qvd) share.
+"""
