@@ -52,7 +52,7 @@ req_hash=$(cat "$here/requirements.txt" "$here/setup.py" | sha256sum | cut -c1-1
 if [ "$(cat "$venv/.qvd-req" 2>/dev/null)" != "$req_hash" ]; then
     log "installing Python packages into $venv"
     "$venv/bin/pip" install -q -r "$here/requirements.txt"
-    "$venv/bin/pip" install -q --no-deps -e "$here"
+    "$venv/bin/pip" install -q --no-deps --config-settings editable_mode=compat -e "$here"
     echo "$req_hash" >"$venv/.qvd-req"
 fi
 # twistd finds plugins in twisted/plugins of the source tree (editable install).
