@@ -371,7 +371,7 @@ async def _connect(reactor, settings, output):
         raise ClientError(f"cannot connect to {where}: {_reason(e)}", errors.EXIT_NETWORK)
     timer = reactor.callLater(settings.connect_timeout, protocol.transport.abortConnection)
     try:
-        await protocol.connected
+        await protocol.ready
     except Exception as e:
         explained = creator.explain(settings.port) if creator is not None else None
         if explained:

@@ -54,7 +54,7 @@ class L7RProtocol(Protocol):
     """
     Client end of one L7R connection; see the module docstring.
 
-    @ivar connected: fires with this protocol once the TLS handshake is done
+    @ivar ready: fires with this protocol once the TLS handshake is done
         (or immediately for a plain transport), fails if the connection is
         lost first.
     @ivar closed: fires with the C{connectionLost} reason when the connection ends.
@@ -71,7 +71,7 @@ class L7RProtocol(Protocol):
         self._timer = None
         self._kept = []
         self._sink = None
-        self.connected = defer.Deferred()
+        self.ready = defer.Deferred()
         self.closed = defer.Deferred()
 
     # --- Twisted side -------------------------------------------------------
@@ -87,7 +87,7 @@ class L7RProtocol(Protocol):
     def _ready(self):
         if self.state == "connecting":
             self.state = "idle"
-            self.connected.callback(self)
+            self.ready.callback(self)
 
     def dataReceived(self, data):
         if self.state == "relaying":
@@ -122,7 +122,7 @@ class L7RProtocol(Protocol):
         self.state = "closed"
         self._cancel_timer()
         if previous == "connecting":
-            self.connected.errback(reason)
+            self.ready.errback(reason)
         elif self._pending is not None:
             try:
                 final = self._parser.connection_lost()

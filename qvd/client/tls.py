@@ -40,6 +40,14 @@ def _x509_error_text(errno):
         return f"X509 verification error {errno}"
 
 
+def _pattern_text(pattern):
+    for attribute in ("pattern", "ip"):
+        value = getattr(pattern, attribute, None)
+        if value is not None:
+            return value.decode() if isinstance(value, bytes) else str(value)
+    return str(pattern)
+
+
 @implementer(IOpenSSLClientConnectionCreator)
 class ClientTLS:
     """
@@ -54,6 +62,7 @@ class ClientTLS:
         self.ca_file = ca_file
         self.insecure = insecure
         self.problem = None
+        self.wrong_name = False
         ctx = SSL.Context(SSL.TLS_METHOD)
         ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
         ctx.set_options(SSL.OP_NO_COMPRESSION)
@@ -83,11 +92,12 @@ class ClientTLS:
             if depth == 0:
                 try:
                     verify_service_identity(extract_patterns(cert), [self._service_id], [])
-                except VerificationError as e:
+                except VerificationError:
                     if self.problem is None:
-                        names = ", ".join(str(p) for p in extract_patterns(cert)) or "none"
+                        names = ", ".join(_pattern_text(p) for p in extract_patterns(cert))
                         self.problem = (f"the certificate is not valid for {self.host!r} "
-                                        f"(it names: {names}; {e})")
+                                        f"(it is for: {names or 'no name'})")
+                        self.wrong_name = True
                     return False
             return True
         except Exception as e:  # never raise into OpenSSL
@@ -96,6 +106,7 @@ class ClientTLS:
 
     def clientConnectionForTLS(self, tlsProtocol):
         self.problem = None
+        self.wrong_name = False
         conn = SSL.Connection(self._context, None)
         conn.set_app_data(tlsProtocol)
         if not self._is_ip:
@@ -109,6 +120,9 @@ class ClientTLS:
         """
         if self.problem is None:
             return None
-        hint = ("pass --ca FILE with the CA that signed the server's certificate "
-                "(or --insecure to skip verification, not recommended)")
+        if self.wrong_name:
+            hint = "connect with --host set to a name the certificate is for"
+        else:
+            hint = ("pass --ca FILE with the CA that signed the server's certificate "
+                    "(or --insecure to skip verification, not recommended)")
         return (f"TLS verification of {self.host}:{port} failed: {self.problem}; {hint}")
