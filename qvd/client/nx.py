@@ -313,6 +313,10 @@ class NxSession:
         if self._listener is not None:
             self._listener.stopListening()
         if self.local is not None:
+            # A TLS transport does not close while a producer is registered.
+            self.local.transport.unregisterProducer()
+            if self.l7r.transport is not None:
+                self.l7r.transport.unregisterProducer()
             self.local.transport.loseConnection()
         self.l7r.close()
         if self._nxproxy_status == "running" and self._process_transport is not None:

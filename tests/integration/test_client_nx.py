@@ -75,7 +75,7 @@ class _Upstream(Protocol):
         self.client.transport.write(data)
 
     def connectionLost(self, reason=None):
-        self.client.transport.loseConnection()
+        self.client.close()
 
 
 class FakeL7RProtocol(Protocol):
@@ -149,9 +149,20 @@ class FakeL7RProtocol(Protocol):
         self.pending = []
         self.transport.resumeProducing()
 
+    def close(self):
+        """
+        End the session from the server side.
+        """
+        if self.upstream is not None:
+            self.upstream.transport.unregisterProducer()
+            self.transport.unregisterProducer()
+            self.upstream.transport.loseConnection()
+        self.transport.loseConnection()
+
     def connectionLost(self, reason=None):
         self.lost = True
         if self.upstream is not None:
+            self.upstream.transport.unregisterProducer()
             self.upstream.transport.loseConnection()
 
 
@@ -460,7 +471,7 @@ class NXTests(_Base):
         image = yield threads.deferToThread(wait_for_colour, display, COLOUR, 20)
         self.assertGreater(image.count(COLOUR), 1000, output.err.getvalue())
         # The server ends the session.
-        self.server.connections[0].transport.loseConnection()
+        self.server.connections[0].close()
         code = yield done
         self.assertEqual(code, 0, output.err.getvalue())
         err = output.err.getvalue()
