@@ -279,13 +279,12 @@ class NxSession:
         self.l7r.transport.registerProducer(local.transport, True)
         self.l7r.attach(_Sink(self))
 
-    def _l7r_closed_early(self, reason):
+    def _l7r_closed_early(self, _):
         if self.state == "listening":
             self._closed_by = "server"
             self._error = ClientError(
                 "the server closed the connection before nxproxy connected", EXIT_LOCAL)
             self._end()
-        return reason
 
     def _side_closed(self, side):
         if self.state == "relaying":

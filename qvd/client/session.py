@@ -15,7 +15,8 @@ back. Its states:
     waiting  -- 101 --> upgraded                 (Deferred fires with Upgraded;
                                                   reading paused, later bytes kept)
     waiting  -- no byte for `response_timeout` s --> closed (ResponseTimeout)
-    upgraded -- attach(sink) --> relaying        (kept bytes, then every byte, go to sink)
+    upgraded -- attach(sink) --> relaying        (the bytes after the 101, then every
+                                                  byte received, go to sink)
     any      -- connection lost --> closed       (pending Deferred fails)
 
 The response timeout restarts at every interim response, so a long VM start
@@ -57,7 +58,8 @@ class L7RProtocol(Protocol):
     @ivar ready: fires with this protocol once the TLS handshake is done
         (or immediately for a plain transport), fails if the connection is
         lost first.
-    @ivar closed: fires with the C{connectionLost} reason when the connection ends.
+    @ivar closed: fires with C{None} when the connection ends; the reason
+        is then in C{lost_reason}.
     """
 
     def __init__(self, clock, response_timeout=60.0, parser_factory=None):
@@ -71,6 +73,7 @@ class L7RProtocol(Protocol):
         self._timer = None
         self._kept = []
         self._sink = None
+        self.lost_reason = None
         self.ready = defer.Deferred()
         self.closed = defer.Deferred()
 
@@ -111,6 +114,8 @@ class L7RProtocol(Protocol):
             elif isinstance(event, Upgraded):
                 self.state = "upgraded"
                 self.transport.pauseProducing()
+                if event.rest:
+                    self._kept.append(event.rest)
                 self._finish(event, state="upgraded")
             else:
                 self._restart_timer()
@@ -138,7 +143,8 @@ class L7RProtocol(Protocol):
                 pending.errback(error)
         if self._sink is not None:
             self._sink.connectionLost(reason)
-        self.closed.callback(reason)
+        self.lost_reason = reason
+        self.closed.callback(None)
 
     # --- API ----------------------------------------------------------------
 
