@@ -315,6 +315,7 @@ async def _run(reactor, settings, output, environ, ask):
             if settings.headless:
                 from qvd.client.headless import Xvfb
                 xvfb = Xvfb(reactor, geometry=settings.parameters.geometry)
+                xvfb_trigger = reactor.addSystemEventTrigger("before", "shutdown", xvfb.stop)
                 display = await xvfb.start()
                 settings = attrs.evolve(settings, display=display)
                 output.info(f"headless: Xvfb on display {display}")
@@ -336,6 +337,7 @@ async def _run(reactor, settings, output, environ, ask):
         if protocol is not None:
             protocol.close()
         if xvfb is not None:
+            reactor.removeSystemEventTrigger(xvfb_trigger)
             await xvfb.stop()
 
 
@@ -458,9 +460,20 @@ async def _connect_vm(reactor, protocol, vm_id, settings, output, creator, envir
                         slave_key=outcome.slave_key, environ=environ,
                         on_status=output.info)
     ended = session.run()
-    if settings.headless:
-        return await _headless(reactor, session, ended, settings, output)
-    result = await ended
+
+    def on_shutdown():
+        # Ctrl-C / SIGTERM: suspend the session and wait for nxproxy to go.
+        session.disconnect()
+        waiting = defer.Deferred()
+        ended.addBoth(lambda result: (waiting.callback(None), result)[1])
+        return waiting
+    trigger = reactor.addSystemEventTrigger("before", "shutdown", on_shutdown)
+    try:
+        if settings.headless:
+            return await _headless(reactor, session, ended, settings, output)
+        result = await ended
+    finally:
+        reactor.removeSystemEventTrigger(trigger)
     output.info(f"session ended (closed by {result.closed_by})")
     return result.exit_code
 

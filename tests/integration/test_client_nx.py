@@ -510,3 +510,43 @@ class NXTests(_Base):
                 break
             yield threads.deferToThread(__import__("time").sleep, 0.1)
         self.assertIn(b"Session suspended", self.agent.output)
+
+
+class ChooseVMTests(_Base):
+
+    def two_vms(self):
+        self.server.vms.append({"id": 2, "state": "running", "name": "lab", "blocked": 1,
+                                "is_application": 0})
+        self.server.connect_status = (404, b"The requested virtual machine does not exist")
+
+    @defer.inlineCallbacks
+    def test_several_vms_not_interactive(self):
+        """
+        connect without --vm and several VMs, not in a terminal: the error
+        lists them and asks for --vm; nothing is connected.
+        """
+        self.two_vms()
+        port = self.listen()
+        output = cli.Output(io.StringIO(), io.StringIO())
+        code = yield cli.run(reactor, self.settings(port), output)
+        self.assertEqual(code, errors.EXIT_USAGE)
+        self.assertIn("choose one with --vm ID", output.err.getvalue())
+        self.assertIn("lab", output.err.getvalue())
+        self.assertEqual(len(self.server.requests), 1)
+
+    @defer.inlineCallbacks
+    def test_several_vms_interactive(self):
+        """
+        In a terminal the user is asked until the answer is one of the ids;
+        that VM is connected (here it is gone: 404, exit code 5).
+        """
+        self.two_vms()
+        port = self.listen()
+        answers = iter(["7", "2"])
+        output = cli.Output(io.StringIO(), io.StringIO())
+        code = yield cli.run(reactor, self.settings(port, interactive=True), output,
+                             ask=lambda: defer.succeed(next(answers)))
+        self.assertEqual(code, errors.EXIT_VM_GONE)
+        self.assertIn("'7' is not one of: 1, 2", output.err.getvalue())
+        self.assertIn("does not exist any more", output.err.getvalue())
+        self.assertTrue(self.server.requests[1][1].startswith(b"GET /qvd/connect_to_vm?id=2&"))
