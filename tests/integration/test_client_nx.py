@@ -512,6 +512,28 @@ class NXTests(_Base):
         self.assertIn(b"Session suspended", self.agent.output)
 
 
+    @defer.inlineCallbacks
+    def test_headless_console_script(self):
+        """
+        The qvd-client program itself: connect --headless --screenshot prints
+        the PNG's path on stdout and exits 0, leaving no process behind.
+        """
+        agent_display = yield self.start_nxagent()
+        port = self.listen()
+        shot = os.path.join(self.tmp, "shot.png")
+        done = self.run_cli(
+            ["--host", "127.0.0.1", "--port", str(port), "--user", "alice@acme",
+             "--ca", self.cert, "connect", "--headless", "--screenshot", shot,
+             "--wait", "30"], env={"QVD_PASSWORD": "pw"})
+        painter = yield threads.deferToThread(paint, agent_display, COLOUR, 20)
+        self.keep(painter)
+        out, err, code = yield done
+        self.assertEqual(code, 0, err)
+        self.assertEqual(out.decode().strip(), shot)
+        self.assertGreater(read_png_rgb(shot).count(COLOUR), 1000)
+        self.assertIn(b"Connection established", err)
+
+
 class ChooseVMTests(_Base):
 
     def two_vms(self):
