@@ -120,6 +120,8 @@ class FakeL7RProtocol(Protocol):
                                  b"Content-Length: 0\r\n\r\n")
         elif path.startswith("/qvd/list_of_vm?"):
             self.respond(200, "OK", json.dumps(f.vms, indent=3).encode(), "application/json")
+            if f.close_after_list:
+                self.transport.loseConnection()
         elif path.startswith("/qvd/connect_to_vm?"):
             if f.connect_status is not None:
                 code, body = f.connect_status
@@ -176,6 +178,7 @@ class FakeL7R(Factory):
                      "is_application": 0}]
         self.nx_port = nx_port
         self.connect_status = None
+        self.close_after_list = False
         self.expected_auth = BasicAuth(login, password).header()
 
 
@@ -373,6 +376,35 @@ class TLSTests(_Base):
         self.assertEqual(code, 0, err)
         self.assertIn("warning: not verifying the certificate of 127.0.0.1", err.decode())
         self.assertIn(b"desk1", out)
+
+    @defer.inlineCallbacks
+    def test_plain_tcp(self):
+        """
+        With client.use_ssl off the same protocol runs over plain TCP.
+        """
+        port = reactor.listenTCP(0, self.server, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.addCleanup(self._close_connections)
+        output = cli.Output(io.StringIO(), io.StringIO())
+        code = yield cli.run(reactor, self.settings(port.getHost().port, command="list",
+                                                    use_ssl=False), output)
+        self.assertEqual(code, 0, output.err.getvalue())
+        self.assertIn("desk1", output.out.getvalue())
+
+    @defer.inlineCallbacks
+    def test_server_closes_after_list(self):
+        """
+        If the server closes the connection after list_of_vm, connect_to_vm
+        goes over a new connection.
+        """
+        port = self.listen()
+        self.server.close_after_list = True
+        self.server.connect_status = (426, b"")
+        output = cli.Output(io.StringIO(), io.StringIO())
+        code = yield cli.run(reactor, self.settings(port), output)
+        self.assertEqual(code, errors.EXIT_UPGRADE, output.err.getvalue())
+        self.assertIn("more up-to-date client", output.err.getvalue())
+        self.assertEqual([n for n, _ in self.server.requests], [1, 2])
 
     @defer.inlineCallbacks
     def test_bad_login(self):
