@@ -37,10 +37,10 @@ COLOUR = 0x21C45A  # what the "desktop" paints its root with
 HERE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def make_certificate(directory, ips=("127.0.0.1",), dns=("localhost",)):
+def make_certificate(directory, ips=("127.0.0.1",), dns=("localhost",), ca=True):
     """
-    A self-signed certificate (also usable as its own CA) for the given names;
-    returns (cert path, key path).
+    A self-signed certificate (with C{ca}, marked as a CA) for the given
+    names; returns (cert path, key path).
     """
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, (dns or ips)[0])])
@@ -50,9 +50,10 @@ def make_certificate(directory, ips=("127.0.0.1",), dns=("localhost",)):
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(names), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
+            .add_extension(x509.SubjectAlternativeName(names), critical=False))
+    if ca:
+        cert = cert.add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+    cert = cert.sign(key, hashes.SHA256())
     cert_path = os.path.join(directory, "cert.pem")
     key_path = os.path.join(directory, "key.pem")
     with open(cert_path, "wb") as f:
@@ -347,6 +348,22 @@ class TLSTests(_Base):
         self.assertIn("self-signed certificate", text)
         self.assertIn("--ca", text)
         self.assertEqual(self.server.requests, [])
+
+    @defer.inlineCallbacks
+    def test_l7r_self_signed_by_name(self):
+        """
+        A self-signed certificate like the L7R's demo one (a DNS name only,
+        no CA flag) given with --ca is accepted when --host is that name.
+        """
+        other = os.path.join(self.tmp, "byname")
+        os.mkdir(other)
+        cert, key = make_certificate(other, ips=(), dns=("localhost",), ca=False)
+        port = self.listen(cert, key)
+        out, err, code = yield self.run_cli(
+            ["--host", "localhost", "--port", str(port), "--user", "alice@acme",
+             "--password", "pw", "--ca", cert, "list"])
+        self.assertEqual(code, 0, err)
+        self.assertIn(b"desk1", out)
 
     @defer.inlineCallbacks
     def test_wrong_host_name(self):
