@@ -516,7 +516,7 @@ async def _run_session(reactor, protocol, outcome, settings, output, environ):
 
 async def _headless(reactor, session, ended, settings, output):
     from qvd.client._x11 import write_png
-    from qvd.client.headless import wait_for_picture
+    from qvd.client.headless import threaded_grab, wait_for_picture
     waiter = defer.Deferred()
 
     def wake(value, what):
@@ -529,8 +529,8 @@ async def _headless(reactor, session, ended, settings, output):
         result = await ended  # raises the session's ClientError, if any
         raise ClientError(f"the session ended (closed by {result.closed_by}) "
                           "before the desktop showed", errors.EXIT_ERROR)
-    image = await wait_for_picture(reactor, settings.display, settings.wait,
-                                   stop=lambda: ended.called)
+    image = await wait_for_picture(reactor, threaded_grab(reactor), settings.display,
+                                   settings.wait, stop=lambda: ended.called)
     path = os.path.abspath(settings.screenshot)
     write_png(path, image)
     if image.is_black():
