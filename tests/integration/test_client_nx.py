@@ -475,10 +475,18 @@ class NXTests(_Base):
             process, shutil.which("nxagent"), argv,
             env={"HOME": agent_home, "PATH": os.environ.get("PATH", "")})
 
+        @defer.inlineCallbacks
         def stop():
             if not process.ended.called:
-                transport.signalProcess("KILL")
-            return process.ended
+                transport.signalProcess("TERM")
+                timer = reactor.callLater(5, transport.signalProcess, "KILL")
+                yield process.ended
+                if timer.active():
+                    timer.cancel()
+            # A killed X server leaves its lock and socket behind.
+            for path in (f"/tmp/.X{n}-lock", f"/tmp/.X11-unix/X{n}"):
+                if os.path.exists(path):
+                    os.unlink(path)
         self.addCleanup(stop)
         timer = reactor.callLater(10, lambda: process.ready.called or process.ready.errback(
             RuntimeError("nxagent did not start listening in 10 s")))
