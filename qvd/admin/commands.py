@@ -1127,9 +1127,9 @@ def read_ssl_files(args):
     except crypto.Error:
         raise UsageError(f"{args.key!r} holds no PEM private key (encrypted keys are not supported)")
     context = SSL.Context(SSL.TLS_METHOD)
-    context.use_certificate(cert)
-    context.use_privatekey(key)
     try:
+        context.use_certificate(cert)
+        context.use_privatekey(key)
         context.check_privatekey()
     except SSL.Error:
         raise UsageError(f"the key {args.key!r} does not belong to the certificate {args.cert!r}")
