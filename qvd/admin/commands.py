@@ -1205,6 +1205,10 @@ def prop_list(ctx, cur, args):
     if args.ref:
         obj_id, _, _ = _property_target(ctx, cur, args.object, args.ref)
         where, params = f"p.{column} = %s", [obj_id]
+    elif args.object != "host":
+        scope = ctx.scope(cur)
+        if scope is not None:
+            where, params = "l.tenant_id IN (%s, -1)", [scope]
     cur.execute(f"SELECT p.{column} AS id, l.key, p.value FROM {table} p "
                 f"JOIN properties_list l ON l.id = p.property_id WHERE {where} "
                 f"ORDER BY p.{column}, l.key", params)
