@@ -1,16 +1,27 @@
 """
-twistd qvd-vma: options and service (a stub until the daemon is built).
+twistd qvd-vma: options and service.
+
+    twistd -n qvd-vma --config /etc/qvd/vma.conf
 """
 
-from twisted.application import service
 from twisted.python import usage
+
+DEFAULT_CONFIG = "/etc/qvd/vma.conf"
 
 
 class Options(usage.Options):
     optParameters = [
-        ["config", "c", None, "The node configuration file (default /etc/qvd/node.conf)."],
+        ["config", "c", DEFAULT_CONFIG, "The VMA configuration file."],
     ]
 
 
 def makeService(options):
-    return service.MultiService()
+    from twisted.internet import reactor
+
+    from qvd.config import Config, ConfigError
+    from qvd.vma.service import make_service
+    try:
+        cfg = Config.load(options["config"])
+    except ConfigError as e:
+        raise usage.UsageError(str(e))
+    return make_service(cfg, reactor)
