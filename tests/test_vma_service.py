@@ -1,0 +1,60 @@
+"""
+The VMA service and its twistd plugin options, in-process on a real port 0.
+"""
+
+import os
+
+from twisted.internet import defer, reactor
+from twisted.python import usage
+from twisted.trial import unittest
+
+from qvd.config import Config, declared_keys
+from qvd.vma import tap
+from qvd.vma.client import VMAClient, VMAError
+from qvd.vma.service import make_service
+
+
+class ServiceTests(unittest.TestCase):
+
+    def config(self, **extra):
+        tmp = self.mktemp()
+        node = {"vma.port": "0", "vma.address": "127.0.0.1", "vma.run.path": f"{tmp}/run",
+                "vma.log.path": f"{tmp}/log", "vma.provisioning.enable": "0"}
+        node.update(extra)
+        return Config(keys=declared_keys(), node=node)
+
+    @defer.inlineCallbacks
+    def test_serves_simplerpc(self):
+        """The service answers SimpleRPC on its port and stops cleanly."""
+        svc = make_service(self.config(), reactor)
+        svc.startService()
+        self.addCleanup(lambda: svc.running and svc.stopService())
+        client = VMAClient(reactor, "127.0.0.1", svc.rpc.port.getHost().port)
+        self.assertIsNone((yield client.ping()))
+        self.assertEqual((yield client.x_state()), "stopped")
+        self.assertEqual((yield client.x_stop()), "stopped")
+        e = yield self.assertFailure(
+            client.x_start({"qvd.client.geometry": "1x1;rm -rf /"}), VMAError)
+        self.assertIn("qvd.client.geometry", e.message)
+        yield svc.stopService()
+
+    def test_tap_bad_config(self):
+        """twistd qvd-vma with a missing or wrong config is a usage error naming it."""
+        options = tap.Options()
+        e = self.assertRaises(usage.UsageError, options.parseOptions,
+                              ["--config", "/nonexistent/vma.conf"])
+        self.assertIn("/nonexistent/vma.conf", str(e))
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("vma.on_action.bogus = /bin/true\n")
+        self.assertRaises(usage.UsageError, tap.Options().parseOptions, ["--config", path])
+
+    def test_tap_service(self):
+        """twistd qvd-vma builds the agent and the SimpleRPC listener."""
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("vma.port = 0\n")
+        options = tap.Options()
+        options.parseOptions(["--config", path])
+        svc = tap.makeService(options)
+        self.assertEqual(len(list(svc)), 2)
