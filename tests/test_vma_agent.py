@@ -6,7 +6,6 @@ The VMA's functions, provisioning and session handling, with fakes only
 import os
 import tempfile
 
-import attrs
 from twisted.internet import defer
 from twisted.python.failure import Failure
 from twisted.internet.error import ProcessDone
@@ -221,6 +220,23 @@ class AgentTests(AgentTestCase):
         self.assertIn("cannot lock", self.vma.last_error)
         self.assertEqual(self.reactor.spawned, [])
         self.flushLoggedErrors()
+
+    @defer.inlineCallbacks
+    def test_stop_during_provisioning(self):
+        """x_stop while provisioning stops at once; the late provisioning spawns nothing."""
+        slow = defer.Deferred()
+        self.runner.on_run = None
+        self.runner.results["useradd"] = slow
+        yield self.start()
+        self.assertEqual(self.vma.x_state({}), "provisioning")
+        self.assertEqual((yield self.vma.x_stop({})), "stopped")
+        self.host.users["alice"] = (1000, 1000, "/home/alice")
+        self.host.paths.add("/home/alice")
+        yield self.start()                       # a new session starts at once
+        self.assertEqual(len(self.reactor.spawned), 1)
+        slow.callback(CommandResult(0))          # the first provisioning ends late
+        self.assertEqual(len(self.reactor.spawned), 1)
+        self.assertEqual(self.vma.x_state({}), "starting")
 
     @defer.inlineCallbacks
     def test_home_drive_first_use(self):

@@ -2,7 +2,6 @@
 The VMA service and its twistd plugin options, in-process on a real port 0.
 """
 
-import os
 
 from twisted.internet import defer, reactor
 from twisted.python import usage

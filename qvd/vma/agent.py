@@ -216,6 +216,7 @@ class VMA:
         self._sid = None
         self._props = {}
         self._busy = False          # an x_start is between its checks and its answer
+        self._generation = 0        # counts session starts (a stale background start stops)
         self.last_error = None
 
     # -- SimpleRPC functions (params: dict of text) ----------------------------
@@ -270,7 +271,8 @@ class VMA:
                 self._props = props
                 self.last_error = None
                 self.machine.start()
-                self._start_in_background(props, options)
+                self._generation += 1
+                self._start_in_background(props, options, self._generation)
         finally:
             self._busy = False
         return "starting"
@@ -417,29 +419,39 @@ class VMA:
     # -- the session process -------------------------------------------------------
 
     @defer.inlineCallbacks
-    def _start_in_background(self, props, options):
+    def _start_in_background(self, props, options, generation):
+        def current():
+            return (generation == self._generation
+                    and self.machine.state in ("starting", "provisioning"))
+
+        def on_work():
+            if current():
+                self.machine.provisioning()
         try:
             if self.settings.provisioning_enabled:
-                yield self._provisioner.provision(props, on_work=self.machine.provisioning)
-            if self.machine.state not in ("starting", "provisioning"):
-                log.info("x_start abandoned: session went {s}", s=self.machine.state)
-                self.machine.exited()
+                yield self._provisioner.provision(props, on_work=on_work)
+            if current():
+                yield self._action_hook("connect", props)
+            if not current():
+                log.info("x_start abandoned: the session went {s} meanwhile",
+                         s=self.machine.state)
+                if generation == self._generation and self._process is None:
+                    self.machine.exited()
                 return
-            yield self._action_hook("connect", props)
             self._write_options(options)
-            if self.machine.state not in ("starting", "provisioning"):
-                self.machine.exited()
-                return
             self._spawn(props)
             self.machine.spawned()
         except (RPCError, ProvisioningError, OptionsError, OSError) as e:
             message = getattr(e, "message", None) or str(e)
             log.error("Unable to start the X session: {e}", e=message)
-            self.last_error = message
-            self.machine.exited()
+            self._start_failed(generation, message)
         except Exception as e:
             log.failure("Unable to start the X session")
-            self.last_error = str(e)
+            self._start_failed(generation, str(e))
+
+    def _start_failed(self, generation, message):
+        if generation == self._generation and self._process is None:
+            self.last_error = message
             self.machine.exited()
 
     def session_argv(self):

@@ -87,7 +87,6 @@ class Provisioner:
 
         @return: a Deferred firing when done, failing with L{ProvisioningError}.
         """
-        s = self._settings
         user = props["qvd.vm.user.name"]
         home = props["qvd.vm.user.home"]
         working = []

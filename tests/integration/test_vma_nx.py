@@ -7,7 +7,6 @@ session runs as the current user with a test HOME).
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
