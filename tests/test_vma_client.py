@@ -50,6 +50,9 @@ class VMAClientTests(unittest.TestCase):
         self.assertEqual((yield client.poweroff()), "poweroff")
         self.assertEqual((yield client.expire("hard")), "expire")
         self.assertEqual(self.calls[-1], ("expire", {"vm.expiration.hard": "1"}))
+        yield client.expire(soft="2026-11-26 10:00:00", hard="2026-11-27 10:00:00")
+        self.assertEqual(self.calls[-1], ("expire", {"vm.expiration.soft": "2026-11-26 10:00:00",
+                                                     "vm.expiration.hard": "2026-11-27 10:00:00"}))
 
     @defer.inlineCallbacks
     def test_error(self):

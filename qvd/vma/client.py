@@ -135,9 +135,24 @@ class VMAClient:
     def poweroff(self):
         return self.call("poweroff")
 
-    def expire(self, kind):
-        """Tell the VMA its DI expired; C{kind} is C{"soft"} or C{"hard"}."""
-        return self.call("expire", **{f"vm.expiration.{kind}": "1"})
+    def expire(self, kind=None, soft=None, hard=None):
+        """
+        Tell the VMA its DI expires (runs its C{vma.on_action.expire} hook).
+
+        As the original HKD, C{soft}/C{hard} are the expiration times (sent
+        as C{vm.expiration.soft}/C{vm.expiration.hard}, each only if given).
+        C{kind} (C{"soft"} or C{"hard"}) alone sends that key with C{1}.
+        """
+        params = {}
+        if kind is not None and soft is None and hard is None:
+            if kind not in ("soft", "hard"):
+                raise ValueError(f"expire kind must be 'soft' or 'hard', not {kind!r}")
+            params[f"vm.expiration.{kind}"] = "1"
+        if soft is not None:
+            params["vm.expiration.soft"] = str(soft)
+        if hard is not None:
+            params["vm.expiration.hard"] = str(hard)
+        return self.call("expire", **params)
 
 
 def _describe(exc):
