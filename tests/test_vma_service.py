@@ -3,7 +3,7 @@ The VMA service and its twistd plugin options, in-process on a real port 0.
 """
 
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, endpoints, protocol, reactor
 from twisted.python import usage
 from twisted.trial import unittest
 
@@ -35,6 +35,44 @@ class ServiceTests(unittest.TestCase):
         e = yield self.assertFailure(
             client.x_start({"qvd.client.geometry": "1x1;rm -rf /"}), VMAError)
         self.assertIn("qvd.client.geometry", e.message)
+        yield svc.stopService()
+
+    @defer.inlineCallbacks
+    def test_raw_wire(self):
+        """On the wire: pipelined calls answered in order, then HTTP/1.0 gets 505 and a close."""
+        svc = make_service(self.config(), reactor)
+        svc.startService()
+        self.addCleanup(lambda: svc.running and svc.stopService())
+
+        class Collect(protocol.Protocol):
+            def __init__(self):
+                self.data = b""
+                self.done = defer.Deferred()
+
+            def connectionMade(self):
+                self.transport.write(b"GET /vma/ping HTTP/1.1\r\nHost: x\r\n\r\n"
+                                     b"GET /vma/x_state?a=1 HTTP/1.1\r\n\r\n"
+                                     b"GET /vma/ping HTTP/1.0\r\n\r\n")
+
+            def dataReceived(self, data):
+                self.data += data
+
+            def connectionLost(self, reason):
+                self.done.callback(self.data)
+        endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1",
+                                                svc.rpc.port.getHost().port)
+        proto = yield endpoints.connectProtocol(endpoint, Collect())
+        data = yield proto.done
+        self.assertEqual(
+            data,
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json-simplerpc\r\n"
+            b"Content-Length: 6\r\n\r\nnull\r\n"
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json-simplerpc\r\n"
+            b"Content-Length: 11\r\n\r\n\"stopped\"\r\n"
+            b"HTTP/1.1 505 HTTP Version Not Supported\r\nContent-Type: text/plain\r\n"
+            b"Content-Length: 113\r\n\r\n505 HTTP Version Not Supported\n"
+            b"    The server does not support the HTTP protocol version used in the\n"
+            b"    request.")
         yield svc.stopService()
 
     def test_tap_bad_config(self):
