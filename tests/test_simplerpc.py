@@ -219,3 +219,44 @@ class ServerProtocolTests(unittest.TestCase):
         proto, t = self.connect({"bad": lambda p: object()})
         proto.dataReceived(b"GET /vma/bad HTTP/1.1\r\n\r\n")
         self.assertIn(b'"","internal error', t.value())
+
+
+class FuzzTests(unittest.TestCase):
+
+    def test_parser_never_raises(self):
+        """Arbitrary bytes, in arbitrary chunks, never make the parser or router raise."""
+        try:
+            from hypothesis import given, settings, strategies as st
+        except ImportError:
+            raise unittest.SkipTest("hypothesis is not installed")
+
+        @settings(max_examples=120, deadline=None)
+        @given(st.lists(st.binary(max_size=200), max_size=8))
+        def check(chunks):
+            parser = RequestParser(max_line=256)
+            for chunk in chunks:
+                for event in parser.feed(chunk):
+                    if isinstance(event, Request):
+                        result = route(event, {"ping", "x_start"})
+                        if isinstance(result, Call):
+                            build_request_path(result.function, result.params)
+                        else:
+                            result.to_bytes()
+                    else:
+                        event.response.to_bytes()
+        check()
+
+    def test_target_roundtrip(self):
+        """Any params survive build_request_path -> route unchanged."""
+        try:
+            from hypothesis import given, settings, strategies as st
+        except ImportError:
+            raise unittest.SkipTest("hypothesis is not installed")
+
+        @settings(max_examples=120, deadline=None)
+        @given(st.dictionaries(st.text(min_size=1), st.text()))
+        def check(params):
+            target = build_request_path("x_start", params)
+            call = route(Request("GET", target, "HTTP/1.1", []), {"x_start"})
+            self.assertEqual(call, Call("x_start", params))
+        check()
