@@ -214,6 +214,18 @@ class ServerProtocolTests(unittest.TestCase):
         self.clock.advance(1)
         self.assertTrue(t.disconnecting)
 
+    def test_slow_call_not_idle(self):
+        """A call that takes longer than idle_timeout is still answered."""
+        slow = defer.Deferred()
+        proto, t = self.connect({"slow": lambda p: slow})
+        proto.dataReceived(b"GET /vma/slow HTTP/1.1\r\n\r\n")
+        self.clock.advance(100)
+        self.assertFalse(t.disconnecting)
+        slow.callback("done")
+        self.assertTrue(t.value().endswith(b'"done"\r\n'))
+        self.clock.advance(30)
+        self.assertTrue(t.disconnecting)
+
     def test_unserialisable(self):
         """A result that is not JSON is an error reply, not a crash."""
         proto, t = self.connect({"bad": lambda p: object()})

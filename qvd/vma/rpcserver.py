@@ -76,6 +76,7 @@ class SimpleRPCServerProtocol(Protocol, TimeoutMixin):
                 self._send(routed, close)
                 continue
             self._busy = True
+            self.setTimeout(None)           # a slow call is not an idle connection
             d = defer.maybeDeferred(self._functions[routed.function], routed.params)
             d.addCallbacks(self._succeeded, self._failed, errbackArgs=(routed,))
             d.addCallback(self._answer, close)
@@ -101,6 +102,7 @@ class SimpleRPCServerProtocol(Protocol, TimeoutMixin):
         self._busy = False
         if self._closing:
             return
+        self.setTimeout(self._idle_timeout)
         self._send(response, close)
         self._next()
 
