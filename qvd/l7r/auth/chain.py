@@ -73,21 +73,24 @@ class Authenticator:
     @param blocking: C{blocking(f, *args) -> Deferred} runs CPU-heavy work
         (password hashing); by default in the reactor's thread pool.
     @param plugins: name -> plugin class, to add or replace plugins.
+    @param clock: tells the time for rate limits, tokens and TOTP codes
+        (C{seconds()}); the reactor by default.
     """
 
-    def __init__(self, db, config, reactor, blocking=None, plugins=None):
+    def __init__(self, db, config, reactor, blocking=None, plugins=None, clock=None):
         self.db = db
         self._config = config
         self.reactor = reactor
+        self.clock = clock if clock is not None else reactor
         self.blocking = blocking or _thread_runner(reactor)
         self._classes = dict(PLUGINS, **(plugins or {}))
         self._instances = {}
         cfg = self.config
         self.login_limiter = FailureLimiter(
-            reactor, cfg.getint("l7r.auth.ratelimit.login.max"),
+            self.clock, cfg.getint("l7r.auth.ratelimit.login.max"),
             cfg.getfloat("l7r.auth.ratelimit.login.window"))
         self.address_limiter = FailureLimiter(
-            reactor, cfg.getint("l7r.auth.ratelimit.address.max"),
+            self.clock, cfg.getint("l7r.auth.ratelimit.address.max"),
             cfg.getfloat("l7r.auth.ratelimit.address.window"))
 
     @property
@@ -120,7 +123,7 @@ class Authenticator:
         plugin = self._instances.get(name)
         if plugin is None:
             plugin = self._instances[name] = self._classes[name](
-                self.db, self.reactor, self.blocking)
+                self.db, self.reactor, self.blocking, self.clock)
         return plugin
 
     def authenticate(self, request_headers, source_ip):
@@ -259,7 +262,7 @@ class Authenticator:
         """
         if lifetime is None:
             lifetime = self.config.getint("l7r.auth.token.lifetime", tenant=result.tenant_id)
-        return tokens.create_auth_token(self.db, result, self.reactor.seconds(), lifetime)
+        return tokens.create_auth_token(self.db, result, self.clock.seconds(), lifetime)
 
     def store_auth_parameters(self, result):
         """

@@ -62,7 +62,7 @@ class DefaultPlugin(Plugin):
         return True
 
     async def authenticate_bearer(self, ctx, token):
-        found = await tokens.redeem_token(self.db, token, self.reactor.seconds())
+        found = await tokens.redeem_token(self.db, token, self.clock.seconds())
         if found is None:
             return False
         rows = await self.db.runQuery(

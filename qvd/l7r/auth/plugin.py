@@ -137,14 +137,17 @@ class Plugin:
     A plugin whose hooks all pass; subclass it and override some hooks.
 
     @ivar db: the L{qvd.db.pool.Database}.
-    @ivar reactor: the reactor (also the clock).
+    @ivar reactor: the reactor (for connections and timeouts).
+    @ivar blocking: C{blocking(f, *args) -> Deferred} runs CPU-heavy work.
+    @ivar clock: what tells the time (C{seconds()}); the reactor by default.
     """
     name = "base"
 
-    def __init__(self, db, reactor, blocking=None):
+    def __init__(self, db, reactor, blocking=None, clock=None):
         self.db = db
         self.reactor = reactor
         self.blocking = blocking
+        self.clock = clock if clock is not None else reactor
 
     def find_tenant(self, ctx, login):
         return None

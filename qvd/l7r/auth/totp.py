@@ -50,7 +50,7 @@ class TotpPlugin(Plugin):
                       login=ctx.login, prop=SECRET_PROPERTY, e=e)
             return False
         step = otp.match_totp(
-            secret, code, self.reactor.seconds(),
+            secret, code, self.clock.seconds(),
             interval=int(ctx.cfg("l7r.auth.plugin.totp.interval")),
             t0=int(ctx.cfg("l7r.auth.plugin.totp.t0")),
             digits=int(ctx.cfg("l7r.auth.plugin.totp.token_size")),
