@@ -458,3 +458,49 @@ class AutoTests(AuthTestCase):
         """
         yield self.assertRefused(self.login("gina", "x"), "auth.auto.osf_id")
         self.assertEqual(self.query("SELECT count(*) AS n FROM users")[0]["n"], 0)
+
+
+class BadInputTests(AuthTestCase):
+
+    @defer.inlineCallbacks
+    def test_refused_not_crashing(self):
+        """
+        Logins with NUL or control characters, over-long logins, tenants and tokens are
+        refused with AuthFailed, never a database error.
+        """
+        self.add_user("alice", "pw")
+        for login in ("al\0ice", "alice\n", "a" * 65, "a" * 300, "alice@" + "t" * 65,
+                      "alice@te\0nant"):
+            yield self.assertRefused(self.login(login, "pw"))
+        for token in (b"tok\0en", b"t" * 300):
+            header = bearer(base64.b64encode(token).decode())
+            yield self.assertRefused(self.auth.authenticate(header, "192.0.2.1"))
+
+    @defer.inlineCallbacks
+    def test_stored_params_become_text(self):
+        """
+        Non-text values stored in user_auth_parameters reach the result as text.
+        """
+        user_id = self.add_user("alice", "pw")
+        params_id = self.query(
+            "INSERT INTO user_auth_parameters (parameters) VALUES"
+            " ('{\"n\": 5, \"b\": true, \"z\": null}') RETURNING id")[0]["id"]
+        self.query("INSERT INTO user_tokens (token, user_id, expiration, auth_params_id,"
+                   " multi_use) VALUES ('tok2', %s, %s, %s, true)",
+                   (user_id, NOW + 60, params_id))
+        result = yield self.auth.authenticate(bearer(base64.b64encode(b"tok2").decode()), "x")
+        self.assertEqual(result.params, {"n": "5", "b": "1", "z": "",
+                                         "qvd.vm.user.name": "alice"})
+
+    @defer.inlineCallbacks
+    def test_database_down(self):
+        """
+        When the database cannot be reached the failure is DatabaseUnavailable, not
+        AuthFailed, and it is not counted as a failed attempt.
+        """
+        from qvd.db.pool import DatabaseUnavailable
+        self.add_user("alice", "pw")
+        yield self.db.stop()
+        for _ in range(10):
+            yield self.assertFailure(self.login("alice", "pw"), DatabaseUnavailable)
+        self.assertEqual((len(self.auth.login_limiter), len(self.auth.address_limiter)), (0, 0))

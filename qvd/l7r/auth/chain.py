@@ -48,6 +48,15 @@ PLUGINS = {cls.name: cls for cls in (DefaultPlugin, LdapPlugin, TotpPlugin, Auto
 
 TOO_MANY = "too many failed attempts"
 
+#: Longest login and tenant name (users.login is varchar(64)).
+LOGIN_MAX = 64
+#: Longest bearer token (user_tokens.token is varchar(256)).
+TOKEN_MAX = 256
+
+
+def _printable(text):
+    return all(ord(c) >= 0x20 and c != "\x7f" for c in text)
+
 
 class _Refused(AuthFailed):
     """
@@ -138,6 +147,7 @@ class Authenticator:
     async def _authenticate(self, headers, source_ip):
         headers = {k.lower(): v for k, v in headers.items()}
         config = self.config
+        self._update_limits(config)
         creds = credentials.parse_authorization(headers.get("authorization"))
         ctx = AuthContext(config=config, source_ip=source_ip, headers=headers,
                           client_env=credentials.client_environment(headers))
@@ -166,8 +176,16 @@ class Authenticator:
             self.login_limiter.succeeded(login_key)
         return result
 
+    def _update_limits(self, config):
+        for limiter, which in ((self.login_limiter, "login"),
+                               (self.address_limiter, "address")):
+            limiter.max_failures = config.getint(f"l7r.auth.ratelimit.{which}.max")
+            limiter.window = config.getfloat(f"l7r.auth.ratelimit.{which}.window")
+
     async def _basic(self, ctx, raw_login, password):
         config = ctx.config
+        if len(raw_login) > 2 * LOGIN_MAX + 1 or not _printable(raw_login):
+            raise _Refused(f"login {raw_login[:80]!r} is too long or has control characters")
         case_sensitive = config.getbool("model.user.login.case-sensitive")
         found = None
         for plugin in self.chain(config):
@@ -179,13 +197,16 @@ class Authenticator:
         login, tenant_name = found
         login = credentials.normalize_login(login, case_sensitive)
         tenant_name = (tenant_name or "").strip()
+        if len(login) > LOGIN_MAX or len(tenant_name) > LOGIN_MAX:
+            raise _Refused(f"login {login[:80]!r} or tenant {tenant_name[:80]!r} is longer "
+                           f"than {LOGIN_MAX} characters")
         ctx.tenant_id = await self._tenant_id(tenant_name, case_sensitive)
 
         chain = self.chain(config, ctx.tenant_id)
         for plugin in chain:
             login = await defer.maybeDeferred(plugin.normalize_login, ctx, login)
-        if not login:
-            raise _Refused("empty login")
+        if not login or len(login) > LOGIN_MAX or not _printable(login):
+            raise _Refused(f"empty, too long or unprintable login {login[:80]!r}")
         ctx.login = login
 
         second = code = None
@@ -239,6 +260,8 @@ class Authenticator:
         return rows[0][0]
 
     async def _bearer(self, ctx, token):
+        if len(token) > TOKEN_MAX or not _printable(token):
+            raise _Refused("bearer token too long or with control characters")
         for plugin in self.chain(ctx.config):
             if await defer.maybeDeferred(plugin.authenticate_bearer, ctx, token):
                 ctx.authenticated_by = plugin.name

@@ -1,11 +1,21 @@
 """
-The seam between the L7R and its authentication.
+The seam between the L7R and its authentication plugins.
 
-    d = authenticator.authenticate({"authorization": "Basic ..."}, "192.0.2.7")
-    d.addCallbacks(lambda result: ..., lambda f: f.trap(AuthFailed))
+    @implementer(IAuthenticator)
+    class MyAuth:
+        def authenticate(self, request_headers, source_ip):
+            ...                     # a Deferred
+            return defer.succeed(AuthResult(user_id=7, tenant_id=1, login="ana",
+                                            params={"qvd.vm.user.name": "ana"}))
 
-The L7R only knows L{IAuthenticator}; how the credentials are checked (plugin
-chain, databases, directories) lives behind it.
+The L7R calls C{authenticate} with the request's headers (names lower-cased,
+values as sent, e.g. C{{"authorization": "Basic YW5hOnNlY3JldA=="}}) and the
+client's IP address. A success fires with an L{AuthResult}; a refusal fails
+with L{AuthFailed}, which the L7R answers with C{401} and
+C{WWW-Authenticate: Basic realm="QVD"} (reference 1.3). Any other failure is a
+server error (C{500}). The L7R caches the result for the rest of the
+connection as long as the C{Authorization} header stays the same (the
+original's C{recheck_authentication}).
 """
 
 import attrs
@@ -15,22 +25,25 @@ from zope.interface import Interface
 @attrs.frozen
 class AuthResult:
     """
-    Who an authenticated request belongs to.
+    Who the client is.
 
-    @ivar user_id: C{users.id}.
-    @ivar tenant_id: C{tenants.id} of that user.
-    @ivar login: the normalized login.
-    @ivar params: parameters the plugins gathered for the VM (C{qvd.vm.user.*}).
+    @ivar user_id: C{users.id} of the authenticated user.
+    @ivar tenant_id: C{tenants.id} of the user's tenant.
+    @ivar login: the normalised login (without the tenant part).
+    @ivar params: parameters for the VM (C{qvd.vm.user.name}, LDAP uid/gid/home
+        ...), passed to the VMA's C{x_start} after the VM's properties
+        (reference 2.4); text keys and text values.
     """
     user_id: int
     tenant_id: int
     login: str
-    params: dict
+    params: dict = attrs.field(factory=dict)
 
 
 class AuthFailed(Exception):
     """
-    The request is not authenticated; C{reason} says why, for the log.
+    The credentials were refused (missing, wrong, unknown or blocked user or
+    tenant). C{reason} is for the log, never for the client.
     """
 
     def __init__(self, reason):
@@ -40,15 +53,15 @@ class AuthFailed(Exception):
 
 class IAuthenticator(Interface):
     """
-    Decides who a request comes from.
+    Decides who a client is from its request headers.
     """
 
     def authenticate(request_headers, source_ip):
         """
         Authenticate one request.
 
-        @param request_headers: dict of header name (lower-case) -> value.
-        @param source_ip: the client's address, as text.
-        @return: a Deferred firing with an L{AuthResult}, or failing with
-            L{AuthFailed}.
+        @param request_headers: dict of lower-case header name -> value (text).
+        @param source_ip: the client's IP address (text).
+        @return: a Deferred that fires with an L{AuthResult}, or fails with
+            L{AuthFailed} when the credentials are refused.
         """

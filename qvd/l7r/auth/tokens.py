@@ -14,6 +14,7 @@ same transaction, so two requests cannot both use one.
 """
 
 import base64
+import json
 import secrets
 
 import attrs
@@ -98,6 +99,15 @@ def create_auth_token(db, result, now, lifetime=DEFAULT_LIFETIME, multi_use=True
     return db.transaction(interaction)
 
 
+def _text(value):
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return "" if value is None else json.dumps(value) if isinstance(value, (dict, list)) \
+        else str(value)
+
+
 def redeem_token(db, token, now):
     """
     Look C{token} up; delete it if it is single-use.
@@ -120,5 +130,5 @@ def redeem_token(db, token, now):
             await cursor.execute("DELETE FROM user_tokens WHERE token = %s", (token,))
         params = row["parameters"] if isinstance(row["parameters"], dict) else {}
         return RedeemedToken(row["user_id"], row["vm_id"], row["multi_use"],
-                             {str(k): v for k, v in params.items()})
+                             {str(k): _text(v) for k, v in params.items()})
     return db.transaction(interaction)
