@@ -22,6 +22,16 @@ from qvd.testing.pg import DatabaseTestMixin
 
 NOW = 1_700_000_000
 SECRET32 = "JBSWY3DPEHPK3PXP"
+_HASHES = {}
+
+
+def argon2_hash(password):
+    """
+    An argon2id hash of C{password}, made once per test run (hashing is slow).
+    """
+    if password not in _HASHES:
+        _HASHES[password] = passwords.hash_password(password)
+    return _HASHES[password]
 
 
 def basic(login, password):
@@ -57,7 +67,7 @@ class AuthTestCase(DatabaseTestMixin, unittest.TestCase):
 
     def add_user(self, login, password=None, tenant_id=1, stored=None, blocked=False):
         if stored is None and password is not None:
-            stored = passwords.hash_password(password)
+            stored = argon2_hash(password)
         return self.query(
             "INSERT INTO users (login, tenant_id, password, blocked) VALUES (%s, %s, %s, %s)"
             " RETURNING id", (login, tenant_id, stored, blocked))[0]["id"]
@@ -504,3 +514,37 @@ class BadInputTests(AuthTestCase):
         for _ in range(10):
             yield self.assertFailure(self.login("alice", "pw"), DatabaseUnavailable)
         self.assertEqual((len(self.auth.login_limiter), len(self.auth.address_limiter)), (0, 0))
+
+
+class PerTenantChainTests(AuthTestCase):
+    tenant_settings = {"l7r.auth.plugins.tail": "accept"}
+
+    @defer.inlineCallbacks
+    def test_tenant_chain(self):
+        """
+        The chain is read for the login's tenant: acme's users are checked by its own
+        plugin only, the default tenant's by the default plugin.
+        """
+        self.add_user("alice", "pw", tenant_id=self.acme)
+        self.add_user("bob", "pw", tenant_id=1)
+        yield self.login("alice@acme", "anything")
+        yield self.assertRefused(self.login("bob", "anything"))
+        yield self.login("bob", "pw")
+
+    @defer.inlineCallbacks
+    def test_token_for_vm(self):
+        """
+        A token can be bound to a VM and made single-use.
+        """
+        user_id = self.add_user("bob", "pw", tenant_id=1)
+        osf = self.query("INSERT INTO osfs (tenant_id, name) VALUES (1, 'd') RETURNING id")
+        vm = self.query("INSERT INTO vms (name, user_id, osf_id, ip, mac) VALUES"
+                        " ('v', %s, %s, '10.0.0.200', '54:52:00:00:00:c8') RETURNING id",
+                        (user_id, osf[0]["id"]))[0]["id"]
+        result = yield self.login("bob", "pw")
+        grant = yield self.auth.create_auth_token(result, lifetime=60, vm_id=vm,
+                                                  multi_use=False)
+        row = self.query("SELECT vm_id, multi_use, expiration FROM user_tokens")
+        self.assertEqual(row, [{"vm_id": vm, "multi_use": False, "expiration": NOW + 60}])
+        yield self.auth.authenticate(bearer(grant.auth_token), "x")
+        yield self.assertRefused(self.auth.authenticate(bearer(grant.auth_token), "x"))

@@ -276,16 +276,17 @@ class Authenticator:
         return AuthResult(user_id=ctx.user_id, tenant_id=ctx.tenant_id, login=ctx.login,
                           params=dict(ctx.params))
 
-    def create_auth_token(self, result, lifetime=None):
+    def create_auth_token(self, result, lifetime=tokens.DEFAULT_LIFETIME, vm_id=None,
+                          multi_use=True):
         """
-        A multi-use token for C{result}'s user, for C{/qvd/create_auth_token}.
+        A token for C{result}'s user, for C{/qvd/create_auth_token} (24 h,
+        multi-use) or for C{connect_to_vm}'s C{auth_token} (with C{vm_id}).
 
-        @param lifetime: seconds; default C{l7r.auth.token.lifetime} (24 h).
+        @param lifetime: seconds (the L7R passes C{l7r.auth_token.lifetime}).
         @return: a Deferred firing with a L{qvd.l7r.auth.tokens.TokenGrant}.
         """
-        if lifetime is None:
-            lifetime = self.config.getint("l7r.auth.token.lifetime", tenant=result.tenant_id)
-        return tokens.create_auth_token(self.db, result, self.clock.seconds(), lifetime)
+        return tokens.create_auth_token(self.db, result, self.clock.seconds(), lifetime,
+                                        multi_use=multi_use, vm_id=vm_id)
 
     def store_auth_parameters(self, result):
         """

@@ -72,10 +72,11 @@ def store_auth_parameters(db, params):
     return d.addCallback(lambda rows: rows[0][0])
 
 
-def create_auth_token(db, result, now, lifetime=DEFAULT_LIFETIME, multi_use=True):
+def create_auth_token(db, result, now, lifetime=DEFAULT_LIFETIME, multi_use=True, vm_id=None):
     """
     Store C{result.params} and a new token for C{result.user_id} valid for
-    C{lifetime} seconds from C{now}; drop that user's expired tokens.
+    C{lifetime} seconds from C{now} (for the VM C{vm_id} if given); drop
+    that user's expired tokens.
 
     @param result: an L{qvd.l7r.auth.interfaces.AuthResult}.
     @return: a Deferred firing with a L{TokenGrant}.
@@ -92,9 +93,9 @@ def create_auth_token(db, result, now, lifetime=DEFAULT_LIFETIME, multi_use=True
             "DELETE FROM user_tokens WHERE user_id = %s AND expiration <= %s",
             (result.user_id, int(now)))
         await cursor.execute(
-            "INSERT INTO user_tokens (token, user_id, expiration, auth_params_id, multi_use)"
-            " VALUES (%s, %s, %s, %s, %s)",
-            (token, result.user_id, expiration, params_id, multi_use))
+            "INSERT INTO user_tokens (token, user_id, vm_id, expiration, auth_params_id,"
+            " multi_use) VALUES (%s, %s, %s, %s, %s, %s)",
+            (token, result.user_id, vm_id, expiration, params_id, multi_use))
         return TokenGrant(params_id, token, encode_token(token) + "\n", expiration)
     return db.transaction(interaction)
 
