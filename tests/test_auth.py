@@ -548,3 +548,15 @@ class PerTenantChainTests(AuthTestCase):
         self.assertEqual(row, [{"vm_id": vm, "multi_use": False, "expiration": NOW + 60}])
         yield self.auth.authenticate(bearer(grant.auth_token), "x")
         yield self.assertRefused(self.auth.authenticate(bearer(grant.auth_token), "x"))
+
+
+class FactoryTests(unittest.TestCase):
+
+    def test_make_authenticator(self):
+        """
+        make_authenticator, which the L7R service calls, gives the plugin chain.
+        """
+        from qvd.l7r.auth import make_authenticator
+        auth = make_authenticator(Config(keys=declared_keys()), None, task.Clock())
+        self.assertIsInstance(auth, Authenticator)
+        self.assertEqual([p.name for p in auth.chain(auth.config)], ["default"])
