@@ -83,6 +83,37 @@ class AuthTestCase(DatabaseTestMixin, unittest.TestCase):
         return failure
 
 
+class AuthenticatorContract:
+    """
+    The behaviour every IAuthenticator shares; C{make()} returns one that knows
+    user 'alice' with password 'pw' in tenant 1.
+    """
+
+    @defer.inlineCallbacks
+    def test_contract_accepts(self):
+        """
+        Right credentials fire with an AuthResult for that user.
+        """
+        result = yield self.make().authenticate(basic("alice", "pw"), "192.0.2.1")
+        self.assertIsInstance(result, AuthResult)
+        self.assertEqual((result.login, result.tenant_id), ("alice", 1))
+
+    @defer.inlineCallbacks
+    def test_contract_refuses(self):
+        """
+        A wrong password, no header, another scheme and garbage fail with AuthFailed.
+        """
+        auth = self.make()
+        for headers in (basic("alice", "nope"), {}, {"authorization": "Digest x"},
+                        {"authorization": "Basic %%%"}):
+            yield self.assertFailure(auth.authenticate(headers, "192.0.2.1"), AuthFailed)
+
+
+class FakeContractTests(AuthenticatorContract, unittest.TestCase):
+    def make(self):
+        return FakeAuthenticator({"alice": ("pw", AuthResult(7, 1, "alice", {}))})
+
+
 class InterfaceTests(unittest.TestCase):
 
     def test_provides(self):
@@ -129,6 +160,12 @@ class InterfaceTests(unittest.TestCase):
             bearer(base64.b64encode(b"tok").decode()), "x")), result)
         self.failureResultOf(fake.authenticate(basic("alice", "no"), "x"), AuthFailed)
         self.failureResultOf(fake.authenticate({}, "x"), AuthFailed)
+
+
+class ChainContractTests(AuthenticatorContract, AuthTestCase):
+    def make(self):
+        self.add_user("alice", "pw")
+        return self.auth
 
 
 class DefaultPluginTests(AuthTestCase):
