@@ -132,6 +132,7 @@ class Session:
         self.id = secrets.token_hex(12)
         self.relay = None
         self.aborted = None
+        self.released = False
         self._sleeper = None
 
     def tell(self, text):
@@ -186,6 +187,7 @@ class Broker:
         self.sessions = {}
         self._pending_releases = {}
         self._release_call = None
+        self.stopped = False
         import random as _random
         self.random = random or _random.random
 
@@ -520,6 +522,9 @@ class Broker:
         Give the VM back: C{user_state} disconnected when the claim is still
         ours. Retried until the database answers; never raises.
         """
+        if session.released:
+            return defer.succeed(None)
+        session.released = True
         self.sessions.pop(session.id, None)
         PROCESS_SESSIONS.pop(session.id, None)
         if relay is not None and relay.duration < self.settings.short_session:
@@ -539,11 +544,21 @@ class Broker:
         def failed(f):
             log.warn("cannot release VM {vm} ({error}); retrying in {delay}s", vm=vm_id,
                      error=f.getErrorMessage(), delay=self.settings.release_retry)
-            if self._release_call is None or not self._release_call.active():
+            if not self.stopped and (self._release_call is None
+                                     or not self._release_call.active()):
                 self._release_call = self.reactor.callLater(
                     self.settings.release_retry, self._retry_releases)
         d.addCallbacks(ok, failed)
         return d
+
+    def stop(self):
+        """
+        Stop retrying releases (the rows are reset by the next takeover or
+        by the abort watcher once this process is gone).
+        """
+        self.stopped = True
+        if self._release_call is not None and self._release_call.active():
+            self._release_call.cancel()
 
     def _retry_releases(self):
         for session_id, vm_id in list(self._pending_releases.items()):

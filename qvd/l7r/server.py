@@ -108,7 +108,8 @@ class L7R:
     async def start(self):
         from twisted.internet import task
         if self.listener is not None:
-            self.listener.subscribe("qvd_vm_state", self._on_vm_state)
+            # One LISTEN at a time: the listener's connection runs one query at once.
+            await self.listener.subscribe("qvd_vm_state", self._on_vm_state)
             self.listener.onReconnect(self._poll_aborts)
         await self._find_host()
         self._poll = task.LoopingCall(self._poll_aborts)
@@ -118,8 +119,14 @@ class L7R:
     async def stop(self):
         if self._poll is not None and self._poll.running:
             self._poll.stop()
+        releases = []
         for conn in list(self.connections):
+            if conn.session is not None:
+                conn.session.abort("the L7R is stopping")
+                releases.append(self.broker.release(conn.session, conn.relay))
             conn.transport.loseConnection()
+        await defer.DeferredList(releases)
+        self.broker.stop()
 
     async def _find_host(self):
         """
@@ -138,9 +145,9 @@ class L7R:
             if self.listener is not None:
                 channel = f"qvd_cmd_for_user_on_host{host['id']}"
                 if self._abort_channel is not None:
-                    self.listener.unsubscribe(self._abort_channel, self._on_abort)
+                    await self.listener.unsubscribe(self._abort_channel, self._on_abort)
                 self._abort_channel = channel
-                self.listener.subscribe(channel, self._on_abort)
+                await self.listener.subscribe(channel, self._on_abort)
         return host
 
     def _on_vm_state(self, channel, payload):

@@ -22,6 +22,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from qvd.db.listen import Listener
 from qvd.db.pool import Database
 from qvd.l7r import tls
+from qvd.l7r.auth.interfaces import IAuthenticator
 from qvd.l7r.broker import BrokerSettings
 from qvd.l7r.server import L7R, L7RFactory, ServerSettings
 
@@ -52,6 +53,10 @@ def default_endpoint(config):
 class L7RService(service.Service):
     def __init__(self, config, listen, reactor=None, dsn=None, authenticator=None,
                  vma_factory=None, pid=None):
+        """
+        @param authenticator: an L{IAuthenticator}, or a callable taking the
+            L{Database} and returning one; None: the configured plugin chain.
+        """
         if reactor is None:
             from twisted.internet import reactor
         self.config = config
@@ -96,9 +101,13 @@ class L7RService(service.Service):
             self._material = material
             self._stamps = tls.file_stamps(config)
         await self.db.start()
+        if use_tls:
+            self.listener.subscribe("qvd_config_changed", lambda c, p: self.reload_tls())
         await self.listener.start()
         if self.authenticator is None:
             self.authenticator = make_authenticator(config, self.db, self.reactor)
+        elif not IAuthenticator.providedBy(self.authenticator):
+            self.authenticator = self.authenticator(self.db)
         self.l7r = L7R(self.reactor, self.db, self.listener, self.authenticator,
                        config.get("nodename"), ServerSettings.from_config(config),
                        BrokerSettings.from_config(config), self.vma_factory, pid=self.pid)
@@ -106,7 +115,6 @@ class L7RService(service.Service):
         factory = L7RFactory(self.l7r)
         if use_tls:
             factory = TLSMemoryBIOFactory(self.context_factory, False, factory)
-            self.listener.subscribe("qvd_config_changed", lambda c, p: self.reload_tls())
             self._reload_loop = task.LoopingCall(self._check_files)
             self._reload_loop.clock = self.reactor
             self._reload_loop.start(config.getfloat("l7r.ssl.reload_interval"), now=False)
@@ -162,10 +170,12 @@ class L7RService(service.Service):
     async def stop(self):
         if self._reload_loop is not None and self._reload_loop.running:
             self._reload_loop.stop()
-        if self.port is not None:
-            await self.port.stopListening()
-        if getattr(self, "l7r", None) is not None:
-            await self.l7r.stop()
+        port, self.port = self.port, None
+        if port is not None:
+            await defer.maybeDeferred(port.stopListening)
+        l7r, self.l7r = getattr(self, "l7r", None), None
+        if l7r is not None:
+            await l7r.stop()
         if getattr(self, "listener", None) is not None:
             await self.listener.stop()
         if getattr(self, "db", None) is not None:

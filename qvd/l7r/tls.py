@@ -25,6 +25,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from zope.interface import implementer
 
 
 class TLSConfigError(Exception):
@@ -163,6 +165,7 @@ def make_context(material, ciphers, require_client_cert=False):
     return ctx
 
 
+@implementer(IOpenSSLServerConnectionCreator)
 class SwappableContextFactory:
     """
     A server context factory whose context can be replaced: connections made
@@ -174,6 +177,9 @@ class SwappableContextFactory:
 
     def getContext(self):
         return self._context
+
+    def serverConnectionForTLS(self, protocol):
+        return SSL.Connection(self._context, None)
 
     def swap(self, context):
         self._context = context
