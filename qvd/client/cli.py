@@ -511,6 +511,8 @@ async def _run_session(reactor, protocol, outcome, settings, output, environ):
     finally:
         reactor.removeSystemEventTrigger(trigger)
     output.info(f"session ended (closed by {result.closed_by})")
+    if result.closed_by == "nxproxy" and result.nxproxy_said:
+        output.info("nxproxy said: " + " | ".join(result.nxproxy_said))
     return result.exit_code
 
 

@@ -96,6 +96,7 @@ class SessionEnded:
     """
     closed_by: str
     nxproxy_status: object = None
+    nxproxy_said: tuple = ()
 
     @property
     def exit_code(self):
@@ -346,8 +347,9 @@ class NxSession:
             self._done.errback(self._error)
         else:
             status = self._nxproxy_status
+            said = tuple(self._process.tail[-3:]) if self._process is not None else ()
             self._done.callback(SessionEnded(self._closed_by or "server",
-                                             None if status == "running" else status))
+                                             None if status == "running" else status, said))
 
     def _cancel_timer(self):
         if self._timer is not None and self._timer.active():
