@@ -128,6 +128,14 @@ class FakeL7RProtocol(Protocol):
                 code, body = f.connect_status
                 self.respond(code, "Error", body)
                 return
+            if f.payload is not None:
+                # No nxagent: 101 and the payload in one write, then close.
+                self.upgraded = True
+                self.pending = []
+                self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\n"
+                                     b"X-QVD-Slave-Key: " + b"K" * 64 + b"\r\n\r\n" + f.payload)
+                self.transport.loseConnection()
+                return
             for text in ("Session acquired for VM_ID: 1", "Starting virtual machine",
                          "Connecting X session for VM_ID: 1", "Connection established"):
                 self.transport.write(b"HTTP/1.1 102 Processing\r\nX-QVD-VM-Info: %s\r\n\r\n"
@@ -180,6 +188,7 @@ class FakeL7R(Factory):
         self.nx_port = nx_port
         self.connect_status = None
         self.close_after_list = False
+        self.payload = None
         self.expected_auth = BasicAuth(login, password).header()
 
 
@@ -589,6 +598,54 @@ class NXTests(_Base):
         self.assertEqual(out.decode().strip(), shot)
         self.assertGreater(read_png_rgb(shot).count(COLOUR), 1000)
         self.assertIn(b"Connection established", err)
+
+
+FAKE_NXPROXY = """
+import hashlib, os, socket, sys, time
+port = int(sys.argv[-1].split("port=")[1].split(",")[0].split(":")[0])
+s = socket.create_connection(("127.0.0.1", port))
+s.sendall(b"NXPROXY-3.5.0-3.5.99 stream=default,data=default ")
+n, h = 0, hashlib.sha256()
+while True:
+    data = s.recv(65536)
+    if not data:
+        break
+    n += len(data)
+    h.update(data)
+    time.sleep(0.0005)  # a slow reader: the relay must hold back, not buffer
+with open(os.environ["FAKE_NXPROXY_OUT"], "w") as f:
+    f.write("%d %s %s" % (n, h.hexdigest(), os.environ["DISPLAY"]))
+"""
+
+
+class RelayTests(_Base):
+
+    @defer.inlineCallbacks
+    def test_large_stream_after_101(self):
+        """
+        Bytes the server sends right behind the 101 (in the same write),
+        20 MB of them, reach nxproxy intact and in order once it connects,
+        through a slow reader; then the server's close ends the session with
+        exit code 0.
+        """
+        import hashlib
+        payload = os.urandom(20 * 1024 * 1024)
+        self.server.payload = payload
+        port = self.listen()
+        script = os.path.join(self.tmp, "fake-nxproxy")
+        with open(script, "w") as f:
+            f.write("#!" + sys.executable + "\n" + FAKE_NXPROXY)
+        os.chmod(script, 0o755)
+        out_file = os.path.join(self.tmp, "nxproxy.out")
+        output = cli.Output(io.StringIO(), io.StringIO())
+        code = yield cli.run(reactor, self.settings(port, nxproxy=script, display=":77"),
+                             output, environ={"FAKE_NXPROXY_OUT": out_file, "PATH": "/usr/bin:/bin"})
+        self.assertEqual(code, 0, output.err.getvalue())
+        with open(out_file) as f:
+            count, digest, display = f.read().split()
+        self.assertEqual((int(count), digest, display),
+                         (len(payload), hashlib.sha256(payload).hexdigest(), ":77"))
+        self.assertIn("closed by server", output.err.getvalue())
 
 
 class ChooseVMTests(_Base):
