@@ -473,9 +473,24 @@ class NXTests(_Base):
 
     @defer.inlineCallbacks
     def start_nxagent(self):
+        """
+        Start nxagent on a free display and port (a few tries: other tests
+        on this machine pick displays too); fires with its display name.
+        """
+        for attempt in range(3):
+            try:
+                display = yield self._start_nxagent(attempt)
+            except RuntimeError:
+                if attempt == 2:
+                    raise
+            else:
+                return display
+
+    @defer.inlineCallbacks
+    def _start_nxagent(self, attempt):
         n = free_display()
         nx_port = free_tcp_port()
-        agent_home = os.path.join(self.tmp, "agent")
+        agent_home = os.path.join(self.tmp, f"agent{attempt}")
         os.makedirs(agent_home)
         process = _AgentProcess()
         argv = ["nxagent", "-nolisten", "tcp", "-ac", "-D", "-name", "QVDTEST",
@@ -483,6 +498,7 @@ class NXTests(_Base):
         transport = reactor.spawnProcess(
             process, shutil.which("nxagent"), argv,
             env={"HOME": agent_home, "PATH": os.environ.get("PATH", "")})
+        pid = transport.pid
 
         @defer.inlineCallbacks
         def stop():
@@ -492,16 +508,25 @@ class NXTests(_Base):
                 yield process.ended
                 if timer.active():
                     timer.cancel()
-            # A killed X server leaves its lock and socket behind.
-            for path in (f"/tmp/.X{n}-lock", f"/tmp/.X11-unix/X{n}"):
-                if os.path.exists(path):
-                    os.unlink(path)
+            # A killed X server leaves its lock and socket behind; remove
+            # them only if they are this nxagent's.
+            try:
+                with open(f"/tmp/.X{n}-lock") as f:
+                    owner = int(f.read().strip() or 0)
+            except (OSError, ValueError):
+                return
+            if owner == pid:
+                for path in (f"/tmp/.X{n}-lock", f"/tmp/.X11-unix/X{n}"):
+                    if os.path.exists(path):
+                        os.unlink(path)
         self.addCleanup(stop)
         timer = reactor.callLater(10, lambda: process.ready.called or process.ready.errback(
             RuntimeError("nxagent did not start listening in 10 s")))
-        yield process.ready
-        if timer.active():
-            timer.cancel()
+        try:
+            yield process.ready
+        finally:
+            if timer.active():
+                timer.cancel()
         self.server.nx_port = nx_port
         self.agent = process
         return f":{n}"
