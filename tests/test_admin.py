@@ -17,6 +17,7 @@ import psycopg2
 from twisted.trial import unittest
 
 from qvd.admin.cli import main
+from qvd.db import sync
 from qvd.testing import pg
 
 #: Tables whose content a refused command must leave alone.
@@ -58,8 +59,15 @@ class AdminTestCase(pg.DatabaseTestMixin, unittest.TestCase):
         return out
 
     def dump(self, tables=TABLES):
-        return {t: sorted(map(repr, (tuple(r.values()) for r in
-                                     self.query(f"SELECT * FROM {t}")))) for t in tables}
+        """Every row of C{tables}, in one transaction, comparable before/after."""
+        with sync.connect(self.dsn) as conn:
+            def read(cur):
+                result = {}
+                for table in tables:
+                    cur.execute(f"SELECT * FROM {table}")
+                    result[table] = sorted(repr(tuple(r.values())) for r in cur.fetchall())
+                return result
+            return sync.transaction(conn, read)
 
     def refused(self, argv, status=1, contains=None):
         """

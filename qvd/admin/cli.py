@@ -335,7 +335,7 @@ def _database_error(e):
 
 def run(args, ctx):
     """Run the parsed command; return its L{Result}."""
-    from qvd.db import DatabaseError, migrate, settings, sync
+    from qvd.db import migrate, settings, sync
     if not args.txn:
         return args.func(ctx, args)
     if args.func is C.di_add:
