@@ -137,14 +137,20 @@ class TenantAdminUserTests(AdminTestCase):
         listing = json.loads(self.ok("--json", "tenant", "list"))
         self.assertIn({"id": 2, "name": "acme", "blocked": False, "users": 0,
                        "description": "ACME"}, listing)
+        self.ok("--tenant", "acme", "osf", "add", "desk")
+        self.ok("--tenant", "acme", "di", "add", "--osf", "desk", self.image())
         self.ok("tenant", "del", "acme")
         self.assertEqual(self.query("SELECT * FROM tenants WHERE name='acme'"), [])
+        self.assertEqual(self.query("SELECT * FROM osfs"), [])
+        self.assertEqual(os.listdir(self.images), [])
         log = self.log()
         self.assertEqual([r["action"] for r in log],
-                         ["tenant_create", "tenant_update", "tenant_update", "tenant_delete"])
+                         ["tenant_create", "tenant_update", "tenant_update", "osf_create",
+                          "di_create", "tenant_delete"])
         self.assertEqual({(r["source"], r["administrator_name"]) for r in log},
                          {("CLI", "root-admin")})
         self.refused(["tenant", "add", "*"], status=2, contains="reserved")
+        self.refused(["--tenant", "*", "osf", "add", "x"], status=2, contains="supertenant")
         self.refused(["tenant", "del", "default2"], contains="unknown tenant 'default2'")
 
     def test_administrators(self):

@@ -159,7 +159,7 @@ def find_user(ctx, cur, text):
     login = normalize_login(ctx.config, login)
     t = tenant_by_name(cur, tenant)
     row = one(cur, "SELECT u.*, t.name AS tenant FROM users u JOIN tenants t ON t.id = u.tenant_id "
-                    "WHERE u.login = %s AND u.tenant_id = %s", (login, t["id"]))
+                   "WHERE u.login = %s AND u.tenant_id = %s", (login, t["id"]))
     if row is None:
         raise AdminError(f"unknown user {login!r} in tenant {tenant!r}: see 'qvd-admin user list"
                          f" --tenant {tenant}' or add it with 'qvd-admin user add'")
@@ -170,7 +170,7 @@ def find_admin(ctx, cur, text):
     name, tenant = split_login(ctx, text)
     t = tenant_by_name(cur, tenant)
     row = one(cur, "SELECT * FROM administrators WHERE name = %s AND tenant_id = %s",
-               (name, t["id"]))
+              (name, t["id"]))
     if row is None:
         raise AdminError(f"unknown administrator {name!r} in tenant {tenant!r}: "
                          "see 'qvd-admin admin list'")
@@ -199,13 +199,13 @@ def find_di(ctx, cur, ref):
     """A DI by id, or by C{OSF:VERSION}."""
     if DIGITS.match(ref):
         row = one(cur, "SELECT d.*, o.name AS osf, o.tenant_id FROM dis d "
-                        "JOIN osfs o ON o.id = d.osf_id WHERE d.id = %s", (int(ref),))
+                       "JOIN osfs o ON o.id = d.osf_id WHERE d.id = %s", (int(ref),))
     elif ":" in ref:
         osf_name, _, version = ref.rpartition(":")
         osf = find_osf(ctx, cur, osf_name)
         row = one(cur, "SELECT d.*, o.name AS osf, o.tenant_id FROM dis d "
-                        "JOIN osfs o ON o.id = d.osf_id WHERE d.osf_id = %s AND d.version = %s",
-                   (osf["id"], version))
+                       "JOIN osfs o ON o.id = d.osf_id WHERE d.osf_id = %s AND d.version = %s",
+                  (osf["id"], version))
     else:
         raise UsageError(f"{ref!r} does not name a DI: give its id or OSF:VERSION")
     scope = ctx.scope(cur)
@@ -253,7 +253,7 @@ def find_vm(ctx, cur, ref):
 
 def find_host(cur, name):
     row = one(cur, "SELECT h.*, r.state, r.blocked, r.ok_ts FROM hosts h "
-                    "JOIN host_runtimes r ON r.host_id = h.id WHERE h.name = %s", (name,))
+                   "JOIN host_runtimes r ON r.host_id = h.id WHERE h.name = %s", (name,))
     if row is None:
         raise AdminError(f"unknown host {name!r}: see 'qvd-admin host list' or add it with "
                          "'qvd-admin host add'")

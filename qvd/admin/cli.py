@@ -330,7 +330,11 @@ def _database_error(e):
             return AdminError(f"the database has no qvd schema ({text}): run "
                               f"'{PROG} db init'")
         return AdminError(f"database error: {text}")
-    return AdminError(str(e))
+    text = str(e)
+    if text.startswith("cannot connect"):
+        text += ("; check database.* in the node file (--config), or create the database "
+                 f"with '{PROG} db init'")
+    return AdminError(text)
 
 
 def run(args, ctx):
@@ -340,7 +344,6 @@ def run(args, ctx):
         return args.func(ctx, args)
     if args.func is C.di_add:
         args.staged = C.stage_image(ctx, args.file)
-        ctx.after_commit(lambda: os.unlink(args.staged))
         staged_cleanup = args.staged
     else:
         staged_cleanup = None

@@ -18,8 +18,8 @@ def host_add(ctx, cur, args):
     if other:
         raise AdminError(f"address {args.address} is already used by host {other['name']!r}")
     row = one(cur, "INSERT INTO hosts (name, address, frontend, backend, description) "
-                    "VALUES (%s, %s, %s, %s, %s) RETURNING id",
-               (args.name, args.address, args.frontend, args.backend, args.description))
+                   "VALUES (%s, %s, %s, %s, %s) RETURNING id",
+              (args.name, args.address, args.frontend, args.backend, args.description))
     cur.execute("INSERT INTO host_runtimes (host_id, state) VALUES (%s, 'stopped')", (row["id"],))
     cur.execute("INSERT INTO host_counters (host_id) VALUES (%s)", (row["id"],))
     ctx.audit(cur, "host_create", "create", "host", row["id"], args.name, None,
@@ -40,7 +40,7 @@ def host_list(ctx, cur, args):
 def host_del(ctx, cur, args):
     h = find_host(cur, args.name)
     busy = one(cur, "SELECT count(*) AS n FROM vm_runtimes WHERE host_id = %s",
-                (h["id"],))["n"]
+               (h["id"],))["n"]
     if busy:
         raise AdminError(f"host {args.name!r} has {busy} VM(s) bound to it: stop them first")
     cur.execute("DELETE FROM hosts WHERE id = %s", (h["id"],))

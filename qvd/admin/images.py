@@ -18,6 +18,9 @@ def _check_size(value, what):
 
 def osf_add(ctx, cur, args):
     t = tenant_by_name(cur, ctx.tenant_name())
+    if t["id"] == 0:
+        raise UsageError("OSFs cannot belong to the supertenant '*': choose a tenant with "
+                         "--tenant, or '-' for an OSF common to every tenant")
     if one(cur, "SELECT 1 FROM osfs WHERE name = %s AND tenant_id = %s", (args.name, t["id"])):
         raise AdminError(f"OSF {args.name!r} already exists in tenant {t['name']!r}")
     cfg = ctx.db_config(cur)
@@ -30,8 +33,8 @@ def osf_add(ctx, cur, args):
     application = (args.application if args.application is not None
                    else cfg.getbool("osf.default.is_application", t["id"]))
     row = one(cur, "INSERT INTO osfs (tenant_id, name, memory, use_overlay, is_application, "
-                    "user_storage_size, description) VALUES (%s, %s, %s, %s, %s, %s, %s) "
-                    "RETURNING *", (t["id"], args.name, memory, overlay, application,
+                   "user_storage_size, description) VALUES (%s, %s, %s, %s, %s, %s, %s) "
+                   "RETURNING *", (t["id"], args.name, memory, overlay, application,
                                     args.user_storage, args.description))
     ctx.audit(cur, "osf_create", "create", "osf", row["id"], args.name, t["id"],
               {"memory": memory, "use_overlay": overlay, "is_application": application,
@@ -60,7 +63,7 @@ def osf_del(ctx, cur, args):
     cur.execute("SELECT path FROM dis WHERE osf_id = %s", (o["id"],))
     images = [r["path"] for r in cur.fetchall()]
     cur.execute("DELETE FROM osfs WHERE id = %s", (o["id"],))
-    _remove_images_after_commit(ctx, images)
+    remove_images_after_commit(ctx, images)
     ctx.audit(cur, "osf_delete", "delete", "osf", o["id"], o["name"], o["tenant_id"])
     return Result(f"OSF {o['name']!r} deleted" + (f" with {len(images)} DI(s)" if images else ""),
                   data={"id": o["id"]})
@@ -71,7 +74,7 @@ def osf_set(ctx, cur, args):
     changes = {}
     if args.new_name is not None:
         if one(cur, "SELECT 1 FROM osfs WHERE name = %s AND tenant_id = %s AND id <> %s",
-                (args.new_name, o["tenant_id"], o["id"])):
+               (args.new_name, o["tenant_id"], o["id"])):
             raise AdminError(f"OSF {args.new_name!r} already exists in this tenant")
         changes["name"] = args.new_name
     if args.memory is not None:
@@ -101,7 +104,7 @@ def _images_dir(ctx):
     return ctx.config.get("path.storage.images")
 
 
-def _remove_images_after_commit(ctx, names):
+def remove_images_after_commit(ctx, names):
     images = _images_dir(ctx)
     for name in names:
         ctx.after_commit(lambda path=os.path.join(images, name): os.unlink(path))
@@ -207,7 +210,7 @@ def di_tag(ctx, cur, args):
     d = find_di(ctx, cur, args.di)
     _check_tag(args.tag)
     existing = one(cur, "SELECT * FROM di_tags WHERE osf_id = %s AND tag = %s",
-                    (d["osf_id"], args.tag))
+                   (d["osf_id"], args.tag))
     if existing is not None:
         if existing["di_id"] == d["id"]:
             return Result(f"DI {d['id']} already has tag {args.tag!r}", data={"id": d["id"]})
@@ -226,7 +229,7 @@ def di_tag(ctx, cur, args):
 def di_untag(ctx, cur, args):
     d = find_di(ctx, cur, args.di)
     existing = one(cur, "SELECT * FROM di_tags WHERE di_id = %s AND tag = %s",
-                    (d["id"], args.tag))
+                   (d["id"], args.tag))
     if existing is None:
         raise AdminError(f"DI {d['id']} has no tag {args.tag!r}: see 'qvd-admin di list'")
     if existing["fixed"]:
@@ -241,7 +244,7 @@ def di_untag(ctx, cur, args):
 def di_del(ctx, cur, args):
     d = find_di(ctx, cur, args.di)
     busy = one(cur, "SELECT count(*) AS n FROM vm_runtimes WHERE current_di_id = %s "
-                     "AND vm_state <> 'stopped'", (d["id"],))["n"]
+                    "AND vm_state <> 'stopped'", (d["id"],))["n"]
     if busy:
         raise AdminError(f"DI {d['id']} is in use by {busy} VM(s) that are not stopped: "
                          "stop them first")
@@ -250,12 +253,12 @@ def di_del(ctx, cur, args):
     movable = [r["tag"] for r in cur.fetchall()]
     cur.execute("DELETE FROM dis WHERE id = %s", (d["id"],))
     newest = one(cur, "SELECT id FROM dis WHERE osf_id = %s ORDER BY id DESC LIMIT 1",
-                  (d["osf_id"],))
+                 (d["osf_id"],))
     if newest is not None:
         for tag in movable:
             cur.execute("INSERT INTO di_tags (di_id, osf_id, tag) VALUES (%s, %s, %s)",
                         (newest["id"], d["osf_id"], tag))
-    _remove_images_after_commit(ctx, [d["path"]])
+    remove_images_after_commit(ctx, [d["path"]])
     ctx.audit(cur, "di_delete", "delete", "di", d["id"], d["path"], d["tenant_id"])
     return Result(f"DI {d['id']} ({d['path']}) deleted", data={"id": d["id"]})
 

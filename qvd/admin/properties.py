@@ -28,10 +28,10 @@ def _property_target(ctx, cur, obj, ref):
 def prop_set(ctx, cur, args):
     obj_id, tenant_id, name = _property_target(ctx, cur, args.object, args.ref)
     row = one(cur, "SELECT id FROM properties_list WHERE key = %s AND tenant_id = %s "
-                    "AND qvd_object = %s", (args.key, tenant_id, args.object))
+                   "AND qvd_object = %s", (args.key, tenant_id, args.object))
     if row is None:
         row = one(cur, "INSERT INTO properties_list (key, tenant_id, qvd_object) "
-                        "VALUES (%s, %s, %s) RETURNING id", (args.key, tenant_id, args.object))
+                       "VALUES (%s, %s, %s) RETURNING id", (args.key, tenant_id, args.object))
     table, column = f"{args.object}_properties", f"{args.object}_id"
     cur.execute(f"INSERT INTO {table} ({column}, property_id, value) VALUES (%s, %s, %s) "
                 f"ON CONFLICT ({column}, property_id) DO UPDATE SET value = EXCLUDED.value",

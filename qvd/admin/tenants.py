@@ -4,6 +4,7 @@ qvd-admin commands: Tenants and administrators.
 
 from qvd.admin._core import (
     AdminError, Result, UsageError, find_admin, hash_password, one, split_login, tenant_by_name)
+from qvd.admin.images import remove_images_after_commit
 
 
 def tenant_add(ctx, cur, args):
@@ -12,7 +13,7 @@ def tenant_add(ctx, cur, args):
     if one(cur, "SELECT 1 FROM tenants WHERE name = %s", (args.name,)):
         raise AdminError(f"tenant {args.name!r} already exists: choose another name")
     row = one(cur, "INSERT INTO tenants (name, description) VALUES (%s, %s) RETURNING id",
-               (args.name, args.description))
+              (args.name, args.description))
     ctx.audit(cur, "tenant_create", "create", "tenant", row["id"], args.name, row["id"],
               {"description": args.description})
     return Result(f"tenant {args.name!r} added (id {row['id']})",
@@ -36,13 +37,16 @@ def _tenant_for_change(cur, name):
 def tenant_del(ctx, cur, args):
     t = _tenant_for_change(cur, args.name)
     busy = one(cur, "SELECT count(*) AS n FROM vm_runtimes r JOIN vms v ON v.id = r.vm_id "
-                     "JOIN users u ON u.id = v.user_id WHERE u.tenant_id = %s "
-                     "AND (r.vm_state <> 'stopped' OR r.vm_cmd IS NOT NULL)", (t["id"],))["n"]
+                    "JOIN users u ON u.id = v.user_id WHERE u.tenant_id = %s "
+                    "AND (r.vm_state <> 'stopped' OR r.vm_cmd IS NOT NULL)", (t["id"],))["n"]
     if busy:
         raise AdminError(f"tenant {args.name!r} has {busy} VM(s) not stopped: stop them first "
                          "('qvd-admin vm list --tenant {0}')".format(args.name))
     cur.execute("DELETE FROM vms WHERE user_id IN (SELECT id FROM users WHERE tenant_id = %s)",
                 (t["id"],))
+    cur.execute("SELECT d.path FROM dis d JOIN osfs o ON o.id = d.osf_id WHERE o.tenant_id = %s",
+                (t["id"],))
+    remove_images_after_commit(ctx, [r["path"] for r in cur.fetchall()])
     cur.execute("DELETE FROM tenants WHERE id = %s", (t["id"],))
     ctx.audit(cur, "tenant_delete", "delete", "tenant", t["id"], args.name)
     return Result(f"tenant {args.name!r} deleted", data={"id": t["id"], "name": args.name})
@@ -69,11 +73,11 @@ def admin_add(ctx, cur, args):
     name, tenant = split_login(ctx, args.name)
     t = tenant_by_name(cur, tenant)
     if one(cur, "SELECT 1 FROM administrators WHERE name = %s AND tenant_id = %s",
-            (name, t["id"])):
+           (name, t["id"])):
         raise AdminError(f"administrator {name!r} already exists in tenant {tenant!r}")
     row = one(cur, "INSERT INTO administrators (tenant_id, name, password, description) "
-                    "VALUES (%s, %s, %s, %s) RETURNING id",
-               (t["id"], name, hash_password(args.password), args.description))
+                   "VALUES (%s, %s, %s, %s) RETURNING id",
+              (t["id"], name, hash_password(args.password), args.description))
     ctx.audit(cur, "administrator_create", "create", "administrator", row["id"], name, t["id"])
     return Result(f"administrator {name!r} added to tenant {tenant!r} (id {row['id']})",
                   data={"id": row["id"], "name": name, "tenant": tenant})

@@ -20,8 +20,8 @@ def user_add(ctx, cur, args):
                          "choose another login")
     password = hash_password(args.password) if args.password is not None else None
     row = one(cur, "INSERT INTO users (tenant_id, login, password, description) "
-                    "VALUES (%s, %s, %s, %s) RETURNING id",
-               (t["id"], login, password, args.description))
+                   "VALUES (%s, %s, %s, %s) RETURNING id",
+              (t["id"], login, password, args.description))
     ctx.audit(cur, "user_create", "create", "user", row["id"], login, t["id"],
               {"description": args.description})
     return Result(f"user {login!r} added to tenant {tenant!r} (id {row['id']})",
@@ -47,8 +47,8 @@ def user_list(ctx, cur, args):
 def user_del(ctx, cur, args):
     u = find_user(ctx, cur, args.login)
     busy = one(cur, "SELECT string_agg(v.name, ', ') AS names FROM vms v "
-                     "JOIN vm_runtimes r ON r.vm_id = v.id WHERE v.user_id = %s "
-                     "AND (r.vm_state <> 'stopped' OR r.vm_cmd IS NOT NULL)", (u["id"],))["names"]
+                    "JOIN vm_runtimes r ON r.vm_id = v.id WHERE v.user_id = %s "
+                    "AND (r.vm_state <> 'stopped' OR r.vm_cmd IS NOT NULL)", (u["id"],))["names"]
     if busy:
         raise AdminError(f"user {u['login']!r} has VMs that are not stopped ({busy}): "
                          "stop them first with 'qvd-admin vm stop'")

@@ -40,8 +40,8 @@ def vm_add(ctx, cur, args):
     except AddressError as e:
         raise AdminError(str(e))
     row = one(cur, "INSERT INTO vms (name, user_id, osf_id, di_tag, ip, mac, description) "
-                    "VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING id",
-               (args.name, user["id"], osf["id"], tag, ip, mac, args.description))
+                   "VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING id",
+              (args.name, user["id"], osf["id"], tag, ip, mac, args.description))
     vm_id = row["id"]
     cur.execute("INSERT INTO vm_runtimes (vm_id, vm_state, user_state) "
                 "VALUES (%s, 'stopped', 'disconnected')", (vm_id,))
