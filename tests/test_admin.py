@@ -635,6 +635,33 @@ class ConcurrencyTests(AdminTestCase):
             for c in listeners:
                 self.notifications(c, wait=0.1)
 
+    def test_concurrent_starts_that_overlap(self):
+        """
+        When both 'vm start' transactions read the stopped VM before either
+        writes, the serializable retry still lets only one of them start it.
+        """
+        from qvd.admin import vms
+        self.sample()
+        listener = self.listen("qvd_cmd_for_vm_on_host1")
+        barrier = threading.Barrier(2, timeout=10)
+        first_read = threading.local()
+        real = vms.find_vm
+        reads = []
+
+        def find_vm(ctx, cur, ref):
+            vm = real(ctx, cur, ref)
+            reads.append(vm["vm_cmd"])
+            if not getattr(first_read, "done", False):
+                first_read.done = True
+                barrier.wait()
+            return vm
+        self.patch(vms, "find_vm", find_vm)
+        results = self.run_parallel([["vm", "start", "v1"]] * 2)
+        self.assertEqual(sorted(r[0] for r in results), [0, 1], results)
+        self.assertEqual(reads[:2], [None, None])
+        self.assertEqual(reads[2:], ["start"])
+        self.assertEqual(len(self.notifications(listener)), 1)
+
     def test_concurrent_vm_add(self):
         """
         Twenty concurrent 'vm add' all succeed and never hand out one IP twice.
