@@ -92,7 +92,7 @@ class AdminTestCase(pg.DatabaseTestMixin, unittest.TestCase):
 
     def sample(self, vm=True):
         """A user alice, an OSF desk with one LXC DI, a running node n1, a VM v1."""
-        self.ok("user", "add", "alice", "--password", "pw")
+        self.ok("user", "add", "alice")
         self.ok("osf", "add", "desk")
         self.ok("di", "add", "--osf", "desk", "--version", "1", self.image())
         self.ok("host", "add", "n1", "10.1.0.1")
@@ -134,6 +134,8 @@ class TenantAdminUserTests(AdminTestCase):
         self.ok("tenant", "block", "acme")
         self.assertTrue(self.query("SELECT blocked FROM tenants WHERE name='acme'")[0]["blocked"])
         self.ok("tenant", "unblock", "acme")
+        self.assertIn("nothing changed", self.ok("--exist-ok", "tenant", "add", "acme"))
+        self.refused(["tenant", "add", "acme"], contains="already exists")
         listing = json.loads(self.ok("--json", "tenant", "list"))
         self.assertIn({"id": 2, "name": "acme", "blocked": False, "users": 0,
                        "description": "ACME"}, listing)

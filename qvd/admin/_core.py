@@ -21,6 +21,10 @@ class AdminError(Exception):
     status = 1
 
 
+class AlreadyExists(AdminError):
+    """An add of something that exists: exit status 1, or 0 with --exist-ok."""
+
+
 class UsageError(AdminError):
     """Bad input on the command line: exit status 2."""
     status = 2

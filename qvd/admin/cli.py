@@ -48,6 +48,10 @@ def _global_options(parser, suppress):
     parser.add_argument("--json", action="store_true",
                         default=argparse.SUPPRESS if suppress else False,
                         help="print JSON instead of a table")
+    parser.add_argument("--exist-ok", action="store_true", dest="exist_ok",
+                        default=argparse.SUPPRESS if suppress else False,
+                        help="an add of something that already exists succeeds without "
+                        "changing it (for scripts that run again)")
 
 
 def _bool_pair(parser, name, yes_help, no_name=None, dest=None):
@@ -389,6 +393,7 @@ def main(argv=None, stdout=None, stderr=None, random=None):
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
     argv = sys.argv[1:] if argv is None else list(argv)
+    args = None
     try:
         try:
             args = build_parser().parse_args(argv)
@@ -414,6 +419,12 @@ def main(argv=None, stdout=None, stderr=None, random=None):
             raise
         stdout.write(render(result, args.json))
         return 0
+    except C.AlreadyExists as e:
+        if getattr(args, "exist_ok", False):
+            stdout.write(" ".join(str(e).split()) + "; nothing changed\n")
+            return 0
+        stderr.write(f"{PROG}: error: {' '.join(str(e).split())}\n")
+        return e.status
     except AdminError as e:
         message = " ".join(str(e).split())
         stderr.write(f"{PROG}: error: {message}\n")

@@ -17,7 +17,7 @@ L{qvd.admin.settings} (configuration), L{qvd.admin.properties}.
 """
 
 from qvd.admin._core import (  # noqa: F401
-    OBJECTS_WITH_PROPERTIES, VM_STATES, AdminError, Context, Result, UsageError)
+    OBJECTS_WITH_PROPERTIES, VM_STATES, AdminError, AlreadyExists, Context, Result, UsageError)
 from qvd.admin.hosts import host_add, host_block, host_del, host_list, host_unblock  # noqa: F401
 from qvd.admin.images import (  # noqa: F401
     di_add, di_block, di_del, di_list, di_tag, di_unblock, di_untag, osf_add, osf_del, osf_list,

@@ -3,7 +3,7 @@ qvd-admin commands: Hosts (nodes).
 """
 
 from qvd.admin._core import (
-    AdminError, Result, UsageError, find_host, one)
+    AdminError, AlreadyExists, Result, UsageError, find_host, one)
 
 
 def host_add(ctx, cur, args):
@@ -13,7 +13,7 @@ def host_add(ctx, cur, args):
     except ValueError:
         raise UsageError(f"host address {args.address!r} is not an IP address")
     if one(cur, "SELECT 1 FROM hosts WHERE name = %s", (args.name,)):
-        raise AdminError(f"host {args.name!r} already exists")
+        raise AlreadyExists(f"host {args.name!r} already exists")
     other = one(cur, "SELECT name FROM hosts WHERE address = %s", (args.address,))
     if other:
         raise AdminError(f"address {args.address} is already used by host {other['name']!r}")

@@ -8,7 +8,7 @@ import os
 import shutil
 
 from qvd.admin._core import (
-    AdminError, Result, UsageError, find_di, find_osf, one, tenant_by_name)
+    AdminError, AlreadyExists, Result, UsageError, find_di, find_osf, one, tenant_by_name)
 
 
 def _check_size(value, what):
@@ -22,7 +22,7 @@ def osf_add(ctx, cur, args):
         raise UsageError("OSFs cannot belong to the supertenant '*': choose a tenant with "
                          "--tenant, or '-' for an OSF common to every tenant")
     if one(cur, "SELECT 1 FROM osfs WHERE name = %s AND tenant_id = %s", (args.name, t["id"])):
-        raise AdminError(f"OSF {args.name!r} already exists in tenant {t['name']!r}")
+        raise AlreadyExists(f"OSF {args.name!r} already exists in tenant {t['name']!r}")
     cfg = ctx.db_config(cur)
     memory = args.memory if args.memory is not None else cfg.getint("osf.default.memory", t["id"])
     if memory <= 0:
@@ -96,7 +96,8 @@ def osf_set(ctx, cur, args):
     sets = ", ".join(f"{column} = %s" for column in changes)
     cur.execute(f"UPDATE osfs SET {sets} WHERE id = %s", list(changes.values()) + [o["id"]])
     ctx.audit(cur, "osf_update", "update", "osf", o["id"], o["name"], o["tenant_id"], changes)
-    return Result(f"OSF {o['name']!r} changed: " + ", ".join(f"{k}={v}" for k, v in changes.items()),
+    summary = ", ".join(f"{k}={v}" for k, v in changes.items())
+    return Result(f"OSF {o['name']!r} changed: {summary}",
                   data={"id": o["id"], **changes})
 
 
@@ -154,7 +155,7 @@ def di_add(ctx, cur, args):
     o = find_osf(ctx, cur, args.osf)
     version = args.version or _default_version(cur, o["id"])
     if one(cur, "SELECT 1 FROM dis WHERE osf_id = %s AND version = %s", (o["id"], version)):
-        raise AdminError(f"OSF {o['name']!r} already has a DI of version {version!r}: "
+        raise AlreadyExists(f"OSF {o['name']!r} already has a DI of version {version!r}: "
                          "give another --version")
     if one(cur, "SELECT 1 FROM di_tags WHERE osf_id = %s AND tag = %s", (o["id"], version)):
         raise AdminError(f"version {version!r} is already a tag in OSF {o['name']!r}: "
@@ -174,7 +175,8 @@ def di_add(ctx, cur, args):
     cur.execute("INSERT INTO di_tags (di_id, osf_id, tag, fixed) VALUES (%s, %s, %s, true)",
                 (di_id, o["id"], version))
     cur.execute("DELETE FROM di_tags WHERE osf_id = %s AND tag = 'head'", (o["id"],))
-    cur.execute("INSERT INTO di_tags (di_id, osf_id, tag) VALUES (%s, %s, 'head')", (di_id, o["id"]))
+    cur.execute("INSERT INTO di_tags (di_id, osf_id, tag) VALUES (%s, %s, 'head')",
+                (di_id, o["id"]))
     tags = [version, "head"]
     if not one(cur, "SELECT 1 FROM di_tags WHERE osf_id = %s AND tag = 'default'", (o["id"],)):
         cur.execute("INSERT INTO di_tags (di_id, osf_id, tag) VALUES (%s, %s, 'default')",

@@ -117,7 +117,8 @@ def read_ssl_files(args):
     try:
         key = crypto.load_privatekey(crypto.FILETYPE_PEM, texts["l7r.ssl.key"].encode())
     except crypto.Error:
-        raise UsageError(f"{args.key!r} holds no PEM private key (encrypted keys are not supported)")
+        raise UsageError(
+            f"{args.key!r} holds no PEM private key (encrypted keys are not supported)")
     context = SSL.Context(SSL.TLS_METHOD)
     try:
         context.use_certificate(cert)

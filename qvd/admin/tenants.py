@@ -3,7 +3,8 @@ qvd-admin commands: Tenants and administrators.
 """
 
 from qvd.admin._core import (
-    AdminError, Result, UsageError, find_admin, hash_password, one, split_login, tenant_by_name)
+    AdminError, AlreadyExists, Result, UsageError, find_admin, hash_password, one, split_login,
+    tenant_by_name)
 from qvd.admin.images import remove_images_after_commit
 
 
@@ -11,7 +12,7 @@ def tenant_add(ctx, cur, args):
     if args.name in ("-", "*"):
         raise UsageError(f"tenant name {args.name!r} is reserved: choose another")
     if one(cur, "SELECT 1 FROM tenants WHERE name = %s", (args.name,)):
-        raise AdminError(f"tenant {args.name!r} already exists: choose another name")
+        raise AlreadyExists(f"tenant {args.name!r} already exists: choose another name")
     row = one(cur, "INSERT INTO tenants (name, description) VALUES (%s, %s) RETURNING id",
               (args.name, args.description))
     ctx.audit(cur, "tenant_create", "create", "tenant", row["id"], args.name, row["id"],
@@ -74,7 +75,7 @@ def admin_add(ctx, cur, args):
     t = tenant_by_name(cur, tenant)
     if one(cur, "SELECT 1 FROM administrators WHERE name = %s AND tenant_id = %s",
            (name, t["id"])):
-        raise AdminError(f"administrator {name!r} already exists in tenant {tenant!r}")
+        raise AlreadyExists(f"administrator {name!r} already exists in tenant {tenant!r}")
     row = one(cur, "INSERT INTO administrators (tenant_id, name, password, description) "
                    "VALUES (%s, %s, %s, %s) RETURNING id",
               (t["id"], name, hash_password(args.password), args.description))

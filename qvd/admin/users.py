@@ -3,8 +3,8 @@ qvd-admin commands: Users.
 """
 
 from qvd.admin._core import (
-    AdminError, Result, UsageError, find_user, hash_password, normalize_login, one,
-    split_login, tenant_by_name)
+    AdminError, AlreadyExists, Result, UsageError, find_user, hash_password, normalize_login,
+    one, split_login, tenant_by_name)
 
 
 def user_add(ctx, cur, args):
@@ -16,7 +16,7 @@ def user_add(ctx, cur, args):
     if t["id"] in (-1, 0):
         raise AdminError(f"users cannot belong to the built-in tenant {tenant!r}")
     if one(cur, "SELECT 1 FROM users WHERE login = %s AND tenant_id = %s", (login, t["id"])):
-        raise AdminError(f"user {login!r} already exists in tenant {tenant!r}: "
+        raise AlreadyExists(f"user {login!r} already exists in tenant {tenant!r}: "
                          "choose another login")
     password = hash_password(args.password) if args.password is not None else None
     row = one(cur, "INSERT INTO users (tenant_id, login, password, description) "
@@ -59,7 +59,8 @@ def user_del(ctx, cur, args):
 
 def user_passwd(ctx, cur, args):
     u = find_user(ctx, cur, args.login)
-    cur.execute("UPDATE users SET password = %s WHERE id = %s", (hash_password(args.password), u["id"]))
+    cur.execute("UPDATE users SET password = %s WHERE id = %s",
+                (hash_password(args.password), u["id"]))
     ctx.audit(cur, "user_update", "update", "user", u["id"], u["login"], u["tenant_id"],
               {"password": "***"})
     return Result(f"password of user {u['login']!r} changed", data={"id": u["id"]})

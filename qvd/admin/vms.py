@@ -7,8 +7,8 @@ import datetime
 import re
 
 from qvd.admin._core import (
-    DIGITS, VM_SELECT, VM_STATES, AdminError, Result, UsageError, find_host, find_osf,
-    find_user, find_vm, notify, one)
+    DIGITS, VM_SELECT, VM_STATES, AdminError, AlreadyExists, Result, UsageError, find_host,
+    find_osf, find_user, find_vm, notify, one)
 from qvd.admin.addresses import AddressError, VMRange, mac_for_ip
 
 
@@ -19,7 +19,7 @@ def vm_add(ctx, cur, args):
     user = find_user(ctx, cur, args.user)
     osf = find_osf(ctx, cur, args.osf, tenant_id=user["tenant_id"])
     if one(cur, "SELECT 1 FROM vms WHERE name = %s AND user_id = %s", (args.name, user["id"])):
-        raise AdminError(f"user {user['login']!r} already has a VM named {args.name!r}")
+        raise AlreadyExists(f"user {user['login']!r} already has a VM named {args.name!r}")
     tag = args.di_tag or "default"
     if not one(cur, "SELECT 1 FROM di_tags WHERE osf_id = %s AND tag = %s", (osf["id"], tag)):
         cur.execute("SELECT string_agg(tag, ', ' ORDER BY tag) AS tags FROM di_tags "
@@ -209,7 +209,8 @@ def vm_expire(ctx, cur, args):
 def vm_del(ctx, cur, args):
     vm = find_vm(ctx, cur, args.vm)
     if vm["vm_state"] != "stopped" or vm["vm_cmd"] is not None:
-        what = vm["vm_state"] if vm["vm_state"] != "stopped" else f"stopped with a pending {vm['vm_cmd']}"
+        what = (vm["vm_state"] if vm["vm_state"] != "stopped"
+                else f"stopped with a pending {vm['vm_cmd']}")
         raise AdminError(f"VM {vm['name']!r} is {what}: stop it first with 'qvd-admin vm stop'")
     cur.execute("DELETE FROM vms WHERE id = %s", (vm["id"],))
     ctx.audit(cur, "vm_delete", "delete", "vm", vm["id"], vm["name"], vm["tenant_id"])
