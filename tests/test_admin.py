@@ -384,7 +384,7 @@ class VMTests(AdminTestCase):
     def test_start_without_node(self):
         """
         With no running node of the VM's hypervisor, 'vm start' explains why
-        each node was left out.
+        each node was left out; a blocked or missing DI is reported as such.
         """
         self.sample()
         self.ok("host", "add", "n2", "10.1.0.2")
@@ -396,6 +396,11 @@ class VMTests(AdminTestCase):
         self.query("UPDATE host_runtimes SET state = 'running', hypervisor = 'lxc' "
                    "WHERE host_id = 2")
         self.assertIn("n2 (blocked)", self.refused(["vm", "start", "v1"]))
+        self.ok("host", "unblock", "n2")
+        self.ok("di", "block", "1")
+        self.refused(["vm", "start", "v1"], contains="its DI 1 is blocked")
+        self.ok("di", "untag", "1", "default")
+        self.refused(["vm", "start", "v1"], contains="no DI with the VM's tag")
 
     def test_stop(self):
         """

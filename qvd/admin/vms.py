@@ -4,6 +4,7 @@ stop commands for the nodes, user disconnects, blocking, expiration.
 """
 
 import datetime
+import random
 import re
 
 from qvd.admin._core import (
@@ -100,7 +101,7 @@ def vm_start(ctx, cur, args):
         try:
             chosen = loadbalancer.select_host(
                 cur, vm["id"], vm["name"], loadbalancer.weights_from_config(cfg, vm["tenant_id"]),
-                ctx.random or __import__("random").random)
+                ctx.random or random.random)
         except (loadbalancer.NoHostAvailable, loadbalancer.UnknownImageKind) as e:
             raise AdminError(str(e))
         host_id, host = chosen.host_id, chosen.name
