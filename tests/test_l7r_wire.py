@@ -87,13 +87,17 @@ class L7RWireMixin(DatabaseTestMixin):
         self.host_id = self.query(
             "INSERT INTO hosts (name, address) VALUES (%s, '127.0.0.1') RETURNING id",
             (self.nodename,))[0]["id"]
-        self.query("INSERT INTO host_runtimes (host_id, state, usable_ram, usable_cpu)"
-                   " VALUES (%s, 'running', 1000, 1000)", (self.host_id,))
+        self.query("INSERT INTO host_runtimes (host_id, state, usable_ram, usable_cpu, hypervisor)"
+                   " VALUES (%s, 'running', 1000, 1000, 'lxc')", (self.host_id,))
         self.user_id = self.query(
             "INSERT INTO users (tenant_id, login, password) VALUES (1, 'ana', %s) RETURNING id",
             (PASSWORD_HASH,))[0]["id"]
         self.osf_id = self.query(
             "INSERT INTO osfs (tenant_id, name) VALUES (1, 'desktop') RETURNING id")[0]["id"]
+        di_id = self.query("INSERT INTO dis (osf_id, path, version) VALUES (%s, 'd.tar.gz', '1')"
+                           " RETURNING id", (self.osf_id,))[0]["id"]
+        self.query("INSERT INTO di_tags (di_id, osf_id, tag) VALUES (%s, %s, 'default')",
+                   (di_id, self.osf_id))
         self.vm_id = self.add_vm("desk1", 10)
         self.hkd = FakeHKD(self.dsn, self.host_id)
         await self.hkd.start()

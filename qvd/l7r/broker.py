@@ -31,9 +31,8 @@ import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from qvd.db.pool import DatabaseUnavailable
-from qvd.l7r import _loadbalancer as loadbalancer
-from qvd.l7r._vma import VMAError
+from qvd import loadbalancer
+from qvd.vma.client import VMAError, VMAUnreachable
 from qvd.l7r.relay import Relay, connect_peer
 from qvd.protocols import http
 
@@ -110,10 +109,7 @@ class BrokerSettings:
             claim_max_age=f("l7r.takeover.claim_max_age"), abort_poll=f("l7r.poll_time.abort"),
             release_retry=f("l7r.release.retry"),
             token_lifetime=config.getint("l7r.auth_token.lifetime"),
-            weights=loadbalancer.Weights(
-                ram=f("l7r.loadbalancer.plugin.default.weight.ram"),
-                cpu=f("l7r.loadbalancer.plugin.default.weight.cpu"),
-                random=f("l7r.loadbalancer.plugin.default.weight.random")))
+            weights=loadbalancer.weights_from_config(config))
 
 
 class Session:
@@ -322,15 +318,7 @@ class Broker:
         if row["host_id"] is not None:
             return
         session.tell(f"Assigning VM {vm_id} to host")
-        rows = await self.db.runQuery(
-            "SELECT h.id, hr.usable_ram, hr.usable_cpu,"
-            " (SELECT count(*) FROM vm_runtimes v WHERE v.host_id = h.id)"
-            " FROM hosts h JOIN host_runtimes hr ON hr.host_id = h.id"
-            " WHERE h.backend AND NOT hr.blocked AND hr.state = 'running'")
-        candidates = [loadbalancer.Candidate(r[0], r[1] or 0.0, r[2] or 0.0, r[3]) for r in rows]
-        host_id = loadbalancer.choose_host(candidates, self.settings.weights, self.random)
-        if host_id is None:
-            raise BrokerError(f"Unable to start VM {vm_id}, can't assign to any host")
+        host_id = await self.choose_host(vm_id, row["name"])
 
         async def set_host(cursor):
             await cursor.execute(
@@ -340,6 +328,27 @@ class Broker:
         if not await self.db.transaction(set_host):
             raise BrokerError(f"Unable to start VM {vm_id}, state changed unexpectedly")
         await self.check_abort(session)
+
+    async def choose_host(self, vm_id, vm_name):
+        """
+        The node the load balancer picks for the VM (L{qvd.loadbalancer}).
+        """
+        try:
+            dis = await self.db.runQueryDicts(loadbalancer.VM_DI_SQL, (vm_id,))
+            if not dis:
+                raise loadbalancer.NoHostAvailable(
+                    f"VM {vm_name!r} cannot start: its OSF has no DI with the VM's tag")
+            if dis[0]["blocked"]:
+                raise loadbalancer.NoHostAvailable(
+                    f"VM {vm_name!r} cannot start: its DI {dis[0]['di_id']} is blocked")
+            hypervisor = loadbalancer.di_hypervisor(dis[0]["path"])
+            hosts = [loadbalancer.HostLoad(**row)
+                     for row in await self.db.runQueryDicts(loadbalancer.HOSTS_SQL)]
+            return loadbalancer.choose_host(vm_name, hypervisor, hosts, self.settings.weights,
+                                            self.random).host_id
+        except (loadbalancer.NoHostAvailable, loadbalancer.UnknownImageKind) as e:
+            log.warn("VM {vm}: no node to start it on: {reason}", vm=vm_id, reason=e)
+            raise BrokerError(f"Unable to start VM {vm_id}, can't assign to any host")
 
     async def start_and_wait(self, session):
         """
@@ -460,7 +469,7 @@ class Broker:
             try:
                 await vma.x_start(params)
                 return
-            except VMAError as e:
+            except (VMAError, VMAUnreachable) as e:
                 error = e
                 log.info("VM {vm}: x_start failed ({error}), retrying", vm=vm_id, error=e)
             await session.sleep(self.settings.poll_x)
@@ -475,7 +484,7 @@ class Broker:
             session.check()
             try:
                 state = await vma.x_state()
-            except VMAError:
+            except (VMAError, VMAUnreachable):
                 state = None
             if state == "listening":
                 return
