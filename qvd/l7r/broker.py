@@ -21,7 +21,6 @@ early when the VM's state changes (L{Session.wake}) and fail with
 L{SessionAborted} when the session is aborted (takeover, client gone).
 """
 
-import json
 import os
 import secrets
 import string
@@ -32,6 +31,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from qvd import loadbalancer
+from qvd.l7r.auth import tokens
 from qvd.vma.client import VMAError, VMAUnreachable
 from qvd.l7r.relay import Relay, connect_peer
 from qvd.protocols import http
@@ -221,9 +221,9 @@ class Broker:
         await self.takeover(session)
         await self.assign(session)
         await self.start_and_wait(session)
-        token, _ = await self.create_token(auth, vm_id)
+        grant = await self.create_token(auth, vm_id)
         params = dict(client_params)
-        params["auth_token"] = token
+        params["auth_token"] = grant.token
         params["host_address"] = host_address
         params.update(await self.combined_properties(vm_id))
         params.update(auth.params)
@@ -426,22 +426,16 @@ class Broker:
 
     async def create_token(self, auth, vm_id=None, multi_use=True):
         """
-        Store the auth parameters and a token for the user; return the token.
-        """
-        token = "".join(secrets.choice(_ALNUM) for _ in range(32))
-        params_id = await self.store_auth_params(auth)
-        await self.db.runOperation(
-            "INSERT INTO user_tokens (token, user_id, vm_id, expiration, auth_params_id, multi_use)"
-            " VALUES (%s, %s, %s, %s, %s, %s)",
-            (token, auth.user_id, vm_id, int(time.time()) + self.settings.token_lifetime,
-             params_id, multi_use))
-        return token, params_id
+        Store the auth parameters and a token for the user (L{tokens}).
 
-    async def store_auth_params(self, auth):
-        rows = await self.db.runQuery(
-            "INSERT INTO user_auth_parameters (parameters) VALUES (%s) RETURNING id",
-            (json.dumps(auth.params),))
-        return rows[0][0]
+        @return: a L{tokens.TokenGrant}.
+        """
+        return await tokens.create_auth_token(
+            self.db, auth, now=time.time(), lifetime=self.settings.token_lifetime,
+            multi_use=multi_use, vm_id=vm_id)
+
+    def store_auth_params(self, auth):
+        return tokens.store_auth_parameters(self.db, auth.params)
 
     async def combined_properties(self, vm_id):
         """
