@@ -21,14 +21,14 @@ from qvd.db.listen import Listener
 from qvd.db.pool import Database
 from qvd.l7r import tls
 from qvd.l7r.service import L7RService
-from qvd.passwords import hash_password
+from qvd.passwords import legacy_hash
 from qvd.protocols import http
 from qvd.testing.fakeauth import FakeAuthenticator
 from qvd.testing.fakevma import EchoFactory, FakeVMA
 from qvd.testing.l7rclient import RawClient
 from qvd.testing.pg import DatabaseTestMixin
 
-PASSWORD_HASH = hash_password("secret")
+PASSWORD_HASH = legacy_hash("secret", "qvd1234")  # fast to verify; argon2 is the auth tests' business
 BASIC = "Basic " + base64.b64encode(b"ana:secret").decode()
 
 
@@ -87,13 +87,17 @@ class L7RWireMixin(DatabaseTestMixin):
         self.host_id = self.query(
             "INSERT INTO hosts (name, address) VALUES (%s, '127.0.0.1') RETURNING id",
             (self.nodename,))[0]["id"]
-        self.query("INSERT INTO host_runtimes (host_id, state, usable_ram, usable_cpu)"
-                   " VALUES (%s, 'running', 1000, 1000)", (self.host_id,))
+        self.query("INSERT INTO host_runtimes (host_id, state, usable_ram, usable_cpu, hypervisor)"
+                   " VALUES (%s, 'running', 1000, 1000, 'lxc')", (self.host_id,))
         self.user_id = self.query(
             "INSERT INTO users (tenant_id, login, password) VALUES (1, 'ana', %s) RETURNING id",
             (PASSWORD_HASH,))[0]["id"]
         self.osf_id = self.query(
             "INSERT INTO osfs (tenant_id, name) VALUES (1, 'desktop') RETURNING id")[0]["id"]
+        di_id = self.query("INSERT INTO dis (osf_id, path, version) VALUES (%s, 'd.tar.gz', '1')"
+                           " RETURNING id", (self.osf_id,))[0]["id"]
+        self.query("INSERT INTO di_tags (di_id, osf_id, tag) VALUES (%s, %s, 'default')",
+                   (di_id, self.osf_id))
         self.vm_id = self.add_vm("desk1", 10)
         self.hkd = FakeHKD(self.dsn, self.host_id)
         await self.hkd.start()
@@ -407,6 +411,7 @@ class ConnectTests(L7RWireMixin, unittest.TestCase):
     async def test_auth_token(self):
         """create_auth_token stores a 24 h multi-use token and answers it base64'd."""
         status, _, body = await (await self._req(b"/qvd/create_auth_token"))
+        self.assertRegex(body, rb'^\{\n   "auth_params_id" : \d+,\n   "auth_token" : "[A-Za-z0-9+/=]+\\n"\n\}\n$')
         data = json.loads(body)
         token = base64.b64decode(data["auth_token"]).decode()
         self.assertTrue(data["auth_token"].endswith("\n"))
@@ -441,6 +446,33 @@ async def _request_final(self, data, client=None):
 
 # For requests that stream 102s, compare the final response only.
 ConnectTests.request = _request_final
+
+
+class RealAuthenticatorTests(L7RWireMixin, unittest.TestCase):
+    async def start_l7r(self, **extra):
+        svc = L7RService(self.config(**extra), "ssl:0:interface=127.0.0.1", reactor=reactor,
+                         dsn=self.dsn, authenticator=None)
+        await svc.start()
+        self.addCleanup(lambda: defer.ensureDeferred(svc.stop()))
+        return svc
+
+    @d
+    async def test_basic_then_bearer(self):
+        """With the configured plugin chain, Basic credentials list the VMs and a
+        token from create_auth_token connects with Authorization: Bearer."""
+        c = await self.client()
+        c.send(b"GET /qvd/list_of_vm? HTTP/1.1\r\nAuthorization: %s\r\n\r\n" % BASIC.encode())
+        status, _, body = await c.response()
+        self.assertEqual((status, json.loads(body)[0]["id"]), (200, self.vm_id))
+        c.send(b"GET /qvd/create_auth_token HTTP/1.1\r\nAuthorization: %s\r\n\r\n"
+               % BASIC.encode())
+        status, _, body = await c.response()
+        bearer = json.loads(body)["auth_token"].strip()
+        c2 = await self.client()
+        c2.send(self.connect_request().replace(BASIC.encode(), b"Bearer " + bearer.encode()))
+        status, head, body, infos = await c2.final_response()
+        self.assertEqual(status, 101, (body, infos))
+        await self.echo_through(c2)
 
 
 class TakeoverTests(L7RWireMixin, unittest.TestCase):

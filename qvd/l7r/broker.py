@@ -21,7 +21,6 @@ early when the VM's state changes (L{Session.wake}) and fail with
 L{SessionAborted} when the session is aborted (takeover, client gone).
 """
 
-import json
 import os
 import secrets
 import string
@@ -31,9 +30,9 @@ import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from qvd.db.pool import DatabaseUnavailable
-from qvd.l7r import _loadbalancer as loadbalancer
-from qvd.l7r._vma import VMAError
+from qvd import loadbalancer
+from qvd.l7r.auth import tokens
+from qvd.vma.client import VMAError, VMAUnreachable
 from qvd.l7r.relay import Relay, connect_peer
 from qvd.protocols import http
 
@@ -110,10 +109,7 @@ class BrokerSettings:
             claim_max_age=f("l7r.takeover.claim_max_age"), abort_poll=f("l7r.poll_time.abort"),
             release_retry=f("l7r.release.retry"),
             token_lifetime=config.getint("l7r.auth_token.lifetime"),
-            weights=loadbalancer.Weights(
-                ram=f("l7r.loadbalancer.plugin.default.weight.ram"),
-                cpu=f("l7r.loadbalancer.plugin.default.weight.cpu"),
-                random=f("l7r.loadbalancer.plugin.default.weight.random")))
+            weights=loadbalancer.weights_from_config(config))
 
 
 class Session:
@@ -225,9 +221,9 @@ class Broker:
         await self.takeover(session)
         await self.assign(session)
         await self.start_and_wait(session)
-        token, _ = await self.create_token(auth, vm_id)
+        grant = await self.create_token(auth, vm_id)
         params = dict(client_params)
-        params["auth_token"] = token
+        params["auth_token"] = grant.token
         params["host_address"] = host_address
         params.update(await self.combined_properties(vm_id))
         params.update(auth.params)
@@ -322,15 +318,7 @@ class Broker:
         if row["host_id"] is not None:
             return
         session.tell(f"Assigning VM {vm_id} to host")
-        rows = await self.db.runQuery(
-            "SELECT h.id, hr.usable_ram, hr.usable_cpu,"
-            " (SELECT count(*) FROM vm_runtimes v WHERE v.host_id = h.id)"
-            " FROM hosts h JOIN host_runtimes hr ON hr.host_id = h.id"
-            " WHERE h.backend AND NOT hr.blocked AND hr.state = 'running'")
-        candidates = [loadbalancer.Candidate(r[0], r[1] or 0.0, r[2] or 0.0, r[3]) for r in rows]
-        host_id = loadbalancer.choose_host(candidates, self.settings.weights, self.random)
-        if host_id is None:
-            raise BrokerError(f"Unable to start VM {vm_id}, can't assign to any host")
+        host_id = await self.choose_host(vm_id, row["name"])
 
         async def set_host(cursor):
             await cursor.execute(
@@ -340,6 +328,27 @@ class Broker:
         if not await self.db.transaction(set_host):
             raise BrokerError(f"Unable to start VM {vm_id}, state changed unexpectedly")
         await self.check_abort(session)
+
+    async def choose_host(self, vm_id, vm_name):
+        """
+        The node the load balancer picks for the VM (L{qvd.loadbalancer}).
+        """
+        try:
+            dis = await self.db.runQueryDicts(loadbalancer.VM_DI_SQL, (vm_id,))
+            if not dis:
+                raise loadbalancer.NoHostAvailable(
+                    f"VM {vm_name!r} cannot start: its OSF has no DI with the VM's tag")
+            if dis[0]["blocked"]:
+                raise loadbalancer.NoHostAvailable(
+                    f"VM {vm_name!r} cannot start: its DI {dis[0]['di_id']} is blocked")
+            hypervisor = loadbalancer.di_hypervisor(dis[0]["path"])
+            hosts = [loadbalancer.HostLoad(**row)
+                     for row in await self.db.runQueryDicts(loadbalancer.HOSTS_SQL)]
+            return loadbalancer.choose_host(vm_name, hypervisor, hosts, self.settings.weights,
+                                            self.random).host_id
+        except (loadbalancer.NoHostAvailable, loadbalancer.UnknownImageKind) as e:
+            log.warn("VM {vm}: no node to start it on: {reason}", vm=vm_id, reason=e)
+            raise BrokerError(f"Unable to start VM {vm_id}, can't assign to any host")
 
     async def start_and_wait(self, session):
         """
@@ -417,22 +426,16 @@ class Broker:
 
     async def create_token(self, auth, vm_id=None, multi_use=True):
         """
-        Store the auth parameters and a token for the user; return the token.
-        """
-        token = "".join(secrets.choice(_ALNUM) for _ in range(32))
-        params_id = await self.store_auth_params(auth)
-        await self.db.runOperation(
-            "INSERT INTO user_tokens (token, user_id, vm_id, expiration, auth_params_id, multi_use)"
-            " VALUES (%s, %s, %s, %s, %s, %s)",
-            (token, auth.user_id, vm_id, int(time.time()) + self.settings.token_lifetime,
-             params_id, multi_use))
-        return token, params_id
+        Store the auth parameters and a token for the user (L{tokens}).
 
-    async def store_auth_params(self, auth):
-        rows = await self.db.runQuery(
-            "INSERT INTO user_auth_parameters (parameters) VALUES (%s) RETURNING id",
-            (json.dumps(auth.params),))
-        return rows[0][0]
+        @return: a L{tokens.TokenGrant}.
+        """
+        return await tokens.create_auth_token(
+            self.db, auth, now=time.time(), lifetime=self.settings.token_lifetime,
+            multi_use=multi_use, vm_id=vm_id)
+
+    def store_auth_params(self, auth):
+        return tokens.store_auth_parameters(self.db, auth.params)
 
     async def combined_properties(self, vm_id):
         """
@@ -460,7 +463,7 @@ class Broker:
             try:
                 await vma.x_start(params)
                 return
-            except VMAError as e:
+            except (VMAError, VMAUnreachable) as e:
                 error = e
                 log.info("VM {vm}: x_start failed ({error}), retrying", vm=vm_id, error=e)
             await session.sleep(self.settings.poll_x)
@@ -475,7 +478,7 @@ class Broker:
             session.check()
             try:
                 state = await vma.x_state()
-            except VMAError:
+            except (VMAError, VMAUnreachable):
                 state = None
             if state == "listening":
                 return

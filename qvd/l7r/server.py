@@ -15,7 +15,6 @@ A connection is cut (with a C{408}) when a started request is not complete
 within C{request_timeout} seconds or it stays idle for C{idle_timeout}.
 """
 
-import base64
 import json
 import secrets
 import string
@@ -81,7 +80,7 @@ class L7R:
 
     def __init__(self, reactor, db, listener, authenticator, nodename,
                  settings=None, broker_settings=None, vma_factory=None, pid=None):
-        from qvd.l7r._vma import VMAClient
+        from qvd.vma.client import VMAClient
         self.reactor = reactor
         self.db = db
         self.listener = listener
@@ -344,10 +343,9 @@ class L7R:
     async def create_auth_token(self, request, conn):
         await self._host_for_request(count=False)
         auth = await self._authenticate(request, conn)
-        token, params_id = await self.broker.create_token(auth)
-        encoded = base64.b64encode(token.encode()).decode() + "\n"
+        grant = await self.broker.create_token(auth)
         conn.write(http.response_with_body(200, "application/json", pretty_json(
-            {"auth_params_id": params_id, "auth_token": encoded})))
+            {"auth_params_id": grant.auth_params_id, "auth_token": grant.auth_token})))
 
 
 class L7RProtocol(protocol.Protocol):

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from qvd.db.listen import Listener
-from qvd.db.pool import Database
+from qvd.db.pool import Database, DatabaseUnavailable
 from qvd.l7r import tls
 from qvd.l7r.auth.interfaces import IAuthenticator
 from qvd.l7r.broker import BrokerSettings
@@ -71,6 +71,7 @@ class L7RService(service.Service):
         self._stamps = None
         self._reload_loop = None
         self._material = None
+        self._stopping = False
 
     def startService(self):
         service.Service.startService(self)
@@ -79,10 +80,14 @@ class L7RService(service.Service):
         return d
 
     def _failed(self, failure):
-        log.failure("the L7R cannot start", failure)
+        if failure.check(tls.TLSConfigError):
+            log.critical("the L7R cannot start: {error}", error=failure.getErrorMessage())
+        else:
+            log.failure("the L7R cannot start", failure)
         if self.reactor.running:
             self.reactor.stop()
-        return failure
+        else:
+            self.reactor.callWhenRunning(self.reactor.stop)
 
     async def start(self):
         config = self.config
@@ -94,14 +99,13 @@ class L7RService(service.Service):
         self.listener = Listener(self.dsn, self.reactor,
                                  keepalive=config.getfloat("database.listen.keepalive"))
         use_tls, description = split_endpoint(self.listen)
+        await self._wait_for_database()
         if use_tls:
-            # Checked before anything else: a bad key is one clear error.
-            material = await self._load_material_first()
+            # Checked before listening: a bad key or certificate is one clear error.
+            material = await tls.load_material(config, self.db)
             self.context_factory = tls.SwappableContextFactory(self._context(material))
             self._material = material
             self._stamps = tls.file_stamps(config)
-        await self.db.start()
-        if use_tls:
             self.listener.subscribe("qvd_config_changed", lambda c, p: self.reload_tls())
         await self.listener.start()
         if self.authenticator is None:
@@ -123,15 +127,22 @@ class L7RService(service.Service):
         log.info("L7R listening on {address} ({tls})", address=self.port.getHost(),
                  tls="TLS" if use_tls else "no TLS")
 
-    async def _load_material_first(self):
-        # The database may hold the certificate: ask it with a short-lived pool.
-        try:
-            await self.db.start()
-            return await tls.load_material(self.config, self.db)
-        except tls.TLSConfigError:
-            raise
-        except Exception:
-            return tls.files_material(self.config)
+    async def _wait_for_database(self):
+        """
+        Wait until PostgreSQL answers (it may start after the L7R).
+        """
+        delay = 0.5
+        while True:
+            if self._stopping:
+                raise defer.CancelledError("the L7R was stopped while waiting for the database")
+            try:
+                await self.db.start()
+                return
+            except DatabaseUnavailable as e:
+                log.warn("the L7R waits for the database ({error}); retrying in {delay}s",
+                         error=e, delay=delay)
+                await task.deferLater(self.reactor, delay, lambda: None)
+                delay = min(delay * 2, 10)
 
     def _context(self, material):
         return tls.make_context(material, self.config.get("l7r.ssl.ciphers"),
@@ -168,6 +179,7 @@ class L7RService(service.Service):
         return defer.ensureDeferred(self.stop())
 
     async def stop(self):
+        self._stopping = True
         if self._reload_loop is not None and self._reload_loop.running:
             self._reload_loop.stop()
         port, self.port = self.port, None

@@ -14,7 +14,7 @@ per-connection cache at work.
 import base64
 import binascii
 
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from zope.interface import implementer
 
 from qvd.l7r.auth.interfaces import AuthFailed, AuthResult, IAuthenticator
@@ -23,7 +23,10 @@ from qvd.passwords import verify_password
 
 @implementer(IAuthenticator)
 class FakeAuthenticator:
-    def __init__(self, db, default_tenant="default"):
+    def __init__(self, db, default_tenant="default", reactor=None):
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
         self.db = db
         self.default_tenant = default_tenant
         self.calls = 0
@@ -57,7 +60,9 @@ class FakeAuthenticator:
         user_id, tenant_id, stored, user_blocked, tenant_blocked = rows[0]
         if user_blocked or tenant_blocked:
             raise AuthFailed(f"user {login!r} or tenant {tenant!r} is blocked")
-        ok, _ = verify_password(stored, password)
+        # argon2 takes ~0.1 s of CPU: never in the reactor thread.
+        ok, _ = yield threads.deferToThreadPool(
+            self.reactor, self.reactor.getThreadPool(), verify_password, stored, password)
         if not ok:
             raise AuthFailed(f"wrong password for {login!r}")
         return AuthResult(user_id=user_id, tenant_id=tenant_id, login=login,
