@@ -10,6 +10,8 @@ only the cheap code layer is rebuilt when just the qvd sources changed (the
 mmdebstrap base layer is cached in C{di.build.cache}).
 """
 
+import contextlib
+import glob
 import hashlib
 import os
 import shutil
@@ -20,6 +22,8 @@ from qvd.di.build import Progress, build_image, locked
 from qvd.di.recipe import Recipe, source_hash
 
 CACHE = "/var/cache/qvd-test"
+#: Test images kept in the cache (the most recently used); older ones go.
+KEEP = 4
 QVD_SOURCE = os.path.dirname(os.path.abspath(qvd.__file__))
 TEST_COLOUR = "#2a7fd4"
 
@@ -55,4 +59,25 @@ def minimal_lxc_image(colour=TEST_COLOUR, stream=None):
             config = Config(keys=declared_keys())
             build_image(recipe, path, QVD_SOURCE, config.get("di.build.cache"),
                         Progress(stream), quiet=True)
+        os.utime(path)
+        _prune(os.path.join(CACHE, "lxc-minimal-*.tar"), KEEP)
     return path
+
+
+def _prune(pattern, keep):
+    """
+    Remove all but the C{keep} most recently used files matching C{pattern}.
+    """
+    paths = sorted(glob.glob(pattern), key=_mtime, reverse=True)
+    for old in paths[keep:]:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(old)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(old + ".lock")
+
+
+def _mtime(path):
+    try:
+        return os.path.getmtime(path)
+    except FileNotFoundError:
+        return 0
