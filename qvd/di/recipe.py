@@ -21,8 +21,9 @@ import attrs
 DESKTOPS = ("xfce", "mate", "gnome", "minimal")
 #: Bumped when the base layer's hooks change, so cached layers are rebuilt.
 BASE_FORMAT = 1
-#: Process name of the minimal session's marker (C{comm} of a symlink to sleep).
-MARKER_NAME = "qvd-desktop-mark"
+#: Process name of the minimal session's marker: C{comm} of a symlink to
+#: sleep (at most 15 characters, the kernel's limit).
+MARKER_NAME = "qvd-test-marker"
 VMA_UNIT = "qvd-vma.service"
 DIST_PACKAGES = "usr/lib/python3/dist-packages"
 
