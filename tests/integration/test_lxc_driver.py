@@ -204,6 +204,35 @@ class LXCDriverIntegrationTests(unittest.TestCase):
         self.assertNothingLeft(spec, running.pid)
 
     @defer.inlineCallbacks
+    def test_persistent_overlay_and_shared_base(self):
+        """
+        Two VMs of one DI prepared at once share one unpacked base fs; with
+        persistent_overlay a file outside /home survives cleanup and a new
+        boot, and cleanup keeps the upper dir.
+        """
+        image = os.path.join(self.root, f"shared-{PID}.tar")
+        if not os.path.exists(image):
+            os.link(self.image, image)
+        first = self.spec(5, di_path=image, persistent_overlay=True)
+        second = self.spec(6, di_path=image)
+        yield defer.gatherResults([self.driver.prepare(first), self.driver.prepare(second)])
+        basefs = self.driver.settings.basefs
+        self.assertEqual(sorted(n for n in os.listdir(basefs) if n.startswith("shared-")),
+                         [f"shared-{PID}"])
+        self.assertEqual([n for n in os.listdir(basefs) if n.startswith("untar-")], [])
+        yield self.driver.start(first)
+        result = yield self.attach(first, "echo kept > /root/probe")
+        self.assertEqual(result.code, 0, result.describe())
+        yield self.driver.cleanup(first)
+        upper = self.layout(first).upper
+        self.addCleanup(shutil.rmtree, upper, True)
+        self.assertTrue(os.path.exists(os.path.join(upper, "root", "probe")))
+        yield self.driver.prepare(first)
+        yield self.driver.start(first)
+        result = yield self.attach(first, "cat /root/probe")
+        self.assertEqual(result.out.strip(), "kept")
+
+    @defer.inlineCallbacks
     def test_corrupt_image_fails_and_leaves_nothing(self):
         """
         A DI that is not a valid tarball makes prepare fail with a VirtError
