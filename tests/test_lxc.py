@@ -335,6 +335,21 @@ class DriverTests(unittest.TestCase):
         self.assertEqual(runner.calls[0][:6],
                          ["lxc-start", "-n", "qvd-6", "-P", self.settings.lxcpath, "-d"])
 
+    def test_missing_bridge_created(self):
+        """
+        A missing bridge is created with the node's address and brought up;
+        a failure names the bridge.
+        """
+        driver, runner = self.driver({})
+        self.successResultOf(driver.ensure_bridge("qvdnone0"))
+        self.assertEqual(runner.calls, [
+            ["ip", "link", "add", "name", "qvdnone0", "type", "bridge"],
+            ["ip", "address", "add", "10.0.0.1/16", "dev", "qvdnone0"],
+            ["ip", "link", "set", "qvdnone0", "up"]])
+        driver, runner = self.driver({"ip": ProcessResult(("ip",), 2, err="RTNETLINK")})
+        failure = self.failureResultOf(driver.ensure_bridge("qvdnone0"), VirtError)
+        self.assertIn("qvdnone0", str(failure.value))
+
     def test_kill_gives_up_after_timeout(self):
         """
         kill fails with a VirtError when the container still runs

@@ -110,6 +110,17 @@ class LXCDriver:
         if left:
             raise VirtError(f"cannot unmount {', '.join(left)}: see 'fuser -m' for users")
 
+    @defer.inlineCallbacks
+    def _delete_veth(self, veth):
+        """
+        Delete the host side of a stopped container's veth if it was left
+        (LXC normally deletes it; a crash may not).
+        """
+        if os.path.exists(f"/sys/class/net/{veth}"):
+            result = yield self._run(["ip", "link", "delete", veth])
+            if result.code != 0 and os.path.exists(f"/sys/class/net/{veth}"):
+                raise VirtError(f"cannot delete the interface {veth}: {result.describe()}")
+
     # -- IHypervisor -----------------------------------------------------
 
     @defer.inlineCallbacks
@@ -154,6 +165,7 @@ class LXCDriver:
             lower, extra = yield self._to_thread(
                 _lxcfs.ensure_basefs, layout, spec.di_path, self.settings.basefs)
             yield self._unmount_below(layout.rootfs)
+            yield self._delete_veth(layout.veth)
             yield self._to_thread(_lxcfs.prepare_dirs, layout, spec.persistent_overlay)
             if spec.use_overlay:
                 argv = ["mount", "-t", "overlay", "-o", overlay_options(lower, layout),
@@ -241,10 +253,10 @@ class LXCDriver:
         left = yield self._to_thread(_lxcfs.kill_cgroups, layout.name)
         if left:
             problems.append(f"cgroups {', '.join(left)} remain")
-        if os.path.exists(f"/sys/class/net/{layout.veth}"):
-            result = yield self._run(["ip", "link", "delete", layout.veth])
-            if result.code != 0 and os.path.exists(f"/sys/class/net/{layout.veth}"):
-                problems.append(result.describe())
+        try:
+            yield self._delete_veth(layout.veth)
+        except VirtError as e:
+            problems.append(str(e))
         try:
             yield self._unmount_below(layout.rootfs)
         except VirtError as e:

@@ -233,6 +233,24 @@ class LXCDriverIntegrationTests(unittest.TestCase):
         self.assertEqual(result.out.strip(), "kept")
 
     @defer.inlineCallbacks
+    def test_without_overlay_root_is_read_only_base(self):
+        """
+        Without use_overlay the VM's root is the base fs bound read-only, and
+        cleanup unmounts it; leftovers of a crash (a veth of the VM's name)
+        are removed by prepare.
+        """
+        spec = self.spec(7, use_overlay=False)
+        layout = self.layout(spec)
+        subprocess.run(["ip", "link", "add", layout.veth, "type", "veth",
+                        "peer", "name", f"{layout.veth}p"], check=True)
+        yield self.driver.prepare(spec)
+        self.assertFalse(os.path.exists(f"/sys/class/net/{layout.veth}"))
+        [line] = [l for l in open("/proc/self/mounts") if f" {layout.rootfs} " in l]
+        self.assertIn("ro", line.split()[3].split(","))
+        self.assertTrue(os.path.exists(os.path.join(layout.rootfs, "etc", "os-release")))
+        yield self.driver.cleanup(spec)
+
+    @defer.inlineCallbacks
     def test_corrupt_image_fails_and_leaves_nothing(self):
         """
         A DI that is not a valid tarball makes prepare fail with a VirtError
