@@ -9,6 +9,7 @@ import tempfile
 
 from twisted.internet import defer, task
 from twisted.trial import unittest
+from zope.interface.verify import verifyObject
 
 from qvd.config import Config, declared_keys
 from qvd.virt import _lxcfs
@@ -17,7 +18,7 @@ from qvd.virt._lxcconfig import (
     parse_signal, render_config)
 from qvd.virt._process import ProcessResult
 from qvd.virt.interfaces import IHypervisor, RunningVM, VMSpec, VirtError
-from qvd.virt.lxc import LXCDriver, _ProcessWatch
+from qvd.virt.lxc import LXCDriver, _ProcessWatch, makeHypervisor
 
 
 def settings(**kw):
@@ -277,11 +278,14 @@ class DriverTests(unittest.TestCase):
 
     def test_interface(self):
         """
-        The driver provides IHypervisor and is named lxc.
+        The driver (also through the HKD's makeHypervisor) provides
+        IHypervisor and is named lxc.
         """
         driver, _ = self.driver({})
-        self.assertTrue(IHypervisor.providedBy(driver))
+        self.assertTrue(verifyObject(IHypervisor, driver))
         self.assertEqual(driver.name, "lxc")
+        self.assertTrue(verifyObject(IHypervisor, makeHypervisor(
+            Config(keys=declared_keys()), self.clock)))
 
     def test_list_running(self):
         """

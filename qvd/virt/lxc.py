@@ -357,3 +357,10 @@ def _start_time(pid):
 def _which(program):
     import shutil
     return shutil.which(program, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+
+
+def makeHypervisor(config, reactor):
+    """
+    The HKD's entry point (C{vm.hypervisor = lxc}): an L{LXCDriver}.
+    """
+    return LXCDriver(config, reactor)
