@@ -15,6 +15,7 @@ import glob
 import hashlib
 import os
 import shutil
+import time
 
 import qvd
 from qvd.config import Config, declared_keys
@@ -22,8 +23,10 @@ from qvd.di.build import Progress, build_image, locked
 from qvd.di.recipe import Recipe, source_hash
 
 CACHE = "/var/cache/qvd-test"
-#: Test images kept in the cache (the most recently used); older ones go.
+#: Test images kept in the cache (the most recently used); older ones go
+#: once unused for PRUNE_AGE seconds (another test run may be using them).
 KEEP = 4
+PRUNE_AGE = 3600
 QVD_SOURCE = os.path.dirname(os.path.abspath(qvd.__file__))
 TEST_COLOUR = "#2a7fd4"
 
@@ -66,10 +69,13 @@ def minimal_lxc_image(colour=TEST_COLOUR, stream=None):
 
 def _prune(pattern, keep):
     """
-    Remove all but the C{keep} most recently used files matching C{pattern}.
+    Remove all but the C{keep} most recently used files matching C{pattern},
+    if unused for L{PRUNE_AGE} seconds.
     """
     paths = sorted(glob.glob(pattern), key=_mtime, reverse=True)
     for old in paths[keep:]:
+        if time.time() - _mtime(old) < PRUNE_AGE:
+            continue
         with contextlib.suppress(FileNotFoundError):
             os.unlink(old)
         with contextlib.suppress(FileNotFoundError):

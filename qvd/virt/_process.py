@@ -16,6 +16,12 @@ from twisted.internet import defer, error, protocol
 
 from qvd.virt.interfaces import VirtError
 
+#: Where programs are looked for: the daemon's PATH, then the system's
+#: directories (a daemon started with a user's PATH may lack /usr/sbin).
+SEARCH_PATH = ":".join(
+    [p for p in os.environ.get("PATH", "").split(":") if p]
+    + ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"])
+
 
 @attrs.frozen
 class ProcessResult:
@@ -80,14 +86,14 @@ def run(reactor, argv, log_path=None, env=None):
         instead of collecting them, and fire as soon as the process exits even
         if a daemonised child keeps the file open (C{lxc-start -d}).
     """
-    executable = argv[0] if os.path.isabs(argv[0]) else shutil.which(argv[0])
+    executable = argv[0] if os.path.isabs(argv[0]) else shutil.which(argv[0], path=SEARCH_PATH)
     if executable is None:
         return defer.fail(VirtError(f"{argv[0]} is not installed (needed for '{' '.join(argv)}')"))
     done = defer.Deferred()
     collector = _Collector(argv, done, wait_for_pipes=log_path is None)
     if env is None:
         env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL")}
-        env.setdefault("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        env["PATH"] = SEARCH_PATH
     if log_path is None:
         reactor.spawnProcess(collector, executable, list(argv), env=env)
         return done

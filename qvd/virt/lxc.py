@@ -29,6 +29,7 @@ containers outlive an HKD restart and L{LXCDriver.listRunning} finds them.
 """
 
 import os
+import shutil
 
 from twisted.internet import defer, task, threads
 from twisted.logger import Logger
@@ -37,7 +38,7 @@ from zope.interface import implementer
 from qvd.virt import _lxcfs
 from qvd.virt._lxcconfig import (
     Layout, LXCSettings, mounts_below, overlay_options, parse_lxc_info, render_config)
-from qvd.virt._process import run as run_process
+from qvd.virt._process import SEARCH_PATH, run as run_process
 from qvd.virt.interfaces import IHypervisor, RunningVM, VirtError
 
 _STOPPED = (None, "STOPPED")
@@ -355,8 +356,7 @@ def _start_time(pid):
 
 
 def _which(program):
-    import shutil
-    return shutil.which(program, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+    return shutil.which(program, path=SEARCH_PATH)
 
 
 def makeHypervisor(config, reactor):
