@@ -22,7 +22,7 @@ DESKTOPS = ("xfce", "mate", "gnome", "minimal")
 #: Bumped when the base layer's hooks change, so cached layers are rebuilt.
 BASE_FORMAT = 1
 #: Process name of the minimal session's marker: C{comm} of a symlink to
-#: sleep (at most 15 characters, the kernel's limit).
+#: xprop (at most 15 characters, the kernel's limit).
 MARKER_NAME = "qvd-test-marker"
 VMA_UNIT = "qvd-vma.service"
 DIST_PACKAGES = "usr/lib/python3/dist-packages"
@@ -122,14 +122,18 @@ class Recipe:
 
     def session_script(self):
         """
-        The minimal desktop's X session: paint the root window, then run a
-        marker process a test can find by name.
+        The minimal desktop's X session: a marker process that holds an X
+        connection (C{xprop -spy} under the name L{MARKER_NAME}, so a test can
+        find it), and once it is connected, the root window painted the
+        recipe's colour. The marker must be connected first: an X server
+        resets (and blackens its root) when its last client leaves. The
+        session ends with the X server.
         """
         return (
             "#!/bin/sh\n"
             "# qvd minimal test desktop: a coloured root window and a marker.\n"
-            f"xsetroot -solid '{self.colour}'\n"
-            f"exec /usr/local/bin/{MARKER_NAME} infinity\n"
+            f"/usr/local/bin/{MARKER_NAME} -root -spy QVD_TEST_MARKER 2>&1 |\n"
+            f"  {{ read -r connected; xsetroot -solid '{self.colour}'; cat >/dev/null; }}\n"
         )
 
     def code_files(self, qvd_source, vma_present=None):
@@ -160,7 +164,7 @@ class Recipe:
             files.append(ImageFile("usr/local/bin/qvd-minimal-session", 0o755,
                                    self.session_script().encode()))
             files.append(ImageFile(f"usr/local/bin/{MARKER_NAME}", 0o777,
-                                   link="/usr/bin/sleep"))
+                                   link="/usr/bin/xprop"))
             files.append(ImageFile("usr/bin/x-session-manager", 0o777,
                                    link="/usr/local/bin/qvd-minimal-session"))
         return files
