@@ -45,7 +45,7 @@ class HypervisorInterfaceTests:
         return hv
 
     @defer.inlineCallbacks
-    def _run(self, hv, vm_id):
+    def _startVM(self, hv, vm_id):
         spec = self.makeSpec(vm_id)
 
         @defer.inlineCallbacks
@@ -90,7 +90,7 @@ class HypervisorInterfaceTests:
         """
         hv = yield self._driver()
         vm_id = self.vmIds()[0]
-        spec, running = yield self._run(hv, vm_id)
+        spec, running = yield self._startVM(hv, vm_id)
         self.assertIsInstance(running, RunningVM)
         self.assertEqual(running.vm_id, vm_id)
         self.assertTrue((yield hv.isRunning(vm_id)))
@@ -105,7 +105,7 @@ class HypervisorInterfaceTests:
         """
         hv = yield self._driver()
         vm_id = self.vmIds()[0]
-        spec, _ = yield self._run(hv, vm_id)
+        spec, _ = yield self._startVM(hv, vm_id)
         watched = hv.watch(vm_id)
         self.assertFalse(watched.called)
         yield hv.kill(vm_id)
