@@ -61,9 +61,9 @@ def find_host(dsn, nodename):
 
 def make_driver(config, reactor):
     """
-    The virt driver named by vm.hypervisor: the module qvd.virt.<name> must
-    offer C{makeHypervisor(config, reactor)} (or a class C{<Name>Hypervisor}
-    taking the same arguments).
+    The virt driver named by vm.hypervisor: the module qvd.virt.<name> offers
+    C{makeHypervisor(config, reactor)} or a class implementing L{IHypervisor}
+    that takes the same arguments (C{LXCDriver(config, reactor)}).
     """
     name = config.get("vm.hypervisor")
     if name == "fake":
@@ -75,11 +75,14 @@ def make_driver(config, reactor):
         _fail(f"vm.hypervisor = {name!r}: no driver qvd.virt.{name} ({e}); use lxc or kvm")
     factory = getattr(module, "makeHypervisor", None)
     if factory is None:
-        for attr in dir(module):
-            if attr.lower() == f"{name}hypervisor":
-                factory = getattr(module, attr)
+        for attr in sorted(vars(module)):
+            value = getattr(module, attr)
+            if (isinstance(value, type) and value.__module__ == module.__name__
+                    and IHypervisor.implementedBy(value)):
+                factory = value
+                break
     if factory is None:
-        _fail(f"qvd.virt.{name} has no makeHypervisor(config, reactor)")
+        _fail(f"qvd.virt.{name} has no driver class implementing IHypervisor")
     driver = factory(config, reactor)
     verifyObject(IHypervisor, driver)
     return driver
