@@ -118,9 +118,22 @@ class HKDTestMixin:
         hkd = HKD(config, reactor, db, listener, hv, vma, host_id, dsn=self.dsn, **kw)
         hkd.hv, hkd.vma = hv, vma
         hkd.startService()
-        self.addCleanup(lambda: hkd.running and hkd.stopService())
+        self.addCleanup(lambda: defer.ensureDeferred(self._stop_hkd(hkd, db)))
         await self.within(10, hkd.ready)
         return hkd
+
+    async def _stop_hkd(self, hkd, db):
+        """
+        Stop the HKD and wait until its database connections are closed, so
+        that dropping the test database never kills a transaction under it
+        (txpostgres logs a failed rollback as an unhandled error then).
+        """
+        if hkd.running:
+            await hkd.stopService()
+        waited = 0.0
+        while db._open > 0 and waited < 10:
+            await task.deferLater(reactor, 0.05, lambda: None)
+            waited += 0.05
 
     async def within(self, seconds, d):
         timer = reactor.callLater(seconds, d.cancel)
