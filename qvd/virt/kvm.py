@@ -322,7 +322,7 @@ class KVMDriver:
         if decision.domain_type and self.domainType is None:
             self.domainType = decision.domain_type
             if decision.warning:
-                log.warn("{warning}", warning=decision.warning)
+                log.warn("{text}", text=decision.warning)
             log.info("KVM desktops run with domain type {type}", type=self.domainType)
 
     @defer.inlineCallbacks
