@@ -260,3 +260,31 @@ class DriverTests(unittest.TestCase):
         self.assertEqual(image_format("/i/1-a.img"), "raw")
         self.assertEqual(image_format("/i/1-a.raw"), "raw")
         self.assertEqual(image_format("/i/1-a.qcow2"), "qcow2")
+
+    def test_cleanupUnknownDI(self):
+        """
+        cleanup of a VM whose DI the HKD no longer knows (di_id 0) removes
+        any overlay of that VM, and only of that VM.
+        """
+        os.makedirs(self.settings.overlays)
+        names = ["7-5-overlay.qcow2", "8-5-overlay.qcow2", "7-15-overlay.qcow2", "x-5-overlay.qcow2"]
+        for name in names:
+            open(os.path.join(self.settings.overlays, name), "w").close()
+        import attrs
+        self.successResultOf(self.driver.cleanup(attrs.evolve(self.spec(), di_id=0, di_path="")))
+        self.assertEqual(sorted(os.listdir(self.settings.overlays)),
+                         ["7-15-overlay.qcow2", "x-5-overlay.qcow2"])
+
+    def test_makeHypervisor(self):
+        """
+        The HKD's loader gets a KVM driver configured from the vm.kvm keys.
+        """
+        from qvd.config import Config
+        from qvd.virt.kvm import makeHypervisor
+        config = Config.load(path=os.devnull, overrides={"vm.kvm.domain.prefix": "t-", "vm.kvm.cpus": "2"})
+        driver = makeHypervisor(config, self.reactor)
+        self.assertEqual(driver.name, "kvm")
+        self.assertEqual(driver.settings.prefix, "t-")
+        self.assertEqual(driver.settings.cpus, 2)
+        self.assertEqual(driver.settings.uri, "qemu:///system")
+        self.assertTrue(driver.settings.overlays.endswith("/overlays"))

@@ -22,7 +22,8 @@ ELF C{vmlinux} (QEMU enters it directly: about 2 s less of decompression in
 software emulation), else the C{vmlinuz} itself.
 
 What L{prepare_rootfs} changes in the tree: a small initramfs (only the
-virtio and ext4 modules, so it loads fast), C{/etc/fstab} with C{/dev/vda}
+virtio and ext4 modules, and no udev: 1.7 s instead of 7 s under a loaded
+TCG), units an LXC rootfs may mask (udev, getty) unmasked, C{/etc/fstab} with C{/dev/vda}
 as root, and systemd-networkd plus systemd-network-generator enabled: the
 driver passes the VM's static address as C{ip=<ip>::<gw>:<mask>:<host>:eth0:off}
 on the kernel command line (L{qvd.virt._domain}) and the generator turns it
@@ -31,6 +32,7 @@ into a networkd configuration at boot.
 
 import lzma
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -48,7 +50,7 @@ VM_PACKAGES = ("linux-image-amd64", "initramfs-tools", "udev", "systemd-sysv", "
 INITRAMFS_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "crc32c_generic", "ext4")
 
 #: Bumped whenever the image layout or prepare_rootfs changes (caches key on it).
-LAYOUT_VERSION = "qcow2-1"
+LAYOUT_VERSION = "qcow2-2"
 
 _INITRAMFS_CONF = """\
 # Written by qvd.di.qcow2: a small initramfs for KVM desktops (virtio root).
@@ -61,6 +63,24 @@ _FSTAB = """\
 # Written by qvd.di.qcow2: the KVM guest's root is the whole virtio disk.
 /dev/vda / ext4 rw,noatime,errors=remount-ro 0 1
 """
+
+# initramfs-tools' udev scripts take seconds under TCG; with devtmpfs and the
+# modules loaded from the list, /dev/vda exists without udev. Scripts under
+# /etc/initramfs-tools/scripts replace those of the same name.
+_NO_UDEV_SCRIPT = """\
+#!/bin/sh
+# Written by qvd.di.qcow2: no udev in the KVM initramfs (devtmpfs is enough
+# for a virtio root; the real system starts udev itself).
+case "$1" in prereqs) exit 0;; esac
+exit 0
+"""
+
+# Units an LXC-oriented rootfs may mask that a KVM guest needs.
+_UNMASK = (
+    "systemd-udevd.service", "systemd-udev-trigger.service", "systemd-udevd-control.socket",
+    "systemd-udevd-kernel.socket", "systemd-modules-load.service", "systemd-remount-fs.service",
+    "getty@tty1.service", "serial-getty@ttyS0.service",
+)
 
 _ENABLE = (
     ("multi-user.target.wants", "systemd-networkd.service"),
@@ -101,8 +121,9 @@ def kernel_version(rootfs):
     """
     modules = os.path.join(rootfs, "lib", "modules")
     versions = sorted(
-        v for v in (os.listdir(modules) if os.path.isdir(modules) else ())
-        if os.path.exists(os.path.join(rootfs, "boot", f"vmlinuz-{v}")))
+        (v for v in (os.listdir(modules) if os.path.isdir(modules) else ())
+         if os.path.exists(os.path.join(rootfs, "boot", f"vmlinuz-{v}"))),
+        key=lambda v: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", v)])
     if not versions:
         raise ImageError(
             f"no kernel in {rootfs}/boot: build the rootfs with the packages "
@@ -125,6 +146,16 @@ def prepare_rootfs(rootfs, run=subprocess.run):
         f.write(_INITRAMFS_CONF)
     with open(os.path.join(conf_dir, "modules"), "w") as f:
         f.write("# Written by qvd.di.qcow2\n" + "\n".join(INITRAMFS_MODULES) + "\n")
+    for stage in ("init-top", "init-bottom"):
+        d = os.path.join(conf_dir, "scripts", stage)
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "udev"), "w") as f:
+            f.write(_NO_UDEV_SCRIPT)
+        os.chmod(os.path.join(d, "udev"), 0o755)
+    for unit in _UNMASK:
+        path = os.path.join(rootfs, "etc", "systemd", "system", unit)
+        if os.path.islink(path) and os.readlink(path) == "/dev/null":
+            os.unlink(path)
     with open(os.path.join(rootfs, "etc", "fstab"), "w") as f:
         f.write(_FSTAB)
     for wants, unit in _ENABLE:

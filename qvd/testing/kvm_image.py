@@ -1,6 +1,8 @@
 """
 A small bootable KVM test image, built once and cached under
-C{/var/cache/qvd-test/kvm/<hash of its inputs>/}.
+C{/var/cache/qvd-test/kvm/<hash of its inputs>/} (the packages, the
+files L{qvd.di.qcow2} writes and its C{LAYOUT_VERSION}: bump that when the
+build itself changes).
 
     from qvd.testing import kvm_image
     path = kvm_image.test_image()   # builds it (~2 min) when missing
@@ -16,7 +18,6 @@ built (no mmdebstrap, not root, no network).
 
 import fcntl
 import hashlib
-import inspect
 import os
 import shutil
 import subprocess
@@ -51,9 +52,10 @@ class ImageUnavailable(Exception):
 
 def _key():
     h = hashlib.sha256()
-    for part in (qcow2.LAYOUT_VERSION, " ".join(qcow2.VM_PACKAGES + EXTRA_PACKAGES),
-                 _LISTENER_UNIT, inspect.getsource(qcow2)):
-        h.update(part.encode())
+    for part in (qcow2.LAYOUT_VERSION, qcow2.VM_PACKAGES + EXTRA_PACKAGES, qcow2.INITRAMFS_MODULES,
+                 qcow2._INITRAMFS_CONF, qcow2._NO_UDEV_SCRIPT, qcow2._FSTAB, qcow2._ENABLE,
+                 qcow2._UNMASK, _LISTENER_UNIT):
+        h.update(repr(part).encode())
     return h.hexdigest()[:16]
 
 

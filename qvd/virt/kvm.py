@@ -182,6 +182,7 @@ class KVMDriver:
         self._accelLock = defer.DeferredLock()
         self._reconnectCall = None
         self._stopped = False
+        self._shutdownTrigger = None
         self.domainType = None
 
     @classmethod
@@ -309,6 +310,8 @@ class KVMDriver:
         """
         if self._ownPool and not self._pool.started:
             self._pool.start()
+            self._shutdownTrigger = self._reactor.addSystemEventTrigger(
+                "during", "shutdown", self._stopPool)
         self._stopped = False
         self._conn, self._callbackIds = yield self._inThread(self._connectSync)
         for d in (self.settings.overlays, self.settings.homes, self.settings.console_dir):
@@ -348,6 +351,12 @@ class KVMDriver:
                     pass
                 conn.close()
             yield self._inThread(close)
+        if self._shutdownTrigger is not None:
+            self._reactor.removeSystemEventTrigger(self._shutdownTrigger)
+        self._stopPool()
+
+    def _stopPool(self):
+        self._shutdownTrigger = None
         if self._ownPool and self._pool.started:
             self._pool.stop()
 
@@ -485,11 +494,20 @@ class KVMDriver:
             except libvirt.libvirtError as e:
                 if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
                     raise VirtError(f"libvirt could not undefine VM {spec.vm_id}: {_describe(e)}")
-        if spec.use_overlay and not spec.persistent_overlay:
-            try:
-                os.unlink(overlay_path(self.settings, spec))
-            except FileNotFoundError:
-                pass
+        if not spec.persistent_overlay:
+            if spec.di_id:
+                overlays = [overlay_path(self.settings, spec)]
+            else:  # the HKD no longer knows the DI: any overlay of this VM
+                suffix = f"-{int(spec.vm_id)}-overlay.qcow2"
+                overlays = [os.path.join(self.settings.overlays, name)
+                            for name in (os.listdir(self.settings.overlays)
+                                         if os.path.isdir(self.settings.overlays) else ())
+                            if name.endswith(suffix) and name[:-len(suffix)].isdigit()]
+            for path in overlays:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
         tap = tap_name(self.settings.tap_prefix, spec.vm_id)
         if os.path.exists(f"/sys/class/net/{tap}"):
             result = subprocess.run(["ip", "link", "del", tap], capture_output=True, text=True)
@@ -551,3 +569,11 @@ class KVMDriver:
             waiting.remove(d)
         if not waiting:
             self._watchers.pop(vm_id, None)
+
+
+def makeHypervisor(config, reactor):
+    """
+    The HKD's entry point (C{vm.hypervisor = kvm}): a L{KVMDriver} configured
+    from C{config}; the HKD calls its C{setUp()} before anything else.
+    """
+    return KVMDriver.fromConfig(reactor, config)
