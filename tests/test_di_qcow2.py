@@ -173,3 +173,41 @@ class BuildTests(unittest.TestCase):
         self.assertEqual(os.stat(image.initrd).st_mode & 0o777, 0o644)
         self.assertEqual(sorted(os.listdir(os.path.dirname(out))),
                          ["di.qcow2", "di.qcow2.initrd", "di.qcow2.kernel"])
+
+    def test_extractBootFiles(self):
+        """
+        The kernel and initramfs are copied back out of a built image (for
+        a DI registered without its .kernel and .initrd).
+        """
+        for tool in ("mkfs.ext4", "qemu-img", "debugfs"):
+            if shutil.which(tool) is None:
+                raise unittest.SkipTest(f"{tool} is not installed")
+        root = os.path.abspath(self.mktemp())
+        version = make_rootfs(root)
+        with open(os.path.join(root, "boot", f"initrd.img-{version}"), "wb") as f:
+            f.write(b"initrd bytes")
+        out = os.path.join(os.path.abspath(self.mktemp()), "di.qcow2")
+        qcow2.build_image(root, out, size_mb=16)
+        cache = os.path.abspath(self.mktemp())
+        image = qcow2.extract_boot_files(out, os.path.join(cache, "k"), os.path.join(cache, "i"))
+        self.assertEqual(image.kernel_version, version)
+        with open(image.kernel, "rb") as f:
+            self.assertEqual(f.read(), b"MZ not a real kernel")
+        with open(image.initrd, "rb") as f:
+            self.assertEqual(f.read(), b"initrd bytes")
+        self.assertEqual(sorted(os.listdir(cache)), ["i", "k"])
+
+    def test_extractFromImageWithoutKernel(self):
+        """
+        An image without /boot/vmlinuz-* is refused, saying how to build one.
+        """
+        for tool in ("qemu-img", "debugfs"):
+            if shutil.which(tool) is None:
+                raise unittest.SkipTest(f"{tool} is not installed")
+        out = os.path.join(os.path.abspath(self.mktemp()), "empty.qcow2")
+        os.makedirs(os.path.dirname(out))
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", out, "16M"], check=True)
+        e = self.assertRaises(qcow2.ImageError, qcow2.extract_boot_files, out,
+                              out + ".k", out + ".i")
+        self.assertIn("qvd-di build --format qcow2", str(e))
+        self.assertEqual(os.listdir(os.path.dirname(out)), ["empty.qcow2"])

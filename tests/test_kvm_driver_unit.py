@@ -288,3 +288,15 @@ class DriverTests(unittest.TestCase):
         self.assertEqual(driver.settings.cpus, 2)
         self.assertEqual(driver.settings.uri, "qemu:///system")
         self.assertTrue(driver.settings.overlays.endswith("/overlays"))
+
+    def test_bridgeAddress(self):
+        """
+        The node's bridge address is vm.kvm.bridge.address, else the first
+        host of the VM network; a wrong value is named in the error.
+        """
+        import attrs
+        self.assertEqual(self.settings.nodeBridgeAddress(), "10.0.0.1/16")
+        self.assertEqual(attrs.evolve(self.settings, bridge_address="10.9.0.254/24").nodeBridgeAddress(),
+                         "10.9.0.254/24")
+        e = self.assertRaises(VirtError, attrs.evolve(self.settings, bridge_address="nope").nodeBridgeAddress)
+        self.assertIn("vm.kvm.bridge.address 'nope'", str(e))

@@ -2,7 +2,7 @@
 The KVM virt driver: desktops as libvirt/QEMU domains (C{vm.hypervisor = kvm}).
 
     driver = KVMDriver.fromConfig(reactor, config)
-    yield driver.setUp()              # connect, warm libvirt up, pick the accel
+    yield driver.setUp()              # bridge, connect, warm libvirt up, pick the accel
     yield driver.prepare(spec)        # overlay over the DI, home disk
     running = yield driver.start(spec)
     stopped = driver.watch(spec.vm_id)   # fires on the domain's "stopped" event
@@ -18,14 +18,17 @@ reactor through C{callFromThread}: L{KVMDriver.watch} never polls.
 
 Each VM is a transient domain C{<vm.kvm.domain.prefix><vm_id>} created from
 the XML of L{qvd.virt._domain.domain_xml}: the DI's kernel and initramfs
-(C{<di>.kernel}, C{<di>.initrd}, written by L{qvd.di.qcow2}) are booted
-directly, the root disk is a qcow2 overlay
+(C{<di>.kernel}, C{<di>.initrd}, written by L{qvd.di.qcow2}; when a DI was registered without
+them, L{KVMDriver.prepare} copies them out of the image once into
+C{path.storage.overlays/boot/}) are booted directly, the root disk is a qcow2 overlay
 C{path.storage.overlays/<di_id>-<vm_id>-overlay.qcow2} over the DI (new at
 each boot unless C{spec.persistent_overlay}), the home disk is
 C{path.storage.homes/<vm_id>-data.qcow2} (created once, never removed here),
 and the guest gets its static address on the kernel command line.
 """
 
+import fcntl
+import ipaddress
 import os
 import subprocess
 import threading
@@ -37,6 +40,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from qvd.di import qcow2
 from qvd.di.qcow2 import kernel_files
 from qvd.virt import _accel
 from qvd.virt._domain import (
@@ -73,6 +77,10 @@ class KVMSettings:
     vnc: bool = False
     cmdline_extra: str = "quiet"
     threads: int = 4
+    bridge: str = ""
+    bridge_address: str = ""
+    ip_start: str = "10.0.0.100"
+    netmask: str = "255.255.0.0"
 
     @classmethod
     def fromConfig(cls, config):
@@ -93,7 +101,31 @@ class KVMSettings:
             tap_prefix=config.get("vm.kvm.tap.prefix"),
             vnc=config.getbool("vm.kvm.vnc"),
             cmdline_extra=config.get("vm.kvm.cmdline.extra"),
-            threads=config.getint("vm.kvm.threads"))
+            threads=config.getint("vm.kvm.threads"),
+            bridge=config.get("vm.network.bridge"),
+            bridge_address=config.get("vm.kvm.bridge.address"),
+            ip_start=config.get("vm.network.ip.start"),
+            netmask=config.get("vm.network.netmask"))
+
+    def nodeBridgeAddress(self):
+        """
+        The CIDR address the node puts on the bridge it creates.
+
+        @raise VirtError: the configured address or network is not valid.
+        """
+        if self.bridge_address:
+            try:
+                return str(ipaddress.ip_interface(self.bridge_address))
+            except ValueError:
+                raise VirtError(f"vm.kvm.bridge.address {self.bridge_address!r} is not an "
+                                f"address/prefix such as 10.0.0.1/16")
+        try:
+            network = ipaddress.ip_network(f"{self.ip_start}/{self.netmask}", strict=False)
+        except ValueError:
+            raise VirtError(f"vm.network.ip.start {self.ip_start!r} / vm.network.netmask "
+                            f"{self.netmask!r} do not make a network; fix them or set "
+                            f"vm.kvm.bridge.address")
+        return f"{network.network_address + 1}/{network.prefixlen}"
 
     def domainSettings(self, domain_type):
         return DomainSettings(
@@ -316,9 +348,27 @@ class KVMDriver:
         self._conn, self._callbackIds = yield self._inThread(self._connectSync)
         for d in (self.settings.overlays, self.settings.homes, self.settings.console_dir):
             os.makedirs(d, mode=0o755, exist_ok=True)
+        if self.settings.bridge:
+            yield self._inThread(self._ensureBridge, self.settings.bridge)
         facts = self._hostFacts or _accel.HostFacts.read()
         self._decision = _accel.choose(self.settings.accel, facts)
         self._applyDecision()
+
+    def _ensureBridge(self, bridge):
+        """
+        Create the node bridge with the node's address unless it exists;
+        bring it up (in a pool thread).
+        """
+        argvs = []
+        if not os.path.exists(f"/sys/class/net/{bridge}"):
+            argvs += [["ip", "link", "add", "name", bridge, "type", "bridge"],
+                      ["ip", "address", "add", self.settings.nodeBridgeAddress(), "dev", bridge]]
+        argvs.append(["ip", "link", "set", bridge, "up"])
+        for argv in argvs:
+            result = subprocess.run(argv, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise VirtError(f"cannot set up the bridge {bridge} ({' '.join(argv)}): "
+                                f"{result.stderr.strip()}")
 
     def _applyDecision(self):
         decision = self._decision
@@ -378,14 +428,44 @@ class KVMDriver:
             self._accelLock.release()
         return self.domainType
 
+    def _bootCache(self, spec):
+        """
+        Where the DI's kernel and initramfs are kept when they were not
+        registered beside the image (extracted from it by L{prepare}).
+        """
+        base = os.path.join(self.settings.overlays, "boot", os.path.basename(spec.di_path))
+        return base + ".kernel", base + ".initrd"
+
     def _bootFiles(self, spec):
-        kernel, initrd = kernel_files(spec.di_path)
-        if not os.path.exists(kernel):
-            raise VirtError(
-                f"DI {spec.di_id} ({spec.di_path}) has no kernel {kernel} beside it: "
-                f"build KVM images with 'qvd-di build --format qcow2', which writes "
-                f"the image's .kernel and .initrd next to it, and copy them with the image")
-        return BootFiles(kernel, initrd if os.path.exists(initrd) else "")
+        """
+        The DI's kernel and initramfs: C{<di>.kernel}/C{<di>.initrd} beside
+        the image, else the copies L{prepare} extracted from it.
+        """
+        for kernel, initrd in (kernel_files(spec.di_path), self._bootCache(spec)):
+            if os.path.exists(kernel):
+                return BootFiles(kernel, initrd if os.path.exists(initrd) else "")
+        raise VirtError(
+            f"DI {spec.di_id} ({spec.di_path}) has no kernel beside it and none was "
+            f"extracted: prepare the VM first, or build KVM images with 'qvd-di build "
+            f"--format qcow2' (one ext4 filesystem with a kernel in /boot)")
+
+    def _extractBootFiles(self, spec):
+        """
+        Copy the kernel and initramfs out of a DI registered without them,
+        once per DI and node (in a pool thread, under a file lock).
+        """
+        kernel, initrd = self._bootCache(spec)
+        os.makedirs(os.path.dirname(kernel), mode=0o755, exist_ok=True)
+        with open(kernel + ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if os.path.exists(kernel):
+                return
+            log.info("VM {vm_id}: extracting the kernel of DI {di_id} from {path}",
+                     vm_id=spec.vm_id, di_id=spec.di_id, path=spec.di_path)
+            try:
+                qcow2.extract_boot_files(spec.di_path, kernel, initrd, image_format(spec.di_path))
+            except qcow2.ImageError as e:
+                raise VirtError(f"DI {spec.di_id} cannot boot under KVM: {e}")
 
     def _disks(self, spec):
         home = home_path(self.settings, spec.vm_id) if spec.user_storage_size > 0 else None
@@ -396,7 +476,8 @@ class KVMDriver:
     def _prepareSync(self, spec):
         if not os.path.isfile(spec.di_path):
             raise VirtError(f"the disk image {spec.di_path} of DI {spec.di_id} does not exist")
-        self._bootFiles(spec)
+        if not os.path.exists(kernel_files(spec.di_path)[0]):
+            self._extractBootFiles(spec)
         for d in (self.settings.overlays, self.settings.homes, self.settings.console_dir):
             os.makedirs(d, mode=0o755, exist_ok=True)
         created = []
@@ -434,10 +515,7 @@ class KVMDriver:
 
     @defer.inlineCallbacks
     def start(self, spec):
-        try:
-            boot = self._bootFiles(spec)
-        except VirtError:
-            raise
+        boot = self._bootFiles(spec)
         domain_type = yield self._domainTypeFor(boot.kernel)
         xml = self.xmlFor(spec, domain_type)
 

@@ -285,3 +285,24 @@ class KVMDriverTests(unittest.TestCase):
         e = yield self.assertFailure(self.driver.prepare(spec), VirtError)
         self.assertIn("nope.qcow2", str(e))
         self.assertFalse(os.path.exists(overlay_path(self.settings, spec)))
+
+    @defer.inlineCallbacks
+    def test_kernelExtractedFromImage(self):
+        """
+        A DI registered without its .kernel and .initrd (qvd-admin copies
+        only the image) gets them copied out of the image by prepare, once,
+        and its domain XML boots those copies.
+        """
+        images = os.path.join(self.base, "images")
+        os.makedirs(images)
+        di = os.path.join(images, "9-desktop.qcow2")
+        os.link(_image, di)
+        import attrs
+        spec = attrs.evolve(self.spec(6), di_id=9, di_path=di)
+        yield self.driver.prepare(spec)
+        kernel, initrd = self.driver._bootCache(spec)
+        for extracted, original in ((kernel, _image + ".kernel"), (initrd, _image + ".initrd")):
+            with open(extracted, "rb") as a, open(original, "rb") as b:
+                self.assertTrue(a.read() == b.read(), f"{extracted} differs from {original}")
+        self.assertIn(f"<kernel>{kernel}</kernel>", self.driver.xmlFor(spec, "qemu"))
+        yield self.driver.cleanup(spec)
