@@ -20,6 +20,7 @@ from twisted.trial import unittest
 
 import qvd
 from qvd.config import Config, declared_keys
+from qvd.testing.virt_interface import HypervisorInterfaceTests
 from qvd.virt._lxcconfig import mounts_below
 from qvd.virt._lxcfs import cgroup_dirs
 from qvd.virt._process import run
@@ -354,3 +355,26 @@ def _probe(ip, port, timeout, wait_for_open=False):
             last = errno.errorcode.get(e.errno, str(e))
         time.sleep(0.05)
     return last
+
+
+class LXCInterfaceTests(HypervisorInterfaceTests, unittest.TestCase):
+    """
+    The behaviour every IHypervisor shows (qvd.testing.virt_interface), on
+    real LXC with the minimal image.
+    """
+
+    skip = _skip_reason()
+    timeout = 120
+
+    def makeHypervisor(self):
+        LXCDriverIntegrationTests._fixture()
+        self.config = LXCDriverIntegrationTests.config
+        driver = LXCDriver(self.config, reactor)
+        return driver.setUp().addCallback(lambda _: driver)
+
+    def makeSpec(self, vm_id):
+        return VMSpec(
+            vm_id=vm_id, name=f"desk{vm_id}", login="bob", memory=192, di_id=7,
+            di_path=LXCDriverIntegrationTests.image, ip=f"{SUBNET}.{vm_id % 100 + 100}",
+            mac=f"54:52:00:d5:{PID % 200:02x}:{vm_id % 100 + 100:02x}",
+            netmask="255.255.255.0", bridge=BRIDGE)
