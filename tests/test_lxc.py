@@ -410,3 +410,25 @@ class FileSystemTests(unittest.TestCase):
             _lxcfs.ensure_basefs(layout, bad, s.basefs)
         self.assertIn(bad, str(caught.exception))
         self.assertEqual(os.listdir(s.basefs), [".locks"])
+
+
+class ProcessTests(unittest.TestCase):
+
+    def test_result_and_timeout(self):
+        """
+        run() reports a command's exit status and output; a command running
+        past its timeout is killed and reported with code -9.
+        """
+        from twisted.internet import reactor
+        from qvd.virt._process import run
+
+        @defer.inlineCallbacks
+        def check():
+            result = yield run(reactor, ["sh", "-c", "echo out; echo err >&2; exit 3"])
+            self.assertEqual((result.code, result.out, result.err), (3, "out\n", "err\n"))
+            result = yield run(reactor, ["sleep", "30"], timeout=0.2)
+            self.assertEqual(result.code, -9)
+            self.assertIn("killed after 0.2 s", result.err)
+            with self.assertRaises(VirtError):
+                yield run(reactor, ["qvd-no-such-program"])
+        return check()
