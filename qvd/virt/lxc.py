@@ -248,7 +248,7 @@ class LXCDriver:
 
     @defer.inlineCallbacks
     def cleanup(self, spec):
-        layout = self._layout(spec)
+        layout = Layout.of(self.settings, spec, for_cleanup=True)
         yield self._stop(spec.vm_id)
         problems = []
         left = yield self._to_thread(_lxcfs.kill_cgroups, layout.name)
