@@ -171,6 +171,8 @@ class LXCDriverIntegrationTests(unittest.TestCase):
         address = yield self.attach(spec, "ip -4 -o addr show eth0")
         self.assertIn(f"{spec.ip}/24", address.out)
 
+        result = yield self.attach(spec, "stat -c %a /")
+        self.assertEqual(result.out.strip(), "755", "the overlay's root must be 0755")
         result = yield self.attach(spec, "echo kept > /home/probe; echo lost > /root/probe")
         self.assertEqual(result.code, 0, result.describe())
         self.assertTrue(os.path.exists(os.path.join(layout.home_dir, "probe")))
