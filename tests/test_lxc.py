@@ -409,6 +409,29 @@ class WatchTests(unittest.TestCase):
         self.successResultOf(watch.ended)
 
 
+class PidfdWatchTests(unittest.TestCase):
+
+    def test_pidfd_reader_and_cancel(self):
+        """
+        The watch of a living process registers a pidfd reader; cancelling
+        it removes the reader and closes the fd; a readable pidfd (the
+        process ended) fires it.
+        """
+        from twisted.internet.testing import MemoryReactorClock
+        reactor = MemoryReactorClock()
+        watch = _ProcessWatch(reactor, os.getpid(), 1.0)
+        self.assertIn(watch, reactor.getReaders())
+        fd = watch.fileno()
+        watch.ended.cancel()
+        self.failureResultOf(watch.ended, defer.CancelledError)
+        self.assertNotIn(watch, reactor.getReaders())
+        self.assertRaises(OSError, os.fstat, fd)
+        watch = _ProcessWatch(reactor, os.getpid(), 1.0)
+        watch.doRead()
+        self.successResultOf(watch.ended)
+        self.assertNotIn(watch, reactor.getReaders())
+
+
 class FileSystemTests(unittest.TestCase):
 
     def test_corrupt_tarball_leaves_nothing(self):
