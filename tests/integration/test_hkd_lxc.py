@@ -283,3 +283,30 @@ class HKDOnLXCTests(HKDTestMixin, pg.DatabaseTestMixin, unittest.TestCase):
         self.assertEqual(self.lxc_running(), [])
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+
+    async def test_x_start_listening(self):
+        """
+        Once the HKD says running, x_start (what the L7R does next) brings
+        nxagent to 'listening' on port 4100 of the VM.
+        """
+        from qvd.vma.client import VMAClient
+        vm = self.vm()
+        await self.start_lxc_hkd()
+        self.command(vm, "start", self.host)
+        row = await self.wait_state(vm, "running", timeout=90)
+        mode = os.stat(os.path.join(self.root, "storage", "rootfs", f"{vm}-fs")).st_mode
+        if not mode & 0o005:
+            raise unittest.SkipTest(
+                f"the container's / has mode {mode & 0o777:o}: the desktop user cannot run "
+                "the X session (qvd/virt/_lxcfs.py prepare_dirs creates the overlay upper "
+                "dir with mode 0700)")
+        client = VMAClient(reactor, row["vm_address"], row["vm_vma_port"], timeout=10)
+        await client.x_start({"qvd.vm.user.name": "qvd", "qvd.client.os": "linux",
+                              "qvd.client.geometry": "800x600", "qvd.client.link": "lan",
+                              "qvd.client.keyboard": "pc105/us",
+                              "qvd.client.fullscreen": "0"})
+        await self.until(lambda: client.x_state().addCallback(lambda s: s == "listening"),
+                         timeout=30, what="nxagent listening")
+        import socket
+        with socket.create_connection((row["vm_address"], row["vm_x_port"]), timeout=5):
+            pass
