@@ -357,7 +357,8 @@ class Supervisor:
             self._liveness.ok(self.clock.seconds())
             if self.state in ("running", "debugging"):
                 self.store.touch_vma(self.vm_id).addErrback(lambda f: None)
-            self.handle("vma_ok")
+            if self.state in ("waiting_vma", "debugging"):
+                self.handle("vma_ok")
             self._next_ping()
 
         def silent(failure):
