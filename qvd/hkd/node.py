@@ -146,10 +146,14 @@ class HKD(service.Service):
                  "usable_ram {ram:.0f} MB)", host_id=self.host_id, hv=self.driver.name,
                  cpu=cpu, ram=ram)
         await self.driver.setUp()
+        if not self._running:
+            return
         await self.reconcile()
         if not self._running:
             return
         await self.store.node_state("running")
+        if not self._running:
+            return
         self.state = "running"
         self._every(self.config.getfloat("hkd.ticker.interval"), self.tick)
         self._every(self.config.getfloat("hkd.command.poll.interval"), self.poll)
@@ -316,8 +320,10 @@ class HKD(service.Service):
         for vm_id in await self.store.claim_starts(free):
             old = self.supervisors.get(vm_id)
             if old is not None and old.state != "stopped":
-                log.error("VM {vm_id}: start claimed while its supervisor is in {state}",
-                          vm_id=vm_id, state=old.state)
+                reason = (f"a start arrived while this node was still stopping the VM "
+                          f"(state {old.state}); start it again")
+                log.error("VM {vm_id}: {reason}", vm_id=vm_id, reason=reason)
+                await self.store.save_state(vm_id, "stopped", reason)
                 continue
             log.info("VM {vm_id}: start command", vm_id=vm_id)
             sup = self._supervisor(vm_id, persisted=("starting", None))
