@@ -104,6 +104,8 @@ class HKD(service.Service):
         self._stopping_node = False
         self._running = False
         self._start_call = None
+        self._last_tick = None
+        self._fenced = False
         self.monitor = None
         self._vm_channel = f"qvd_cmd_for_vm_on_host{host_id}"
         self._host_channel = f"qvd_cmd_for_host{host_id}"
@@ -390,9 +392,26 @@ class HKD(service.Service):
     async def tick(self):
         """
         The heartbeat. If the node was marked lost meanwhile, its VMs were
-        released: kill the local copies and come back as running.
+        released: kill the local copies and come back as running. With
+        hkd.ticker.fence, heartbeats failing for that long kill the VMs too.
         """
-        state = await self.store.tick(self.pid)
+        now = self.reactor.seconds()
+        if self._last_tick is None:
+            self._last_tick = now
+        try:
+            state = await self.store.tick(self.pid)
+        except Exception:
+            fence = self.config.getfloat("hkd.ticker.fence")
+            if fence > 0 and now - self._last_tick >= fence and not self._fenced:
+                self._fenced = True
+                log.error("no heartbeat for {s:.0f} s (hkd.ticker.fence): killing this "
+                          "node's VMs, which another node may start", s=now - self._last_tick)
+                for sup in list(self.supervisors.values()):
+                    sup.handle("disowned", "killed: this node lost the database "
+                                           "(hkd.ticker.fence)")
+            raise
+        self._last_tick = now
+        self._fenced = False
         if state is None and self.state == "running":
             log.error("node {host_id} was marked lost by the cluster monitor; its VMs were "
                       "released: killing the local copies", host_id=self.host_id)

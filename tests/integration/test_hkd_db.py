@@ -297,6 +297,20 @@ class ClusterTests(HKDTestMixin, pg.DatabaseTestMixin, unittest.TestCase):
             == "running", what="node running again")
         self.assertEqual(self.vm_row(vm)["vm_state"], "stopped")
 
+    async def test_fence(self):
+        """
+        With hkd.ticker.fence, a node whose heartbeats fail for that long
+        kills its VMs (another node may start them).
+        """
+        host = self.add_host()
+        vm = self.add_vm()
+        hkd = await self.start_hkd(host, config=hkd_config(hkd__ticker__fence=0.5))
+        self.command(vm, "start", host)
+        await self.wait_state(vm, "running")
+        hkd.store.tick = lambda pid: defer.fail(RuntimeError("database unreachable (test)"))
+        await self.until(lambda: not hkd.hv.running, what="VM killed by the fence")
+        self.flushLoggedErrors(RuntimeError)
+
     async def test_singleton(self):
         """
         Of two cluster monitors only one holds the advisory lock; when its
