@@ -124,8 +124,13 @@ def prepare_dirs(layout, persistent):
     if not persistent:
         _discard(layout.upper)
     _discard(layout.work)
-    for path in (layout.upper, layout.work, layout.rootfs, layout.container_dir):
-        os.makedirs(path, mode=0o700 if path != layout.rootfs else 0o755, exist_ok=True)
+    for path in (layout.work, layout.container_dir):
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    # The upper dir's own mode becomes the mode of the container's "/": a
+    # private one would keep every user but root out of the whole tree.
+    for path in (layout.upper, layout.rootfs):
+        os.makedirs(path, mode=0o755, exist_ok=True)
+        os.chmod(path, 0o755)
     if not os.path.isdir(layout.home_dir):
         os.makedirs(layout.home_dir, mode=0o755)
 

@@ -162,6 +162,9 @@ class LXCDriverIntegrationTests(unittest.TestCase):
         self.assertIn(outcome, ("open", "refused"))
         address = yield self.attach(spec, "ip -4 -o addr show eth0")
         self.assertIn(f"{spec.ip}/24", address.out)
+        # Users other than root can walk the tree (the overlay's root is 0755).
+        modes = yield self.attach(spec, "stat -c %a / /home")
+        self.assertEqual(modes.out.split(), ["755", "755"], modes.describe())
 
         result = yield self.attach(spec, "echo kept > /home/probe; echo lost > /root/probe")
         self.assertEqual(result.code, 0, result.describe())
