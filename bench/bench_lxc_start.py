@@ -1,7 +1,7 @@
 """
 Start N LXC desktops together through the HKD and compare with bare LXC (root).
 
-    .venv/bin/python bench/bench_lxc_start.py [--fix-root-mode] [N]    # N defaults to 5
+    .venv/bin/python bench/bench_lxc_start.py [N]        # N defaults to 5
 
 What runs, all on this machine, named after this process and removed afterwards
 (bridge qbk<pid>, containers qvdb<pid>-..., storage in a temp dir in /var/tmp, a
@@ -161,8 +161,6 @@ async def run_qvd(reactor, root, image, n):
 
     async def x_listening(vm_id):
         client = VMAClient(reactor, vms[vm_id], 3030, timeout=10)
-        if FIX_ROOT_MODE:
-            os.chmod(os.path.join(root, "storage", "rootfs", f"{vm_id}-fs"), 0o755)
         try:
             await client.x_start(X_PARAMS)
             while True:
@@ -291,18 +289,8 @@ async def bench(reactor, n):
         print(f"VM {vm_id}: {reason}")
 
 
-FIX_ROOT_MODE = False
-
-
 def main():
-    global FIX_ROOT_MODE
     args = sys.argv[1:]
-    if "--fix-root-mode" in args:
-        # the LXC driver of 2026-11-26 leaves the container's / at mode 0700, so
-        # the agent cannot run the X session as the desktop user; this makes /
-        # 0755 when the VM is running, to measure x_start anyway
-        args.remove("--fix-root-mode")
-        FIX_ROOT_MODE = True
     n = int(args[0]) if args else 5
     if os.geteuid() != 0:
         sys.exit("bench_lxc_start: needs root (LXC containers)")
