@@ -1,16 +1,55 @@
 """
-twistd qvd-l7r: options and service (a stub until the daemon is built).
+twistd qvd-l7r: the L7R daemon.
+
+    twistd -n qvd-l7r --config /etc/qvd/node.conf --listen ssl:8443
+    twistd -n qvd-l7r --self-signed          # single-node demo certificate
+
+C{--listen} is a Twisted server endpoint string; C{ssl:PORT[:interface=A]}
+means TLS with qvd's context and the certificate of C{path.l7r.ssl.*} or of
+the database's C{ssl_configs}; C{tcp:...} means no TLS. Without C{--listen}
+the endpoint comes from C{l7r.port}, C{l7r.address} and C{l7r.use_ssl}.
 """
 
-from twisted.application import service
+import os
+import sys
+
 from twisted.python import usage
+
+from qvd.config import Config, ConfigError
 
 
 class Options(usage.Options):
     optParameters = [
         ["config", "c", None, "The node configuration file (default /etc/qvd/node.conf)."],
+        ["listen", "l", None,
+         "Twisted endpoint to listen on (default from l7r.port/l7r.address/l7r.use_ssl: ssl:8443)."],
+    ]
+    optFlags = [
+        ["self-signed", None,
+         "Create a self-signed certificate under path.state when none exists (demo)."],
     ]
 
 
 def makeService(options):
-    return service.MultiService()
+    from qvd.l7r import tls
+    from qvd.l7r.service import L7RService, default_endpoint
+    try:
+        config = Config.load(options["config"])
+    except ConfigError as e:
+        raise SystemExit(f"qvd-l7r: {e}")
+    listen = options["listen"] or default_endpoint(config)
+    if options["self-signed"]:
+        key, cert = config.get("path.l7r.ssl.key"), config.get("path.l7r.ssl.cert")
+        if not (os.path.exists(key) and os.path.exists(cert)):
+            directory = os.path.dirname(key)
+            if os.path.dirname(cert) != directory:
+                raise SystemExit("qvd-l7r: --self-signed needs path.l7r.ssl.key and .cert "
+                                 "in one directory")
+            tls.self_signed(directory, config.get("nodename"))
+            print(f"qvd-l7r: wrote a self-signed certificate to {cert}", file=sys.stderr)
+    if listen.startswith("ssl:"):
+        try:
+            tls.check_key_file(config.get("path.l7r.ssl.key"))
+        except tls.TLSConfigError as e:
+            raise SystemExit(f"qvd-l7r: {e}")
+    return L7RService(config, listen)

@@ -1,0 +1,1 @@
+"""Integration tests: real PostgreSQL, LXC, libvirt/QEMU, nxagent/nxproxy."""

@@ -1,0 +1,21 @@
+"""
+Authentication of L7R clients: the L{interfaces.IAuthenticator} seam and its
+plugins (the default database password check, LDAP, TOTP, auto-provisioning).
+
+    authenticator = make_authenticator(config, db, reactor)   # a chain.Authenticator
+    result = await authenticator.authenticate(headers, source_ip)
+
+See L{chain} for the order of the plugin hooks, L{plugin} for writing a
+plugin, L{tokens} for bearer tokens.
+"""
+
+
+def make_authenticator(config, db, reactor):
+    """
+    The L{IAuthenticator} of the configured plugin chain.
+
+    @param config: a L{qvd.config.Config} or a live config with C{.current}.
+    @param db: a L{qvd.db.pool.Database}.
+    """
+    from qvd.l7r.auth.chain import Authenticator
+    return Authenticator(db, config, reactor)

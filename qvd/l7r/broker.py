@@ -1,0 +1,602 @@
+"""
+The session broker: from an authorised C{connect_to_vm} to a running relay
+(reference 1.3, 1.5, 2.2-2.4), and the watcher that aborts this process's
+sessions when another client takes them over.
+
+    broker = Broker(reactor, db, settings, host_id, vma_factory)
+    await broker.connect(session, params, auth)     # 102s ..., 101, relay started
+
+Steps, each reported to the client with a C{102 Processing} line (texts of
+the original): claim the session (C{user_state} disconnected -> connecting, or
+abort the contending one and retry until C{takeover} seconds passed; a claim
+left by a dead L7R expires), assign a node to a stopped VM (load balancer),
+C{vm_cmd='start'} + NOTIFY the node, wait for C{running} (LISTEN
+C{qvd_vm_state}, slow poll), C{x_start} on the VMA (retried when it says retry
+later), poll C{x_state} until C{listening}, connect to nxagent, set
+C{connected}, C{101}, relay. Every failure raises L{BrokerError} with the
+reason the client gets inside its 503.
+
+A L{Session} is one claim of one VM by one client connection. Its waits end
+early when the VM's state changes (L{Session.wake}) and fail with
+L{SessionAborted} when the session is aborted (takeover, client gone).
+"""
+
+import os
+import secrets
+import string
+import time
+
+import attrs
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from qvd import loadbalancer
+from qvd.l7r.auth import tokens
+from qvd.vma.client import VMAError, VMAUnreachable
+from qvd.l7r.relay import Relay, connect_peer
+from qvd.protocols import http
+
+log = Logger()
+
+_ALNUM = string.ascii_letters + string.digits
+
+# Every live session of this process, by session id: what "the owning L7R
+# session is alive" means for claims made by this process (several L7R
+# objects may share one process in tests).
+PROCESS_SESSIONS = {}
+
+
+class BrokerError(Exception):
+    """
+    The VM cannot be given to the client; the text goes into the 503.
+    """
+
+
+class SessionAborted(BrokerError):
+    """
+    The session was aborted (taken over by another client, or the client left).
+    """
+
+
+def slave_key():
+    """
+    A random 64-character [A-Za-z0-9] key for the 101's X-QVD-Slave-Key.
+    """
+    return "".join(secrets.choice(_ALNUM) for _ in range(64))
+
+
+def pid_alive(pid):
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@attrs.frozen
+class BrokerSettings:
+    poll_vm: float = 2.0
+    poll_x: float = 1.0
+    takeover: float = 30.0
+    vm_start: float = 270.0
+    vm_stop: float = 270.0
+    x_start_retries: int = 20
+    x_start: float = 10.0
+    vma_timeout: float = 4.0
+    nx_connect: float = 10.0
+    short_session: float = 120.0
+    claim_max_age: float = 330.0
+    abort_poll: float = 61.0
+    release_retry: float = 5.0
+    token_lifetime: int = 86400
+    weights: loadbalancer.Weights = loadbalancer.Weights()
+
+    @classmethod
+    def from_config(cls, config):
+        f = config.getfloat
+        return cls(
+            poll_vm=f("internal.l7r.poll_time.vm"), poll_x=f("internal.l7r.poll_time.x"),
+            takeover=f("internal.l7r.timeout.takeover"), vm_start=f("internal.l7r.timeout.vm_start"),
+            vm_stop=f("internal.l7r.timeout.vm_stop"),
+            x_start_retries=config.getint("internal.l7r.retry.x_start"),
+            x_start=f("internal.l7r.timeout.x_start"), vma_timeout=f("internal.l7r.timeout.vma"),
+            nx_connect=f("internal.l7r.timeout.nx_connect"),
+            short_session=f("internal.l7r.short_session"),
+            claim_max_age=f("l7r.takeover.claim_max_age"), abort_poll=f("l7r.poll_time.abort"),
+            release_retry=f("l7r.release.retry"),
+            token_lifetime=config.getint("l7r.auth_token.lifetime"),
+            weights=loadbalancer.weights_from_config(config))
+
+
+class Session:
+    """
+    One client's claim of one VM.
+
+    @ivar id: the C{vm_runtimes.l7r_session} value of the claim.
+    @ivar conn: the client connection (C{write(bytes)}, C{start_relay}).
+    @ivar relay: the L{Relay} once running.
+    """
+
+    def __init__(self, reactor, vm_id, conn):
+        self.reactor = reactor
+        self.vm_id = vm_id
+        self.conn = conn
+        self.id = secrets.token_hex(12)
+        self.relay = None
+        self.aborted = None
+        self.released = False
+        self._sleeper = None
+
+    def tell(self, text):
+        self.conn.write(http.processing(text))
+
+    def check(self):
+        if self.aborted is not None:
+            raise SessionAborted(self.aborted)
+
+    def sleep(self, seconds):
+        """
+        Wait C{seconds}, or less when L{wake} is called; fail with
+        L{SessionAborted} when the session is aborted meanwhile.
+        """
+        self.check()
+        d = defer.Deferred()
+        call = self.reactor.callLater(seconds, lambda: d.called or d.callback(None))
+
+        def done(result):
+            if call.active():
+                call.cancel()
+            self._sleeper = None
+            return result
+        d.addBoth(done)
+        self._sleeper = d
+        return d
+
+    def wake(self):
+        if self._sleeper is not None and not self._sleeper.called:
+            self._sleeper.callback(None)
+
+    def abort(self, reason):
+        """
+        Abort the session: a running relay is cut, a wait fails.
+        """
+        if self.aborted is None:
+            self.aborted = reason
+        if self.relay is not None:
+            self.relay.stop(reason)
+        elif self._sleeper is not None and not self._sleeper.called:
+            self._sleeper.errback(SessionAborted(reason))
+
+
+class Broker:
+    def __init__(self, reactor, db, settings, vma_factory, random=None, pid=None):
+        self.reactor = reactor
+        self.db = db
+        self.settings = settings
+        self.vma_factory = vma_factory
+        self.pid = os.getpid() if pid is None else pid
+        self.host_id = None
+        self.sessions = {}
+        self._pending_releases = {}
+        self._release_call = None
+        self.stopped = False
+        import random as _random
+        self.random = random or _random.random
+
+    # -- counters ---------------------------------------------------------
+
+    def count(self, column, host_id=None):
+        """
+        Add one to C{host_counters.<column>} of this node (best effort).
+        """
+        host_id = host_id or self.host_id
+        if host_id is None:
+            return defer.succeed(None)
+        d = self.db.runOperation(
+            f"INSERT INTO host_counters (host_id, {column}) VALUES (%s, 1)"
+            f" ON CONFLICT (host_id) DO UPDATE SET {column} = host_counters.{column} + 1",
+            (host_id,))
+        d.addErrback(lambda f: log.warn("cannot count {column}: {error}", column=column,
+                                        error=f.getErrorMessage()))
+        return d
+
+    # -- connect_to_vm ----------------------------------------------------
+
+    def new_session(self, vm_id, conn):
+        session = Session(self.reactor, vm_id, conn)
+        self.sessions[session.id] = session
+        PROCESS_SESSIONS[session.id] = session
+        return session
+
+    async def connect(self, session, vm, client_params, auth, host_address, on_end):
+        """
+        Run the whole connect sequence for C{session}; return once the relay
+        runs. C{vm} is the row of L{vm_row}. Raises L{BrokerError}.
+        """
+        vm_id = session.vm_id
+        await self.takeover(session)
+        await self.assign(session)
+        await self.start_and_wait(session)
+        grant = await self.create_token(auth, vm_id)
+        params = dict(client_params)
+        params["auth_token"] = grant.token
+        params["host_address"] = host_address
+        params.update(await self.combined_properties(vm_id))
+        params.update(auth.params)
+        params["qvd.slave.key"] = key = slave_key()
+        row = await self.vm_row(vm_id)
+        vma = self.vma_factory(self.reactor, row["vm_address"], row["vm_vma_port"],
+                               self.settings.vma_timeout)
+        await self.start_x(session, vma, params)
+        await self.wait_x(session, vma)
+        await self.run_forwarder(session, row, key, on_end)
+
+    async def vm_row(self, vm_id):
+        rows = await self.db.runQueryDicts(
+            "SELECT r.*, v.user_id, v.osf_id, v.name FROM vm_runtimes r JOIN vms v ON v.id = r.vm_id"
+            " WHERE r.vm_id = %s", (vm_id,))
+        if not rows:
+            raise BrokerError(f"VM {vm_id} does not exist any more")
+        return rows[0]
+
+    def _claim_is_dead(self, row):
+        if row["l7r_host_id"] is None:
+            return True
+        if row["user_state"] == "connecting" and row["age"] > self.settings.claim_max_age:
+            return True
+        if row["l7r_host_id"] == self.host_id:
+            if row["l7r_pid"] in (self.pid, os.getpid()):
+                return row["l7r_session"] not in PROCESS_SESSIONS
+            return not pid_alive(row["l7r_pid"])
+        return row["owner_state"] in ("lost", None)
+
+    async def takeover(self, session):
+        """
+        Claim the VM's session, aborting a contending one (reference 1.5).
+        """
+        vm_id = session.vm_id
+        deadline = self.reactor.seconds() + self.settings.takeover
+
+        async def claim(cursor):
+            await cursor.execute(
+                "SELECT r.user_state, r.l7r_host_id, r.l7r_pid, r.l7r_session,"
+                " extract(epoch FROM now() - r.user_state_ts)::float AS age,"
+                " (SELECT state FROM host_runtimes WHERE host_id = r.l7r_host_id) AS owner_state"
+                " FROM vm_runtimes r WHERE r.vm_id = %s", (vm_id,))
+            names = [c.name for c in cursor.description]
+            found = cursor.fetchall()
+            if not found:
+                raise BrokerError(f"VM {vm_id} does not exist any more")
+            row = dict(zip(names, found[0]))
+            if row["user_state"] == "disconnected" or self._claim_is_dead(row):
+                if row["user_state"] != "disconnected":
+                    log.info("VM {vm}: taking over a claim left by a dead L7R ({row})",
+                             vm=vm_id, row=row)
+                await cursor.execute(
+                    "UPDATE vm_runtimes SET user_state = 'connecting', user_state_ts = now(),"
+                    " l7r_host_id = %s, l7r_pid = %s, l7r_session = %s, user_cmd = NULL"
+                    " WHERE vm_id = %s", (self.host_id, self.pid, session.id, vm_id))
+                return None
+            await cursor.execute(
+                "UPDATE vm_runtimes SET user_cmd = 'abort' WHERE vm_id = %s"
+                " AND user_state IN ('connecting', 'connected')", (vm_id,))
+            await cursor.execute("SELECT pg_notify(%s, %s)",
+                                 (f"qvd_cmd_for_user_on_host{row['l7r_host_id']}", str(vm_id)))
+            return row
+
+        while True:
+            session.check()
+            held = await self.db.transaction(claim)
+            if held is None:
+                session.tell(f"Session acquired for VM_ID: {vm_id}")
+                return
+            log.info("VM {vm}: session held ({state}) by L7R {host}/{pid}; aborting it",
+                     vm=vm_id, state=held["user_state"], host=held["l7r_host_id"],
+                     pid=held["l7r_pid"])
+            session.tell(f"Aborting contending session for VM_ID: {vm_id}")
+            if self.reactor.seconds() > deadline:
+                raise BrokerError("Unable to acquire VM, close other clients")
+            await session.sleep(self.settings.poll_vm)
+
+    async def check_abort(self, session):
+        session.check()
+        rows = await self.db.runQuery(
+            "SELECT user_cmd, l7r_session FROM vm_runtimes WHERE vm_id = %s", (session.vm_id,))
+        if not rows or rows[0][0] == "abort" or rows[0][1] != session.id:
+            raise SessionAborted(f"Aborted by contending session VM VM_ID: {session.vm_id}")
+
+    async def assign(self, session):
+        """
+        Give a stopped VM without node a node (reference 2.2).
+        """
+        vm_id = session.vm_id
+        row = await self.vm_row(vm_id)
+        if row["host_id"] is not None:
+            return
+        session.tell(f"Assigning VM {vm_id} to host")
+        host_id = await self.choose_host(vm_id, row["name"])
+
+        async def set_host(cursor):
+            await cursor.execute(
+                "UPDATE vm_runtimes SET host_id = %s WHERE vm_id = %s"
+                " AND host_id IS NULL AND vm_state = 'stopped' RETURNING vm_id", (host_id, vm_id))
+            return cursor.fetchall()
+        if not await self.db.transaction(set_host):
+            raise BrokerError(f"Unable to start VM {vm_id}, state changed unexpectedly")
+        await self.check_abort(session)
+
+    async def choose_host(self, vm_id, vm_name):
+        """
+        The node the load balancer picks for the VM (L{qvd.loadbalancer}).
+        """
+        try:
+            dis = await self.db.runQueryDicts(loadbalancer.VM_DI_SQL, (vm_id,))
+            if not dis:
+                raise loadbalancer.NoHostAvailable(
+                    f"VM {vm_name!r} cannot start: its OSF has no DI with the VM's tag")
+            if dis[0]["blocked"]:
+                raise loadbalancer.NoHostAvailable(
+                    f"VM {vm_name!r} cannot start: its DI {dis[0]['di_id']} is blocked")
+            hypervisor = loadbalancer.di_hypervisor(dis[0]["path"])
+            hosts = [loadbalancer.HostLoad(**row)
+                     for row in await self.db.runQueryDicts(loadbalancer.HOSTS_SQL)]
+            return loadbalancer.choose_host(vm_name, hypervisor, hosts, self.settings.weights,
+                                            self.random).host_id
+        except (loadbalancer.NoHostAvailable, loadbalancer.UnknownImageKind) as e:
+            log.warn("VM {vm}: no node to start it on: {reason}", vm=vm_id, reason=e)
+            raise BrokerError(f"Unable to start VM {vm_id}, can't assign to any host")
+
+    async def start_and_wait(self, session):
+        """
+        Start a stopped VM and wait until it runs (reference 2.3).
+        """
+        vm_id = session.vm_id
+        deadline = self.reactor.seconds() + self.settings.vm_start
+        row = await self.vm_row(vm_id)
+        if row["vm_state"] == "running":
+            return
+        if row["vm_state"] == "stopped":
+            session.tell("Starting virtual machine")
+
+            async def send_start(cursor):
+                await cursor.execute(
+                    "UPDATE vm_runtimes SET vm_cmd = 'start' WHERE vm_id = %s"
+                    " AND vm_state = 'stopped' AND host_id IS NOT NULL RETURNING host_id",
+                    (vm_id,))
+                found = cursor.fetchall()
+                if found:
+                    await cursor.execute("SELECT pg_notify(%s, %s)",
+                                         (f"qvd_cmd_for_vm_on_host{found[0][0]}", str(vm_id)))
+                return found
+            if not await self.db.transaction(send_start):
+                raise BrokerError(f"Unable to start VM {vm_id}, state changed unexpectedly")
+        while True:
+            session.tell("Waiting for VM to reach state 'running'")
+            await session.sleep(self.settings.poll_vm)
+            await self.check_abort(session)
+            row = await self.vm_row(vm_id)
+            state = row["vm_state"]
+            if state == "running":
+                return
+            if (state == "stopped" and row["vm_cmd"] is not None) or state == "starting":
+                if self.reactor.seconds() > deadline:
+                    raise BrokerError(f"Unable to start VM {vm_id}, operation timed out!")
+            else:
+                raise BrokerError(f"Unable to start VM {vm_id} in state {state}")
+
+    async def stop_and_wait(self, session):
+        """
+        Stop a VM and wait until it is stopped (stop_vm).
+        """
+        vm_id = session.vm_id
+        deadline = self.reactor.seconds() + self.settings.vm_stop
+        row = await self.vm_row(vm_id)
+        if row["vm_state"] == "stopped":
+            return
+        if row["vm_state"] in ("starting", "running", "debugging"):
+            session.tell("Stopping virtual machine")
+
+            async def send_stop(cursor):
+                await cursor.execute(
+                    "UPDATE vm_runtimes SET vm_cmd = 'stop' WHERE vm_id = %s"
+                    " AND vm_state IN ('starting', 'running', 'debugging') RETURNING host_id",
+                    (vm_id,))
+                found = cursor.fetchall()
+                if found:
+                    await cursor.execute("SELECT pg_notify(%s, %s)",
+                                         (f"qvd_cmd_for_vm_on_host{found[0][0]}", str(vm_id)))
+                return found
+            await self.db.transaction(send_stop)
+        while True:
+            session.tell("Waiting for VM to reach state 'stopped'")
+            await session.sleep(self.settings.poll_vm)
+            row = await self.vm_row(vm_id)
+            state = row["vm_state"]
+            if state == "stopped":
+                return
+            if state in ("running", "stopping", "starting"):
+                if self.reactor.seconds() > deadline:
+                    raise BrokerError(f"Unable to stop VM {vm_id}, operation timed out!")
+            else:
+                raise BrokerError(f"Unable to stop VM {vm_id} in state {state}")
+
+    async def create_token(self, auth, vm_id=None, multi_use=True):
+        """
+        Store the auth parameters and a token for the user (L{tokens}).
+
+        @return: a L{tokens.TokenGrant}.
+        """
+        return await tokens.create_auth_token(
+            self.db, auth, now=time.time(), lifetime=self.settings.token_lifetime,
+            multi_use=multi_use, vm_id=vm_id)
+
+    def store_auth_params(self, auth):
+        return tokens.store_auth_parameters(self.db, auth.params)
+
+    async def combined_properties(self, vm_id):
+        """
+        The VM's properties: OSF < DI < user < VM, later wins (reference 2.4).
+        """
+        rows = await self.db.runQuery(
+            "SELECT pl.key, p.value, 1 AS rank FROM vms v JOIN osf_properties p ON p.osf_id = v.osf_id"
+            " JOIN properties_list pl ON pl.id = p.property_id WHERE v.id = %(vm)s"
+            " UNION ALL SELECT pl.key, p.value, 2 FROM vm_runtimes r"
+            " JOIN di_properties p ON p.di_id = r.current_di_id"
+            " JOIN properties_list pl ON pl.id = p.property_id WHERE r.vm_id = %(vm)s"
+            " UNION ALL SELECT pl.key, p.value, 3 FROM vms v JOIN user_properties p ON p.user_id = v.user_id"
+            " JOIN properties_list pl ON pl.id = p.property_id WHERE v.id = %(vm)s"
+            " UNION ALL SELECT pl.key, p.value, 4 FROM vm_properties p"
+            " JOIN properties_list pl ON pl.id = p.property_id WHERE p.vm_id = %(vm)s"
+            " ORDER BY 3", {"vm": vm_id})
+        return {key: value for key, value, _ in rows}
+
+    async def start_x(self, session, vma, params):
+        vm_id = session.vm_id
+        session.tell(f"Starting X session at VM {vm_id}")
+        error = None
+        for _ in range(self.settings.x_start_retries + 1):
+            session.check()
+            try:
+                await vma.x_start(params)
+                return
+            except (VMAError, VMAUnreachable) as e:
+                error = e
+                log.info("VM {vm}: x_start failed ({error}), retrying", vm=vm_id, error=e)
+            await session.sleep(self.settings.poll_x)
+            await self.check_abort(session)
+        raise BrokerError(f"Unable to start X session on VM {vm_id}: {error}")
+
+    async def wait_x(self, session, vma):
+        vm_id = session.vm_id
+        deadline = self.reactor.seconds() + self.settings.x_start
+        session.tell(f"Waiting for X session to come up on VM {vm_id}")
+        while True:
+            session.check()
+            try:
+                state = await vma.x_state()
+            except (VMAError, VMAUnreachable):
+                state = None
+            if state == "listening":
+                return
+            if state in (None, "starting"):
+                if self.reactor.seconds() > deadline:
+                    raise BrokerError(f"Unable to start X session on VM {vm_id}, operation timed out!")
+            elif state != "provisioning":
+                raise BrokerError(f"Unable to start X session on VM {vm_id}, state went to {state}")
+            await session.sleep(self.settings.poll_x)
+
+    async def run_forwarder(self, session, row, key, on_end):
+        vm_id = session.vm_id
+        session.tell(f"Connecting X session for VM_ID: {vm_id}")
+        self.count("nx_attempts")
+        try:
+            peer = await connect_peer(self.reactor, row["vm_address"], row["vm_x_port"],
+                                      self.settings.nx_connect)
+        except Exception as e:
+            raise BrokerError(f"Unable to connect to X server on VM VM_ID: {vm_id}: {e}")
+        self.count("nx_ok")
+        try:
+            async def connected(cursor):
+                await cursor.execute(
+                    "UPDATE vm_runtimes SET user_state = 'connected' WHERE vm_id = %s"
+                    " AND l7r_session = %s AND user_state = 'connecting'"
+                    " AND user_cmd IS NULL RETURNING vm_id", (vm_id, session.id))
+                return cursor.fetchall()
+            session.check()
+            if not await self.db.transaction(connected):
+                raise SessionAborted(f"Aborted by contending session VM VM_ID: {vm_id}")
+            session.check()
+        except BaseException:
+            peer.transport.loseConnection()
+            raise
+        session.tell("Connection established")
+        session.conn.write(http.switching_protocols(key))
+        session.relay = Relay(session.conn, peer, on_end, clock=self.reactor.seconds)
+        session.conn.start_relay(session.relay)
+
+    # -- release ----------------------------------------------------------
+
+    def release(self, session, relay=None):
+        """
+        Give the VM back: C{user_state} disconnected when the claim is still
+        ours. Retried until the database answers; never raises.
+        """
+        if session.released:
+            return defer.succeed(None)
+        session.released = True
+        self.sessions.pop(session.id, None)
+        PROCESS_SESSIONS.pop(session.id, None)
+        if relay is not None and relay.duration < self.settings.short_session:
+            self.count("short_sessions")
+        self._pending_releases[session.id] = session.vm_id
+        return self._release_one(session.id, session.vm_id)
+
+    def _release_one(self, session_id, vm_id):
+        d = self.db.runOperation(
+            "UPDATE vm_runtimes SET user_state = 'disconnected', user_cmd = NULL,"
+            " l7r_host_id = NULL, l7r_pid = NULL, l7r_session = NULL"
+            " WHERE vm_id = %s AND l7r_session = %s", (vm_id, session_id))
+
+        def ok(_):
+            self._pending_releases.pop(session_id, None)
+
+        def failed(f):
+            log.warn("cannot release VM {vm} ({error}); retrying in {delay}s", vm=vm_id,
+                     error=f.getErrorMessage(), delay=self.settings.release_retry)
+            if not self.stopped and (self._release_call is None
+                                     or not self._release_call.active()):
+                self._release_call = self.reactor.callLater(
+                    self.settings.release_retry, self._retry_releases)
+        d.addCallbacks(ok, failed)
+        return d
+
+    def stop(self):
+        """
+        Stop retrying releases (the rows are reset by the next takeover or
+        by the abort watcher once this process is gone).
+        """
+        self.stopped = True
+        if self._release_call is not None and self._release_call.active():
+            self._release_call.cancel()
+
+    def _retry_releases(self):
+        for session_id, vm_id in list(self._pending_releases.items()):
+            self._release_one(session_id, vm_id)
+
+    # -- aborts from other L7Rs ---------------------------------------------
+
+    async def check_aborts(self):
+        """
+        Abort this broker's sessions whose row got C{user_cmd='abort'}, and
+        reset rows of this node left by dead L7R processes.
+        """
+        if self.host_id is None:
+            return
+        rows = await self.db.runQuery(
+            "SELECT vm_id, l7r_pid, l7r_session FROM vm_runtimes"
+            " WHERE l7r_host_id = %s AND user_cmd = 'abort'", (self.host_id,))
+        for vm_id, pid, session_id in rows:
+            session = self.sessions.get(session_id)
+            if session is not None:
+                log.info("VM {vm}: session aborted by a contending client", vm=vm_id)
+                session.abort(f"Aborted by contending session VM VM_ID: {vm_id}")
+            elif session_id not in PROCESS_SESSIONS and (pid in (self.pid, os.getpid())
+                                                         or not pid_alive(pid)):
+                await self.db.runOperation(
+                    "UPDATE vm_runtimes SET user_state = 'disconnected', user_cmd = NULL,"
+                    " l7r_host_id = NULL, l7r_pid = NULL, l7r_session = NULL"
+                    " WHERE vm_id = %s AND l7r_session IS NOT DISTINCT FROM %s",
+                    (vm_id, session_id))
+
+    def vm_state_changed(self, payload):
+        """
+        A NOTIFY qvd_vm_state: wake the sessions waiting on that VM.
+        """
+        vm_id = payload.split(":", 1)[0]
+        for session in list(self.sessions.values()):
+            if str(session.vm_id) == vm_id:
+                session.wake()

@@ -1,0 +1,210 @@
+"""
+The L7R as a Twisted service: database, LISTEN, TLS, listening endpoint.
+
+    svc = L7RService(config, "ssl:8443", reactor=reactor, authenticator=auth)
+    svc.startService()            # or: await svc.start()
+    svc.port                      # the listening port (getHost() for port 0)
+
+An endpoint string C{ssl:PORT[:interface=ADDR]} listens on TCP and speaks TLS
+with qvd's own context (L{qvd.l7r.tls}); any other Twisted server endpoint
+(C{tcp:...}, C{unix:...}) is used as it is, without TLS. The certificate is
+re-read when its files change (checked every C{l7r.ssl.reload_interval}) or
+on NOTIFY C{qvd_config_changed} (ssl_configs changed); new connections use the
+new one, live sessions are kept. A bad new certificate is logged and the old
+one kept.
+"""
+
+from twisted.application import service
+from twisted.internet import defer, endpoints, task
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from qvd.db.listen import Listener
+from qvd.db.pool import Database, DatabaseUnavailable
+from qvd.l7r import tls
+from qvd.l7r.auth.interfaces import IAuthenticator
+from qvd.l7r.broker import BrokerSettings
+from qvd.l7r.server import L7R, L7RFactory, ServerSettings
+
+log = Logger()
+
+
+def split_endpoint(description):
+    """
+    (use TLS?, the endpoint description to listen on) for C{description}.
+    """
+    kind, _, rest = description.partition(":")
+    if kind != "ssl":
+        return False, description
+    parts = [p for p in rest.split(":") if p and not p.split("=", 1)[0] in (
+        "privateKey", "certKey", "extraCertChain", "sslmethod", "dhParameters")]
+    return True, "tcp:" + ":".join(parts)
+
+
+def default_endpoint(config):
+    address = config.get("l7r.address")
+    kind = "ssl" if config.getbool("l7r.use_ssl") else "tcp"
+    description = f"{kind}:{config.getint('l7r.port')}"
+    if address and address != "*":
+        description += f":interface={address}"
+    return description
+
+
+class L7RService(service.Service):
+    def __init__(self, config, listen, reactor=None, dsn=None, authenticator=None,
+                 vma_factory=None, pid=None):
+        """
+        @param authenticator: an L{IAuthenticator}, or a callable taking the
+            L{Database} and returning one; None: the configured plugin chain.
+        """
+        if reactor is None:
+            from twisted.internet import reactor
+        self.config = config
+        self.listen = listen
+        self.reactor = reactor
+        self.dsn = dsn
+        self.authenticator = authenticator
+        self.vma_factory = vma_factory
+        self.pid = pid
+        self.port = None
+        self.context_factory = None
+        self._stamps = None
+        self._reload_loop = None
+        self._material = None
+        self._stopping = False
+
+    def startService(self):
+        service.Service.startService(self)
+        d = defer.ensureDeferred(self.start())
+        d.addErrback(self._failed)
+        return d
+
+    def _failed(self, failure):
+        if failure.check(tls.TLSConfigError):
+            log.critical("the L7R cannot start: {error}", error=failure.getErrorMessage())
+        else:
+            log.failure("the L7R cannot start", failure)
+        if self.reactor.running:
+            self.reactor.stop()
+        else:
+            self.reactor.callWhenRunning(self.reactor.stop)
+
+    async def start(self):
+        config = self.config
+        if self.dsn is None:
+            from qvd.db.settings import database_dsn
+            self.dsn = database_dsn(config)
+        self.db = Database(self.dsn, self.reactor, size=config.getint("database.pool.size"),
+                           retries=config.getint("database.retry.max"))
+        self.listener = Listener(self.dsn, self.reactor,
+                                 keepalive=config.getfloat("database.listen.keepalive"))
+        use_tls, description = split_endpoint(self.listen)
+        await self._wait_for_database()
+        if use_tls:
+            # Checked before listening: a bad key or certificate is one clear error.
+            material = await tls.load_material(config, self.db)
+            self.context_factory = tls.SwappableContextFactory(self._context(material))
+            self._material = material
+            self._stamps = tls.file_stamps(config)
+            self.listener.subscribe("qvd_config_changed", lambda c, p: self.reload_tls())
+        await self.listener.start()
+        if self.authenticator is None:
+            self.authenticator = make_authenticator(config, self.db, self.reactor)
+        elif not IAuthenticator.providedBy(self.authenticator):
+            self.authenticator = self.authenticator(self.db)
+        self.l7r = L7R(self.reactor, self.db, self.listener, self.authenticator,
+                       config.get("nodename"), ServerSettings.from_config(config),
+                       BrokerSettings.from_config(config), self.vma_factory, pid=self.pid)
+        await self.l7r.start()
+        factory = L7RFactory(self.l7r)
+        if use_tls:
+            factory = TLSMemoryBIOFactory(self.context_factory, False, factory)
+            self._reload_loop = task.LoopingCall(self._check_files)
+            self._reload_loop.clock = self.reactor
+            self._reload_loop.start(config.getfloat("l7r.ssl.reload_interval"), now=False)
+        endpoint = endpoints.serverFromString(self.reactor, description)
+        self.port = await endpoint.listen(factory)
+        log.info("L7R listening on {address} ({tls})", address=self.port.getHost(),
+                 tls="TLS" if use_tls else "no TLS")
+
+    async def _wait_for_database(self):
+        """
+        Wait until PostgreSQL answers (it may start after the L7R).
+        """
+        delay = 0.5
+        while True:
+            if self._stopping:
+                raise defer.CancelledError("the L7R was stopped while waiting for the database")
+            try:
+                await self.db.start()
+                return
+            except DatabaseUnavailable as e:
+                log.warn("the L7R waits for the database ({error}); retrying in {delay}s",
+                         error=e, delay=delay)
+                await task.deferLater(self.reactor, delay, lambda: None)
+                delay = min(delay * 2, 10)
+
+    def _context(self, material):
+        return tls.make_context(material, self.config.get("l7r.ssl.ciphers"),
+                                self.config.getbool("l7r.client.cert.require"))
+
+    def _check_files(self):
+        stamps = tls.file_stamps(self.config)
+        if stamps != self._stamps:
+            self._stamps = stamps
+            return self.reload_tls()
+
+    def reload_tls(self):
+        """
+        Re-read the certificate; new connections use it, live ones are kept.
+        """
+        async def reload():
+            material = await tls.load_material(self.config, self.db)
+            if material == self._material:
+                return False
+            self.context_factory.swap(self._context(material))
+            self._material = material
+            log.info("L7R certificate reloaded from {source}", source=material.source)
+            return True
+        d = defer.ensureDeferred(reload())
+
+        def failed(f):
+            log.error("the new L7R certificate is not used (the old one stays): {error}",
+                      error=f.getErrorMessage())
+            return False
+        return d.addErrback(failed)
+
+    def stopService(self):
+        service.Service.stopService(self)
+        return defer.ensureDeferred(self.stop())
+
+    async def stop(self):
+        self._stopping = True
+        if self._reload_loop is not None and self._reload_loop.running:
+            self._reload_loop.stop()
+        port, self.port = self.port, None
+        if port is not None:
+            await defer.maybeDeferred(port.stopListening)
+        l7r, self.l7r = getattr(self, "l7r", None), None
+        if l7r is not None:
+            await l7r.stop()
+        if getattr(self, "listener", None) is not None:
+            await self.listener.stop()
+        if getattr(self, "db", None) is not None:
+            await self.db.stop()
+
+
+def make_authenticator(config, db, reactor):
+    """
+    The authenticator of the configured plugin chain (qvd.l7r.auth), or,
+    until that exists, the database-password check.
+    """
+    try:
+        from qvd.l7r.auth import make_authenticator as make
+    except ImportError:
+        make = None
+    if make is not None:
+        return make(config, db, reactor)
+    log.warn("qvd.l7r.auth has no plugin chain yet: using the database-password check")
+    from qvd.testing.fakeauth import FakeAuthenticator
+    return FakeAuthenticator(db)

@@ -1,0 +1,97 @@
+"""
+python3 -m qvd.vma --config /etc/qvd/vma.conf
+
+Runs the VMA in the foreground (how desktop images start it at boot, on
+Debian's own python3 + python3-twisted). Logs go to vma.log.filename
+("-": standard output); --log - overrides it. SIGTERM/SIGINT end the
+session and exit. As PID 1 (a container without init) it forks and the
+parent acts as init (L{qvd.vma._init}).
+"""
+
+import argparse
+import os
+import sys
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python3 -m qvd.vma", description=__doc__.strip().split("\n")[0])
+    parser.add_argument("--config", "-c", default="/etc/qvd/vma.conf",
+                        help="the VMA configuration file (default %(default)s)")
+    parser.add_argument("--log", help="log file, '-' for standard output (default: vma.log.filename)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a configuration key (repeatable)")
+    args = parser.parse_args(argv)
+
+    from qvd.config import Config, ConfigError, declared_keys
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set {item!r}: expected KEY=VALUE")
+        overrides[key.strip()] = value.strip()
+    try:
+        if os.path.exists(args.config) or args.config != parser.get_default("config"):
+            cfg = Config.load(args.config, overrides=overrides)
+        else:   # no /etc/qvd/vma.conf: the defaults (never node.conf)
+            cfg = Config(keys=declared_keys(), node=overrides)
+            cfg.validate(overrides, "the command line")
+    except ConfigError as e:
+        print(f"qvd-vma: {e}", file=sys.stderr)
+        return 2
+
+    from qvd.vma._init import become_init_if_pid1
+    become_init_if_pid1()      # in a container without init, stay PID 1 and reap
+
+    from twisted.internet import reactor
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    log_name = args.log or cfg.get("vma.log.filename")
+    if log_name == "-":
+        stream = sys.stdout
+    else:
+        try:
+            os.makedirs(os.path.dirname(log_name) or ".", exist_ok=True)
+            stream = open(log_name, "a", buffering=1)
+        except OSError as e:
+            print(f"qvd-vma: cannot open log file {log_name}: {e.strerror}; logging to stderr",
+                  file=sys.stderr)
+            stream = sys.stderr
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(stream)], redirectStandardIO=False)
+
+    from qvd.vma.service import make_service
+    try:
+        svc = make_service(cfg, reactor)
+    except ConfigError as e:
+        print(f"qvd-vma: {e}", file=sys.stderr)
+        return 2
+    pid_file = cfg.get("vma.pid.file")
+    try:
+        os.makedirs(os.path.dirname(pid_file), exist_ok=True)
+        with open(pid_file, "w") as f:
+            f.write(f"{os.getpid()}\n")
+    except OSError:
+        pid_file = None
+
+    failed = []
+
+    def start():
+        try:
+            svc.startService()
+        except Exception as e:
+            print(f"qvd-vma: cannot start: {e}", file=sys.stderr)
+            failed.append(e)
+            reactor.stop()
+    reactor.callWhenRunning(start)
+    reactor.addSystemEventTrigger("before", "shutdown", lambda: svc.running and svc.stopService())
+    reactor.run()
+    if pid_file:
+        try:
+            os.unlink(pid_file)
+        except OSError:
+            pass
+    return 1 if failed else 0
+
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""
+The session properties of an x_start and the nxagent options line built from
+them (reference 3.3), as pure functions.
+
+    props = fill_props(params, settings)       # user name, groups, home filled in
+    line = nxagent_options(props, settings)    # "nx/nx,keyboard=pc105/es,...:100"
+
+Every value that goes into the options line must match C{^[\\w/\\-\\+]+$}
+(the original's rule; nxagent splits on C{,} C{=} and C{:}); anything else is
+refused with an L{OptionsError} that names the property.
+"""
+
+import re
+
+import attrs
+
+_VALUE = re.compile(r"[\w/\-+]+\Z", re.ASCII)
+_EXTRA = re.compile(r"\w+=[\w/\-+]+\Z", re.ASCII)
+_USER = re.compile(r"[a-z_][a-z0-9_.\-]*\$?\Z", re.IGNORECASE)
+
+# property -> nxagent option, in the order the options line lists them.
+PROPS_TO_NX = (
+    ("qvd.client.keyboard", "keyboard"),
+    ("qvd.client.os", "client"),
+    ("qvd.client.link", "link"),
+    ("qvd.client.geometry", "geometry"),
+    ("qvd.client.fullscreen", "fullscreen"),
+)
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+class OptionsError(ValueError):
+    """A session property cannot be used; the message names it and its value."""
+
+
+@attrs.frozen
+class SessionSettings:
+    """
+    The VMA configuration that shapes a session (from C{vma.*} keys).
+    """
+    display: int = 100
+    default_user: str = "qvd"
+    default_groups: str = "qvduser"
+    home_path: str = "/home"
+    audio: bool = False
+    slave: bool = False
+    printing: bool = False
+    defaults: dict = attrs.field(factory=dict)   # property -> default (vma.default.*)
+
+    @property
+    def nx_port(self):
+        """The TCP port nxagent listens on: 4000 + display."""
+        return 4000 + self.display
+
+    @property
+    def printing_port(self):
+        return 2000 + self.display
+
+
+def _truthy(value):
+    return str(value).strip().lower() in _TRUE
+
+
+def fill_props(params, settings):
+    """
+    The session properties: the x_start params with the user name (default
+    C{settings.default_user}), groups and home (always
+    C{<home_path>/<user>}) filled in, as the original's C{_fill_props}.
+
+    @raise OptionsError: the user name is not a valid login.
+    """
+    props = dict(params)
+    user = props.get("qvd.vm.user.name") or settings.default_user
+    if not _USER.match(user) or len(user) > 32:
+        raise OptionsError(
+            f"qvd.vm.user.name {user!r} is not a valid user name "
+            "(letters, digits, '_', '.', '-'; starting with a letter or '_')")
+    props["qvd.vm.user.name"] = user
+    if not props.get("qvd.vm.user.groups"):
+        props["qvd.vm.user.groups"] = settings.default_groups
+    props["qvd.vm.user.home"] = f"{settings.home_path.rstrip('/')}/{user}"
+    return props
+
+
+def nxagent_options(props, settings):
+    """
+    The one line of the nxagent options file, e.g.
+    C{nx/nx,keyboard=pc105/es,client=linux,link=lan,geometry=1024x768,fullscreen=0,tolerancechecks=risky:100}.
+
+    @raise OptionsError: a value has characters outside C{[\\w/\\-\\+]}.
+    """
+    options = ["nx/nx"]
+    for prop, option in PROPS_TO_NX:
+        value = props.get(prop)
+        if value is None or value == "":
+            value = settings.defaults.get(prop, "")
+        value = str(value)
+        if value == "":
+            continue
+        if not _VALUE.match(value):
+            raise OptionsError(
+                f"invalid characters in parameter {prop}: {value!r} "
+                "(allowed: letters, digits, '_', '/', '-', '+')")
+        options.append(f"{option}={value}")
+    if settings.audio:
+        options.append("media=1")
+    if settings.slave:
+        options.append("slave=1")
+    options.append("tolerancechecks=risky")
+    extra = props.get("qvd.client.nxagent.extra_args") or ""
+    for item in (i.strip() for i in str(extra).split(",")):
+        if not item:
+            continue
+        if not _EXTRA.match(item):
+            raise OptionsError(
+                f"invalid option in qvd.client.nxagent.extra_args: {item!r} "
+                "(expected name=value, value of letters, digits, '_', '/', '-', '+')")
+        options.append(item)
+    if settings.printing and _truthy(props.get("qvd.client.printing.enabled", "0")):
+        channel = "smb" if props.get("qvd.client.os") == "windows" else "cups"
+        options.append(f"{channel}={settings.printing_port}")
+    return ",".join(options) + f":{settings.display}"
+
+
+def hook_arguments(props, *extra):
+    """
+    The argument list of a hook: every property as C{key value}, sorted, then
+    C{extra} (e.g. C{"qvd.hook.on_action", "connect"}), all text.
+    """
+    args = []
+    for key in sorted(props):
+        value = props[key]
+        args += [str(key), "" if value is None else str(value)]
+    return args + [str(e) for e in extra]

@@ -1,0 +1,86 @@
+"""
+The VMA as a Twisted service, for both entry points.
+
+    svc = make_service(Config.load("/etc/qvd/vma.conf"), reactor)
+    svc.startService()      # SimpleRPC on vma.address:vma.port; old session cleaned
+
+C{twistd qvd-vma} (L{qvd.vma.tap}) and C{python3 -m qvd.vma} (L{qvd.vma.__main__})
+both build it here.
+"""
+
+from twisted.application import service
+from twisted.logger import Logger
+
+from qvd.vma.agent import VMA, VMASettings
+from qvd.vma.rpcserver import SimpleRPCServerFactory
+from qvd.vma.system import LocalHost, ProcessRunner
+
+log = Logger()
+
+
+class ListeningService(service.Service):
+    """
+    Listens on C{port}/C{interface} while running (like
+    C{twisted.application.internet.TCPServer}, which pulls in Automat: the
+    VMA must import only the stdlib, Twisted, attrs and zope.interface).
+    """
+
+    def __init__(self, reactor, port, factory, interface=""):
+        self._reactor = reactor
+        self._port_number = port
+        self._factory = factory
+        self._interface = interface
+        self.port = None
+
+    def startService(self):
+        super().startService()
+        self.port = self._reactor.listenTCP(self._port_number, self._factory,
+                                            interface=self._interface)
+
+    def stopService(self):
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+
+
+class VMAService(service.Service):
+    """Starts the agent (cleaning leftovers) and ends the session when stopped."""
+
+    def __init__(self, vma):
+        self.vma = vma
+
+    def startService(self):
+        super().startService()
+        self.vma.startup()
+
+    def stopService(self):
+        super().stopService()
+        return self.vma.shutdown()
+
+
+def make_service(cfg, reactor):
+    """
+    The VMA service of configuration C{cfg} (a L{qvd.config.Config}).
+    """
+    import os
+    settings = VMASettings.from_config(cfg)
+    hooks_log = os.path.join(settings.log_path, "qvd-hooks.log")
+    try:
+        os.makedirs(settings.log_path, exist_ok=True)
+    except OSError:
+        hooks_log = None
+    runner = ProcessRunner(reactor, log_path=hooks_log)
+    vma = VMA(reactor, settings, runner, LocalHost())
+    factory = SimpleRPCServerFactory(vma.functions(), base="/vma",
+                                     idle_timeout=cfg.getfloat("vma.rpc.idle_timeout"),
+                                     clock=reactor)
+    address = cfg.get("vma.address").strip() or "0.0.0.0"
+    top = service.MultiService()
+    agent = VMAService(vma)
+    agent.setServiceParent(top)
+    rpc = ListeningService(reactor, cfg.getint("vma.port"), factory, interface=address)
+    rpc.setServiceParent(top)
+    top.vma = vma
+    top.rpc = rpc
+    return top

@@ -1,0 +1,75 @@
+"""
+The VMA runs inside desktop images on Debian's python3 with python3-twisted
+(22.4), python3-attr and python3-zope.interface only: it must import nothing
+else (no psycopg2, txpostgres, Automat, argon2, pyOpenSSL...).
+"""
+
+import os
+import subprocess
+import sys
+
+from twisted.trial import unittest
+
+import qvd
+
+TREE = os.path.dirname(os.path.dirname(os.path.abspath(qvd.__file__)))
+DEBIAN_PYTHON = "/usr/bin/python3"
+
+PROBE = r'''
+import sys
+
+FORBIDDEN = {"psycopg2", "txpostgres", "automat", "argon2", "libvirt", "lxc", "ldaptor",
+             "hypothesis", "OpenSSL", "cryptography", "service_identity", "treq"}
+
+class Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in FORBIDDEN:
+            raise ImportError(f"the VMA must not import {name}")
+        return None
+
+sys.meta_path.insert(0, Blocker())
+
+import qvd.vma, qvd.vma.__main__, qvd.vma.service, qvd.vma.agent, qvd.vma.tap
+import qvd.protocols.simplerpc, qvd.config
+from twisted.internet import reactor
+from qvd.config import Config, declared_keys
+from qvd.vma.service import make_service
+cfg = Config(keys=declared_keys(), node={"vma.port": "0", "vma.log.path": sys.argv[1]})
+make_service(cfg, reactor)
+
+ALLOWED = {"twisted", "attr", "attrs", "zope", "qvd", "constantly", "incremental",
+           "typing_extensions", "hyperlink", "_distutils_hack", "sitecustomize", "__main__"}
+stdlib = set(sys.stdlib_module_names)
+others = sorted({m.split(".")[0] for m in sys.modules} - stdlib - ALLOWED)
+print("OTHERS", others)
+import twisted
+print("TWISTED", twisted.__version__)
+'''
+
+
+class ImportTests(unittest.TestCase):
+
+    def probe(self, python):
+        env = dict(os.environ, PYTHONPATH=TREE)
+        out = subprocess.run([python, "-c", PROBE, self.mktemp()], env=env,
+                             capture_output=True, text=True, timeout=60, cwd="/")
+        self.assertEqual(out.returncode, 0, out.stderr[-2000:])
+        self.assertIn("OTHERS []", out.stdout, out.stdout)
+        return out.stdout
+
+    def test_venv(self):
+        """Under the development Python the VMA imports only stdlib, Twisted, attrs, zope."""
+        self.probe(sys.executable)
+
+    def test_debian_python(self):
+        """Under Debian's python3 with python3-twisted the VMA imports and builds its service."""
+        if not os.path.exists(DEBIAN_PYTHON):
+            raise unittest.SkipTest(f"{DEBIAN_PYTHON} missing")
+        check = subprocess.run([DEBIAN_PYTHON, "-c", "import twisted, attr, zope.interface"],
+                               capture_output=True, cwd="/")
+        if check.returncode != 0:
+            raise unittest.SkipTest(
+                "Debian's python3 lacks python3-twisted/python3-attr/python3-zope.interface "
+                "(apt-get install python3-twisted python3-attr python3-zope.interface)")
+        out = self.probe(DEBIAN_PYTHON)
+        self.assertIn("TWISTED", out)

@@ -1,0 +1,97 @@
+"""
+The VMA service and its twistd plugin options, in-process on a real port 0.
+"""
+
+
+from twisted.internet import defer, endpoints, protocol, reactor
+from twisted.python import usage
+from twisted.trial import unittest
+
+from qvd.config import Config, declared_keys
+from qvd.vma import tap
+from qvd.vma.client import VMAClient, VMAError
+from qvd.vma.service import make_service
+
+
+class ServiceTests(unittest.TestCase):
+
+    def config(self, **extra):
+        tmp = self.mktemp()
+        node = {"vma.port": "0", "vma.address": "127.0.0.1", "vma.run.path": f"{tmp}/run",
+                "vma.log.path": f"{tmp}/log", "vma.provisioning.enable": "0"}
+        node.update(extra)
+        return Config(keys=declared_keys(), node=node)
+
+    @defer.inlineCallbacks
+    def test_serves_simplerpc(self):
+        """The service answers SimpleRPC on its port and stops cleanly."""
+        svc = make_service(self.config(), reactor)
+        svc.startService()
+        self.addCleanup(lambda: svc.running and svc.stopService())
+        client = VMAClient(reactor, "127.0.0.1", svc.rpc.port.getHost().port)
+        self.assertIsNone((yield client.ping()))
+        self.assertEqual((yield client.x_state()), "stopped")
+        self.assertEqual((yield client.x_stop()), "stopped")
+        e = yield self.assertFailure(
+            client.x_start({"qvd.client.geometry": "1x1;rm -rf /"}), VMAError)
+        self.assertIn("qvd.client.geometry", e.message)
+        yield svc.stopService()
+
+    @defer.inlineCallbacks
+    def test_raw_wire(self):
+        """On the wire: pipelined calls answered in order, then HTTP/1.0 gets 505 and a close."""
+        svc = make_service(self.config(), reactor)
+        svc.startService()
+        self.addCleanup(lambda: svc.running and svc.stopService())
+
+        class Collect(protocol.Protocol):
+            def __init__(self):
+                self.data = b""
+                self.done = defer.Deferred()
+
+            def connectionMade(self):
+                self.transport.write(b"GET /vma/ping HTTP/1.1\r\nHost: x\r\n\r\n"
+                                     b"GET /vma/x_state?a=1 HTTP/1.1\r\n\r\n"
+                                     b"GET /vma/ping HTTP/1.0\r\n\r\n")
+
+            def dataReceived(self, data):
+                self.data += data
+
+            def connectionLost(self, reason):
+                self.done.callback(self.data)
+        endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1",
+                                                svc.rpc.port.getHost().port)
+        proto = yield endpoints.connectProtocol(endpoint, Collect())
+        data = yield proto.done
+        self.assertEqual(
+            data,
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json-simplerpc\r\n"
+            b"Content-Length: 6\r\n\r\nnull\r\n"
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json-simplerpc\r\n"
+            b"Content-Length: 11\r\n\r\n\"stopped\"\r\n"
+            b"HTTP/1.1 505 HTTP Version Not Supported\r\nContent-Type: text/plain\r\n"
+            b"Content-Length: 113\r\n\r\n505 HTTP Version Not Supported\n"
+            b"    The server does not support the HTTP protocol version used in the\n"
+            b"    request.")
+        yield svc.stopService()
+
+    def test_tap_bad_config(self):
+        """twistd qvd-vma with a missing or wrong config is a usage error naming it."""
+        options = tap.Options()
+        e = self.assertRaises(usage.UsageError, options.parseOptions,
+                              ["--config", "/nonexistent/vma.conf"])
+        self.assertIn("/nonexistent/vma.conf", str(e))
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("vma.on_action.bogus = /bin/true\n")
+        self.assertRaises(usage.UsageError, tap.Options().parseOptions, ["--config", path])
+
+    def test_tap_service(self):
+        """twistd qvd-vma builds the agent and the SimpleRPC listener."""
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("vma.port = 0\n")
+        options = tap.Options()
+        options.parseOptions(["--config", path])
+        svc = tap.makeService(options)
+        self.assertEqual(len(list(svc)), 2)
