@@ -522,6 +522,23 @@ class TakeoverTests(L7RWireMixin, unittest.TestCase):
         self.assertEqual(self.query("SELECT user_cmd FROM vm_runtimes"), [{"user_cmd": "abort"}])
 
     @d
+    async def test_takeover_while_connecting(self):
+        """A client still waiting for its VM is aborted (503) when another client
+        takes the session over; the other one gets the VM."""
+        self.hkd.enabled = False
+        first = await self.client()
+        first.send(self.connect_request())
+        await first.wait(lambda: b"Waiting for VM" in first.buffer, what="the first waiting")
+        self.hkd.enabled = True
+        second, _, infos = await self.connected()
+        self.assertIn(f"Aborting contending session for VM_ID: {self.vm_id}", infos)
+        status, _, body, _ = await first.final_response()
+        self.assertEqual((status, body.decode()), (503, (
+            "The requested virtual machine is not available: Aborted by contending session VM"
+            " VM_ID: %d, retry later" % self.vm_id)))
+        await self.echo_through(second)
+
+    @d
     async def test_dead_l7r_claim(self):
         """A claim left by a dead L7R process of this node expires at once."""
         self.query("UPDATE vm_runtimes SET user_state = 'connecting', l7r_host_id = %s,"
@@ -570,6 +587,70 @@ def dead_pid():
         pid -= 1
 
 
+def make_pki(directory):
+    """
+    A CA, a good and a revoked client certificate, a CRL revoking the latter,
+    and a certificate of another CA; PEM files in C{directory}.
+    """
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    os.makedirs(directory)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    day = datetime.timedelta(days=1)
+    files = {}
+
+    def name(cn):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def save(label, data):
+        path = files[label] = os.path.join(directory, label + ".pem")
+        with open(path, "wb") as f:
+            f.write(data)
+
+    def pem_key(key):
+        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption())
+
+    def ca(cn):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(name(cn))
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - day).not_valid_after(now + day)
+                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                .sign(key, hashes.SHA256()))
+        return key, cert
+
+    def leaf(label, cn, ca_key, ca_cert):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(ca_cert.subject)
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - day).not_valid_after(now + day)
+                .sign(ca_key, hashes.SHA256()))
+        save(label, cert.public_bytes(serialization.Encoding.PEM))
+        save(label + "_key", pem_key(key))
+        return cert
+
+    ca_key, ca_cert = ca("qvd test CA")
+    save("ca", ca_cert.public_bytes(serialization.Encoding.PEM))
+    leaf("good", "ana", ca_key, ca_cert)
+    revoked = leaf("revoked", "bob", ca_key, ca_cert)
+    other_key, other_cert = ca("another CA")
+    leaf("stranger", "eve", other_key, other_cert)
+    crl = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject)
+           .last_update(now - day).next_update(now + day)
+           .add_revoked_certificate(x509.RevokedCertificateBuilder()
+                                    .serial_number(revoked.serial_number)
+                                    .revocation_date(now - day).build())
+           .sign(ca_key, hashes.SHA256()))
+    save("crl", crl.public_bytes(serialization.Encoding.PEM))
+    return files
+
+
 class TLSTests(L7RWireMixin, unittest.TestCase):
     def _handshake(self, version):
         ctx = stdlib_ssl.SSLContext(stdlib_ssl.PROTOCOL_TLS_CLIENT)
@@ -611,6 +692,37 @@ class TLSTests(L7RWireMixin, unittest.TestCase):
         e = await self.assertFailure(defer.ensureDeferred(svc.start()), tls.TLSConfigError)
         self.assertEqual(str(e), f"the L7R's private key {key} is accessible by every user "
                                  f"(mode 0644); run: chmod 600 {key}")
+
+    def _client_handshake(self, cert=None, key=None):
+        ctx = stdlib_ssl.SSLContext(stdlib_ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = stdlib_ssl.CERT_NONE
+        if cert:
+            ctx.load_cert_chain(cert, key)
+        with socket.create_connection(("127.0.0.1", self.svc.port.getHost().port), 5) as s:
+            with ctx.wrap_socket(s) as t:
+                t.sendall(b"GET /qvd/ping HTTP/1.1\n\n")
+                return t.recv(100)
+
+    @d
+    async def test_client_certificates(self):
+        """With l7r.client.cert.require, only clients with a certificate of the CA
+        that the CRL does not revoke get through."""
+        ca_dir = os.path.join(self.tmp, "pki")
+        files = make_pki(ca_dir)
+        shutil.copy(files["ca"], os.path.join(self.ssl_dir, "ca.pem"))
+        shutil.copy(files["crl"], os.path.join(self.ssl_dir, "crl.pem"))
+        await self.svc.stop()
+        self.svc = await self.start_l7r(**{"l7r.client.cert.require": "1"})
+        answer = await threads.deferToThread(self._client_handshake, files["good"], files["good_key"])
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 OK"), answer)
+        for cert, key in ((None, None), (files["revoked"], files["revoked_key"]),
+                          (files["stranger"], files["stranger_key"])):
+            try:
+                answer = await threads.deferToThread(self._client_handshake, cert, key)
+            except (stdlib_ssl.SSLError, OSError):
+                continue
+            self.assertEqual(answer, b"", cert)
 
     def _peer_cert(self):
         port = self.svc.port.getHost().port
