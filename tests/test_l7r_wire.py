@@ -547,6 +547,16 @@ class TakeoverTests(L7RWireMixin, unittest.TestCase):
         self.assertEqual(infos[0], f"Session acquired for VM_ID: {self.vm_id}")
 
     @d
+    async def test_reset_at_start(self):
+        """An L7R starting resets the sessions of this node left by dead L7R processes."""
+        self.query("UPDATE vm_runtimes SET user_state = 'connected', l7r_host_id = %s,"
+                   " l7r_pid = %s, l7r_session = 'gone', host_id = %s, vm_state = 'running'",
+                   (self.host_id, dead_pid(), self.host_id))
+        await self.start_l7r()
+        self.assertEqual(self.query("SELECT user_state, l7r_pid FROM vm_runtimes"),
+                         [{"user_state": "disconnected", "l7r_pid": None}])
+
+    @d
     async def test_old_claim(self):
         """A 'connecting' claim older than l7r.takeover.claim_max_age expires."""
         other_host = self.query("INSERT INTO hosts (name, address) VALUES ('y', '127.0.0.3')"

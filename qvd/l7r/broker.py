@@ -577,15 +577,19 @@ class Broker:
         if self.host_id is None:
             return
         rows = await self.db.runQuery(
-            "SELECT vm_id, l7r_pid, l7r_session FROM vm_runtimes"
-            " WHERE l7r_host_id = %s AND user_cmd = 'abort'", (self.host_id,))
-        for vm_id, pid, session_id in rows:
+            "SELECT vm_id, l7r_pid, l7r_session, user_cmd FROM vm_runtimes"
+            " WHERE l7r_host_id = %s AND (user_cmd = 'abort' OR user_state <> 'disconnected')",
+            (self.host_id,))
+        for vm_id, pid, session_id, cmd in rows:
             session = self.sessions.get(session_id)
             if session is not None:
-                log.info("VM {vm}: session aborted by a contending client", vm=vm_id)
-                session.abort(f"Aborted by contending session VM VM_ID: {vm_id}")
+                if cmd == "abort":
+                    log.info("VM {vm}: session aborted by a contending client", vm=vm_id)
+                    session.abort(f"Aborted by contending session VM VM_ID: {vm_id}")
             elif session_id not in PROCESS_SESSIONS and (pid in (self.pid, os.getpid())
                                                          or not pid_alive(pid)):
+                log.info("VM {vm}: resetting the session left by dead L7R process {pid}",
+                         vm=vm_id, pid=pid)
                 await self.db.runOperation(
                     "UPDATE vm_runtimes SET user_state = 'disconnected', user_cmd = NULL,"
                     " l7r_host_id = NULL, l7r_pid = NULL, l7r_session = NULL"

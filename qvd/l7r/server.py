@@ -111,6 +111,7 @@ class L7R:
             await self.listener.subscribe("qvd_vm_state", self._on_vm_state)
             self.listener.onReconnect(self._poll_aborts)
         await self._find_host()
+        await self._poll_aborts()      # claims left by a previous L7R process of this node
         self._poll = task.LoopingCall(self._poll_aborts)
         self._poll.clock = self.reactor
         self._poll.start(self.broker.settings.abort_poll, now=False)
