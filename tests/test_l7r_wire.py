@@ -119,7 +119,7 @@ class L7RWireMixin(DatabaseTestMixin):
             "nodename": self.nodename, "path.state": self.tmp, "path.l7r.ssl": self.ssl_dir,
             "internal.l7r.poll_time.vm": "0.2", "internal.l7r.poll_time.x": "0.05",
             "internal.l7r.timeout.takeover": "5", "l7r.ssl.reload_interval": "0.2",
-            "internal.l7r.timeout.vma": "2",
+            "internal.l7r.timeout.vma": "2", "l7r.counters.flush_interval": "0.05",
         }
         overrides.update(self.overrides)
         overrides.update(extra)
@@ -154,6 +154,13 @@ class L7RWireMixin(DatabaseTestMixin):
         status, head, body, infos = await c.final_response()
         self.assertEqual(status, 101, (head, body, infos))
         return c, head, infos
+
+    async def eventually(self, sql, expected, timeout=5.0):
+        for _ in range(int(timeout / 0.02)):
+            if self.query(sql) == expected:
+                return
+            await sleep(0.02)
+        self.assertEqual(self.query(sql), expected)
 
     async def echo_through(self, c, payload=b"hello nx"):
         c.send(payload)
@@ -213,8 +220,8 @@ class RequestTests(L7RWireMixin, unittest.TestCase):
         self.assertEqual(await self.request(
             b"GET /qvd/list_of_vm? HTTP/1.1\r\nAuthorization: Basic " + bad + b"\r\n\r\n"),
             http.unauthorized())
-        rows = self.query("SELECT auth_attempts, auth_ok, http_requests FROM host_counters")
-        self.assertEqual(rows, [{"auth_attempts": 1, "auth_ok": 0, "http_requests": 2}])
+        await self.eventually("SELECT auth_attempts, auth_ok, http_requests FROM host_counters",
+                              [{"auth_attempts": 1, "auth_ok": 0, "http_requests": 2}])
 
     @d
     async def test_list_of_vm(self):
@@ -331,8 +338,8 @@ class ConnectTests(L7RWireMixin, unittest.TestCase):
             await sleep(0.02)
         self.assertEqual(self.query("SELECT user_state, l7r_host_id, l7r_session FROM vm_runtimes"),
                          [{"user_state": "disconnected", "l7r_host_id": None, "l7r_session": None}])
-        self.assertEqual(self.query("SELECT nx_attempts, nx_ok, short_sessions FROM host_counters"),
-                         [{"nx_attempts": 1, "nx_ok": 1, "short_sessions": 1}])
+        await self.eventually("SELECT nx_attempts, nx_ok, short_sessions FROM host_counters",
+                              [{"nx_attempts": 1, "nx_ok": 1, "short_sessions": 1}])
         await sleep(0.05)
         self.assertEqual(self.echo.connections, [])
 

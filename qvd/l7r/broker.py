@@ -92,6 +92,7 @@ class BrokerSettings:
     claim_max_age: float = 330.0
     abort_poll: float = 61.0
     release_retry: float = 5.0
+    counters_flush: float = 1.0
     token_lifetime: int = 86400
     weights: loadbalancer.Weights = loadbalancer.Weights()
 
@@ -108,6 +109,7 @@ class BrokerSettings:
             short_session=f("internal.l7r.short_session"),
             claim_max_age=f("l7r.takeover.claim_max_age"), abort_poll=f("l7r.poll_time.abort"),
             release_retry=f("l7r.release.retry"),
+            counters_flush=f("l7r.counters.flush_interval"),
             token_lifetime=config.getint("l7r.auth_token.lifetime"),
             weights=loadbalancer.weights_from_config(config))
 
@@ -183,25 +185,53 @@ class Broker:
         self.sessions = {}
         self._pending_releases = {}
         self._release_call = None
+        self._counts = {}
+        self._flushing = False
         self.stopped = False
         import random as _random
         self.random = random or _random.random
 
     # -- counters ---------------------------------------------------------
 
-    def count(self, column, host_id=None):
+    COUNTERS = ("http_requests", "auth_attempts", "auth_ok", "nx_attempts", "nx_ok",
+                "short_sessions")
+
+    def count(self, column):
         """
-        Add one to C{host_counters.<column>} of this node (best effort).
+        Add one to C{host_counters.<column>} of this node. Counts are kept in
+        memory and written by L{flush_counters} (every
+        C{settings.counters_flush} seconds): one statement for many events.
         """
-        host_id = host_id or self.host_id
-        if host_id is None:
+        if column not in self.COUNTERS:
+            raise ValueError(f"no host counter {column!r}")
+        self._counts[column] = self._counts.get(column, 0) + 1
+
+    def flush_counters(self):
+        """
+        Write the counts gathered since the last flush; on failure they are
+        kept for the next one.
+        """
+        if self.host_id is None or not self._counts or self._flushing:
             return defer.succeed(None)
-        d = self.db.runOperation(
-            f"INSERT INTO host_counters (host_id, {column}) VALUES (%s, 1)"
-            f" ON CONFLICT (host_id) DO UPDATE SET {column} = host_counters.{column} + 1",
-            (host_id,))
-        d.addErrback(lambda f: log.warn("cannot count {column}: {error}", column=column,
-                                        error=f.getErrorMessage()))
+        counts, self._counts = self._counts, {}
+        columns = sorted(counts)
+        sql = (f"INSERT INTO host_counters (host_id, {', '.join(columns)})"
+               f" VALUES (%s{', %s' * len(columns)}) ON CONFLICT (host_id) DO UPDATE SET "
+               + ", ".join(f"{c} = host_counters.{c} + EXCLUDED.{c}" for c in columns))
+        self._flushing = True
+        d = self.db.runOperation(sql, [self.host_id] + [counts[c] for c in columns])
+
+        def failed(f):
+            for c, n in counts.items():
+                self._counts[c] = self._counts.get(c, 0) + n
+            log.warn("cannot write host counters ({error}); keeping them",
+                     error=f.getErrorMessage())
+
+        def done(result):
+            self._flushing = False
+            return result
+        d.addErrback(failed)
+        d.addBoth(done)
         return d
 
     # -- connect_to_vm ----------------------------------------------------
@@ -235,13 +265,19 @@ class Broker:
         await self.wait_x(session, vma)
         await self.run_forwarder(session, row, key, on_end)
 
+    _VM_COLUMNS = ("vm_id", "host_id", "vm_state", "vm_cmd", "user_state", "user_cmd",
+                   "l7r_session", "vm_address", "vm_vma_port", "vm_x_port")
+
     async def vm_row(self, vm_id):
-        rows = await self.db.runQueryDicts(
-            "SELECT r.*, v.user_id, v.osf_id, v.name FROM vm_runtimes r JOIN vms v ON v.id = r.vm_id"
-            " WHERE r.vm_id = %s", (vm_id,))
+        """
+        The VM's runtime row (L{_VM_COLUMNS}) plus its C{name}, as a dict.
+        """
+        rows = await self.db.runQuery(
+            "SELECT " + ", ".join("r." + c for c in self._VM_COLUMNS) + ", v.name"
+            " FROM vm_runtimes r JOIN vms v ON v.id = r.vm_id WHERE r.vm_id = %s", (vm_id,))
         if not rows:
             raise BrokerError(f"VM {vm_id} does not exist any more")
-        return rows[0]
+        return dict(zip(self._VM_COLUMNS + ("name",), rows[0]))
 
     def _claim_is_dead(self, row):
         if row["l7r_host_id"] is None:
