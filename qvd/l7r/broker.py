@@ -27,6 +27,7 @@ import string
 import time
 
 import attrs
+from psycopg2.extras import Json
 from twisted.internet import defer
 from twisted.logger import Logger
 
@@ -251,9 +252,9 @@ class Broker:
         await self.takeover(session)
         await self.assign(session)
         await self.start_and_wait(session)
-        grant = await self.create_token(auth, vm_id)
+        token = await self.vm_token(auth, vm_id)
         params = dict(client_params)
-        params["auth_token"] = grant.token
+        params["auth_token"] = token
         params["host_address"] = host_address
         params.update(await self.combined_properties(vm_id))
         params.update(auth.params)
@@ -302,7 +303,7 @@ class Broker:
                 "SELECT r.user_state, r.l7r_host_id, r.l7r_pid, r.l7r_session,"
                 " extract(epoch FROM now() - r.user_state_ts)::float AS age,"
                 " (SELECT state FROM host_runtimes WHERE host_id = r.l7r_host_id) AS owner_state"
-                " FROM vm_runtimes r WHERE r.vm_id = %s", (vm_id,))
+                " FROM vm_runtimes r WHERE r.vm_id = %s FOR UPDATE OF r", (vm_id,))
             names = [c.name for c in cursor.description]
             found = cursor.fetchall()
             if not found:
@@ -326,7 +327,11 @@ class Broker:
 
         while True:
             session.check()
-            held = await self.db.transaction(claim)
+            # A compare-and-set on one row under its row lock (FOR UPDATE):
+            # contenders for the same VM are serialised by the lock and see
+            # each other's committed claim; claims of different VMs never
+            # conflict (SERIALIZABLE failed them on shared index pages).
+            held = await self.db.transaction(claim, isolation="READ COMMITTED")
             if held is None:
                 session.tell(f"Session acquired for VM_ID: {vm_id}")
                 return
@@ -356,12 +361,10 @@ class Broker:
         session.tell(f"Assigning VM {vm_id} to host")
         host_id = await self.choose_host(vm_id, row["name"])
 
-        async def set_host(cursor):
-            await cursor.execute(
+        # One conditional UPDATE: atomic, re-checks the state it was decided on.
+        if not await self.db.runQuery(
                 "UPDATE vm_runtimes SET host_id = %s WHERE vm_id = %s"
-                " AND host_id IS NULL AND vm_state = 'stopped' RETURNING vm_id", (host_id, vm_id))
-            return cursor.fetchall()
-        if not await self.db.transaction(set_host):
+                " AND host_id IS NULL AND vm_state = 'stopped' RETURNING vm_id", (host_id, vm_id)):
             raise BrokerError(f"Unable to start VM {vm_id}, state changed unexpectedly")
         await self.check_abort(session)
 
@@ -386,6 +389,21 @@ class Broker:
             log.warn("VM {vm}: no node to start it on: {reason}", vm=vm_id, reason=e)
             raise BrokerError(f"Unable to start VM {vm_id}, can't assign to any host")
 
+    def send_vm_cmd(self, vm_id, cmd, from_states):
+        """
+        Set C{vm_cmd} when the VM is in one of C{from_states} and NOTIFY its
+        node, in one statement (the NOTIFY goes out when it commits).
+
+        @return: a Deferred firing with the node's id, or None when the VM
+            was not in those states (or has no node).
+        """
+        d = self.db.runQuery(
+            "WITH sent AS (UPDATE vm_runtimes SET vm_cmd = %s WHERE vm_id = %s"
+            " AND vm_state = ANY(%s) AND host_id IS NOT NULL RETURNING host_id)"
+            " SELECT host_id, pg_notify('qvd_cmd_for_vm_on_host' || host_id, %s) FROM sent",
+            (cmd, vm_id, list(from_states), str(vm_id)))
+        return d.addCallback(lambda rows: rows[0][0] if rows else None)
+
     async def start_and_wait(self, session):
         """
         Start a stopped VM and wait until it runs (reference 2.3).
@@ -398,17 +416,7 @@ class Broker:
         if row["vm_state"] == "stopped":
             session.tell("Starting virtual machine")
 
-            async def send_start(cursor):
-                await cursor.execute(
-                    "UPDATE vm_runtimes SET vm_cmd = 'start' WHERE vm_id = %s"
-                    " AND vm_state = 'stopped' AND host_id IS NOT NULL RETURNING host_id",
-                    (vm_id,))
-                found = cursor.fetchall()
-                if found:
-                    await cursor.execute("SELECT pg_notify(%s, %s)",
-                                         (f"qvd_cmd_for_vm_on_host{found[0][0]}", str(vm_id)))
-                return found
-            if not await self.db.transaction(send_start):
+            if not await self.send_vm_cmd(vm_id, "start", ("stopped",)):
                 raise BrokerError(f"Unable to start VM {vm_id}, state changed unexpectedly")
         while True:
             session.tell("Waiting for VM to reach state 'running'")
@@ -436,17 +444,7 @@ class Broker:
         if row["vm_state"] in ("starting", "running", "debugging"):
             session.tell("Stopping virtual machine")
 
-            async def send_stop(cursor):
-                await cursor.execute(
-                    "UPDATE vm_runtimes SET vm_cmd = 'stop' WHERE vm_id = %s"
-                    " AND vm_state IN ('starting', 'running', 'debugging') RETURNING host_id",
-                    (vm_id,))
-                found = cursor.fetchall()
-                if found:
-                    await cursor.execute("SELECT pg_notify(%s, %s)",
-                                         (f"qvd_cmd_for_vm_on_host{found[0][0]}", str(vm_id)))
-                return found
-            await self.db.transaction(send_stop)
+            await self.send_vm_cmd(vm_id, "stop", ("starting", "running", "debugging"))
         while True:
             session.tell("Waiting for VM to reach state 'stopped'")
             await session.sleep(self.settings.poll_vm)
@@ -469,6 +467,20 @@ class Broker:
         return await tokens.create_auth_token(
             self.db, auth, now=time.time(), lifetime=self.settings.token_lifetime,
             multi_use=multi_use, vm_id=vm_id)
+
+    async def vm_token(self, auth, vm_id):
+        """
+        The token passed to the VMA as C{auth_token}: the auth parameters and
+        a token for this VM, stored in one statement (no transaction to retry).
+        """
+        token = secrets.token_urlsafe(32)
+        await self.db.runOperation(
+            "WITH p AS (INSERT INTO user_auth_parameters (parameters) VALUES (%s) RETURNING id)"
+            " INSERT INTO user_tokens (token, user_id, vm_id, expiration, auth_params_id, multi_use)"
+            " SELECT %s, %s, %s, %s, p.id, true FROM p",
+            (Json(dict(auth.params)), token, auth.user_id, vm_id,
+             int(time.time()) + self.settings.token_lifetime))
+        return token
 
     def store_auth_params(self, auth):
         return tokens.store_auth_parameters(self.db, auth.params)
@@ -536,14 +548,12 @@ class Broker:
             raise BrokerError(f"Unable to connect to X server on VM VM_ID: {vm_id}: {e}")
         self.count("nx_ok")
         try:
-            async def connected(cursor):
-                await cursor.execute(
+            session.check()
+            # Still our claim and not aborted: one conditional UPDATE.
+            if not await self.db.runQuery(
                     "UPDATE vm_runtimes SET user_state = 'connected' WHERE vm_id = %s"
                     " AND l7r_session = %s AND user_state = 'connecting'"
-                    " AND user_cmd IS NULL RETURNING vm_id", (vm_id, session.id))
-                return cursor.fetchall()
-            session.check()
-            if not await self.db.transaction(connected):
+                    " AND user_cmd IS NULL RETURNING vm_id", (vm_id, session.id)):
                 raise SessionAborted(f"Aborted by contending session VM VM_ID: {vm_id}")
             session.check()
         except BaseException:
