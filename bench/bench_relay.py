@@ -124,6 +124,10 @@ def run_clients(ports, n, rounds, size, mode, concurrency):
                 c.send()
     failures = []
 
+    from twisted.internet.interfaces import IHandshakeListener
+    from zope.interface import implementer
+
+    @implementer(IHandshakeListener)
     class Client(protocol.Protocol):
         def __init__(self, vm_id, index):
             self.vm_id = vm_id
@@ -142,7 +146,10 @@ def run_clients(ports, n, rounds, size, mode, concurrency):
                     f"GET /qvd/connect_to_vm?id={self.vm_id}&qvd.client.os=linux HTTP/1.1\r\n"
                     f"Authorization: Basic {basic}\r\nConnection: Upgrade\r\nUpgrade: QVD/1.0\r\n\r\n"
                     .encode())
-            else:
+
+        def handshakeCompleted(self):
+            # Direct mode: ready once TLS is up (the L7R mode is ready at its 101).
+            if mode != "l7r":
                 setups.append(time.perf_counter() - self.t0)
                 set_ready(self)
 
