@@ -10,6 +10,7 @@ setup(
     package_data={
         "qvd.db": ["migrations/*.sql"],
         "qvd.config": ["defaults/*.conf"],
+        "qvd.virt": ["lxc.conf.template"],
     },
     install_requires=[
         "Twisted", "pyOpenSSL", "service_identity", "txpostgres", "psycopg2",

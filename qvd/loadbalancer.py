@@ -18,12 +18,15 @@ Each scores
 
 and the highest score wins. L{select_host} runs the queries through a
 psycopg2 cursor (qvd-admin); the L7R runs the same SQL through its async pool
-and calls L{choose_host}.
+(rows of L{HOSTS_SQL} are in the field order of L{HostLoad}, so
+C{HostLoad(*row)} works) and calls L{choose_host}, or an L{ILoadBalancer}
+such as L{DefaultLoadBalancer}.
 """
 
 import random as _random
 
 import attrs
+from zope.interface import Interface, implementer
 
 #: Extensions of DIs by hypervisor, longest first where they overlap.
 _KINDS = (
@@ -159,6 +162,32 @@ def choose_host(vm_name, hypervisor, hosts, weights=Weights(), random=_random.ra
         raise NoHostAvailable(
             f"no running node can run VM {vm_name!r} ({hypervisor}): {reason}")
     return best
+
+
+class ILoadBalancer(Interface):
+    """
+    A policy that picks the node a stopped VM starts on.
+    """
+
+    def choose(vm_name, hypervisor, hosts):
+        """
+        @param hosts: every backend host as L{HostLoad}s.
+        @return: the chosen L{HostLoad}.
+        @raise NoHostAvailable: when none of C{hosts} can run the VM.
+        """
+
+
+@implementer(ILoadBalancer)
+@attrs.frozen
+class DefaultLoadBalancer:
+    """
+    The reference's default plugin: L{choose_host} with C{weights}.
+    """
+    weights: Weights = Weights()
+    random: object = _random.random
+
+    def choose(self, vm_name, hypervisor, hosts):
+        return choose_host(vm_name, hypervisor, hosts, self.weights, self.random)
 
 
 def select_host(cursor, vm_id, vm_name, weights=Weights(), random=_random.random):

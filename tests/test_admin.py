@@ -17,6 +17,7 @@ import psycopg2
 from twisted.trial import unittest
 
 from qvd.admin.cli import main
+from qvd.db import sync
 from qvd.testing import pg
 
 #: Tables whose content a refused command must leave alone.
@@ -58,8 +59,15 @@ class AdminTestCase(pg.DatabaseTestMixin, unittest.TestCase):
         return out
 
     def dump(self, tables=TABLES):
-        return {t: sorted(map(repr, (tuple(r.values()) for r in
-                                     self.query(f"SELECT * FROM {t}")))) for t in tables}
+        """Every row of C{tables}, in one transaction, comparable before/after."""
+        with sync.connect(self.dsn) as conn:
+            def read(cur):
+                result = {}
+                for table in tables:
+                    cur.execute(f"SELECT * FROM {table}")
+                    result[table] = sorted(repr(tuple(r.values())) for r in cur.fetchall())
+                return result
+            return sync.transaction(conn, read)
 
     def refused(self, argv, status=1, contains=None):
         """
@@ -84,7 +92,7 @@ class AdminTestCase(pg.DatabaseTestMixin, unittest.TestCase):
 
     def sample(self, vm=True):
         """A user alice, an OSF desk with one LXC DI, a running node n1, a VM v1."""
-        self.ok("user", "add", "alice", "--password", "pw")
+        self.ok("user", "add", "alice")
         self.ok("osf", "add", "desk")
         self.ok("di", "add", "--osf", "desk", "--version", "1", self.image())
         self.ok("host", "add", "n1", "10.1.0.1")
@@ -126,17 +134,25 @@ class TenantAdminUserTests(AdminTestCase):
         self.ok("tenant", "block", "acme")
         self.assertTrue(self.query("SELECT blocked FROM tenants WHERE name='acme'")[0]["blocked"])
         self.ok("tenant", "unblock", "acme")
+        self.assertIn("nothing changed", self.ok("--exist-ok", "tenant", "add", "acme"))
+        self.refused(["tenant", "add", "acme"], contains="already exists")
         listing = json.loads(self.ok("--json", "tenant", "list"))
         self.assertIn({"id": 2, "name": "acme", "blocked": False, "users": 0,
                        "description": "ACME"}, listing)
+        self.ok("--tenant", "acme", "osf", "add", "desk")
+        self.ok("--tenant", "acme", "di", "add", "--osf", "desk", self.image())
         self.ok("tenant", "del", "acme")
         self.assertEqual(self.query("SELECT * FROM tenants WHERE name='acme'"), [])
+        self.assertEqual(self.query("SELECT * FROM osfs"), [])
+        self.assertEqual(os.listdir(self.images), [])
         log = self.log()
         self.assertEqual([r["action"] for r in log],
-                         ["tenant_create", "tenant_update", "tenant_update", "tenant_delete"])
+                         ["tenant_create", "tenant_update", "tenant_update", "osf_create",
+                          "di_create", "tenant_delete"])
         self.assertEqual({(r["source"], r["administrator_name"]) for r in log},
                          {("CLI", "root-admin")})
         self.refused(["tenant", "add", "*"], status=2, contains="reserved")
+        self.refused(["--tenant", "*", "osf", "add", "x"], status=2, contains="supertenant")
         self.refused(["tenant", "del", "default2"], contains="unknown tenant 'default2'")
 
     def test_administrators(self):
@@ -368,7 +384,7 @@ class VMTests(AdminTestCase):
     def test_start_without_node(self):
         """
         With no running node of the VM's hypervisor, 'vm start' explains why
-        each node was left out.
+        each node was left out; a blocked or missing DI is reported as such.
         """
         self.sample()
         self.ok("host", "add", "n2", "10.1.0.2")
@@ -380,6 +396,11 @@ class VMTests(AdminTestCase):
         self.query("UPDATE host_runtimes SET state = 'running', hypervisor = 'lxc' "
                    "WHERE host_id = 2")
         self.assertIn("n2 (blocked)", self.refused(["vm", "start", "v1"]))
+        self.ok("host", "unblock", "n2")
+        self.ok("di", "block", "1")
+        self.refused(["vm", "start", "v1"], contains="its DI 1 is blocked")
+        self.ok("di", "untag", "1", "default")
+        self.refused(["vm", "start", "v1"], contains="no DI with the VM's tag")
 
     def test_stop(self):
         """
@@ -620,6 +641,33 @@ class ConcurrencyTests(AdminTestCase):
             self.ok("vm", "stop", "v1")
             for c in listeners:
                 self.notifications(c, wait=0.1)
+
+    def test_concurrent_starts_that_overlap(self):
+        """
+        When both 'vm start' transactions read the stopped VM before either
+        writes, the serializable retry still lets only one of them start it.
+        """
+        from qvd.admin import vms
+        self.sample()
+        listener = self.listen("qvd_cmd_for_vm_on_host1")
+        barrier = threading.Barrier(2, timeout=10)
+        first_read = threading.local()
+        real = vms.find_vm
+        reads = []
+
+        def find_vm(ctx, cur, ref):
+            vm = real(ctx, cur, ref)
+            reads.append(vm["vm_cmd"])
+            if not getattr(first_read, "done", False):
+                first_read.done = True
+                barrier.wait()
+            return vm
+        self.patch(vms, "find_vm", find_vm)
+        results = self.run_parallel([["vm", "start", "v1"]] * 2)
+        self.assertEqual(sorted(r[0] for r in results), [0, 1], results)
+        self.assertEqual(reads[:2], [None, None])
+        self.assertEqual(reads[2:], ["start"])
+        self.assertEqual(len(self.notifications(listener)), 1)
 
     def test_concurrent_vm_add(self):
         """

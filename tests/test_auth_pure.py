@@ -8,7 +8,6 @@ import base64
 from twisted.internet import task
 from twisted.trial import unittest
 
-from qvd import ipam
 from qvd.l7r.auth import credentials, otp
 from qvd.l7r.auth.interfaces import AuthFailed
 from qvd.l7r.auth.ldap import parse_ldap_host
@@ -209,43 +208,3 @@ class FailureLimiterTests(unittest.TestCase):
         for i in range(900, 1000):
             limiter.blocked(i)
         self.assertEqual(len(limiter), 0)
-
-
-class IpamTests(unittest.TestCase):
-
-    def test_top_down(self):
-        """
-        Addresses are handed out from broadcast - 1 downwards, skipping used ones.
-        """
-        self.assertEqual(str(ipam.allocate_ip("10.0.0.100", "255.255.0.0", [])),
-                         "10.0.255.254")
-        used = ["10.0.255.254", "10.0.255.253/32", "garbage"]
-        self.assertEqual(str(ipam.allocate_ip("10.0.0.100", "255.255.0.0", used)),
-                         "10.0.255.252")
-
-    def test_exhausted(self):
-        """
-        When every address from the start up is used, AddressError says so.
-        """
-        used = [f"192.168.1.{i}" for i in range(250, 255)]
-        self.assertEqual(str(ipam.allocate_ip("192.168.1.250", "255.255.255.0", used[:-1])),
-                         "192.168.1.254")
-        e = self.assertRaises(ipam.AddressError, ipam.allocate_ip, "192.168.1.250",
-                              "255.255.255.0", used)
-        self.assertIn("no free VM address", str(e))
-
-    def test_bad_network(self):
-        """
-        A start address that is not valid or is the broadcast address is refused.
-        """
-        self.assertRaises(ipam.AddressError, ipam.allocate_ip, "10.0.0.x", "255.255.0.0", [])
-        self.assertRaises(ipam.AddressError, ipam.allocate_ip, "10.0.255.255", "255.255.0.0",
-                          [])
-
-    def test_mac(self):
-        """
-        The MAC is the prefix followed by the last three octets of the IP.
-        """
-        self.assertEqual(ipam.mac_for_ip("10.0.255.254", "54:52:00"), "54:52:00:00:ff:fe")
-        self.assertEqual(ipam.mac_for_ip("10.1.2.3", "54:52:0"), "54:52:00:01:02:03")
-        self.assertRaises(ipam.AddressError, ipam.mac_for_ip, "10.1.2.3", "zz:00")

@@ -322,3 +322,50 @@ class CommandLineTests(unittest.TestCase):
         env = nxproxy_env(NxproxySettings(display=":3"), "/home/a/.qvd",
                           {"NX_ROOT": "/x", "DISPLAY": ":0"})
         self.assertEqual((env["DISPLAY"], env["NX_ROOT"]), (":3", "/x"))
+
+
+class WaitForPictureTests(unittest.TestCase):
+    """
+    qvd.client.headless.wait_for_picture with a scripted screen and a Clock.
+    """
+
+    def run_with(self, frames, wait=20, **kw):
+        from twisted.internet import defer
+        from qvd.client._x11 import RGBImage
+        from qvd.client.headless import wait_for_picture
+        clock = Clock()
+        frames = list(frames)
+        grabs = []
+
+        def grab_async(display):
+            grabs.append(clock.seconds())
+            colour = frames.pop(0) if len(frames) > 1 else frames[0]
+            return defer.succeed(RGBImage(1, 1, bytes([colour, 0, 0])))
+        d = wait_for_picture(clock, grab_async, ":9", wait, poll=0.5, settle=1.0, **kw)
+        for _ in range(100):
+            clock.advance(0.5)
+        return self.successResultOf(d), grabs
+
+    def test_waits_for_non_black_then_stable(self):
+        """
+        Black frames are skipped; after the first non-black one, grabs
+        continue every settle seconds until two are equal.
+        """
+        image, grabs = self.run_with([0, 0, 10, 20, 30, 30])
+        self.assertEqual(image.rgb[0], 30)
+        self.assertEqual(grabs, [0, 0.5, 1.0, 2.0, 3.0, 4.0])
+
+    def test_gives_up_after_wait(self):
+        """
+        A screen that stays black is returned when the wait ends.
+        """
+        image, grabs = self.run_with([0], wait=3)
+        self.assertTrue(image.is_black())
+        self.assertEqual(grabs[-1], 3.0)
+
+    def test_never_stable(self):
+        """
+        A screen that keeps changing is returned after max_settle seconds.
+        """
+        image, grabs = self.run_with(list(range(1, 100)), wait=60, max_settle=4)
+        self.assertEqual(grabs, [0, 1.0, 2.0, 3.0, 4.0])

@@ -84,6 +84,17 @@ class ChooseHostTests(unittest.TestCase):
         e = self.assertRaises(lb.NoHostAvailable, lb.choose_host, "desk", "kvm", [])
         self.assertIn("qvd-admin host add", str(e))
 
+    def test_interface(self):
+        """
+        DefaultLoadBalancer provides ILoadBalancer and chooses like choose_host.
+        """
+        from zope.interface.verify import verifyObject
+        balancer = lb.DefaultLoadBalancer(lb.Weights(1, 1, 0), random=lambda: 0.0)
+        self.assertTrue(verifyObject(lb.ILoadBalancer, balancer))
+        hosts = [host(1, "a", ram=1), host(2, "b", ram=2)]
+        self.assertEqual(balancer.choose("v", "lxc", hosts).name, "b")
+        self.assertEqual(lb.HostLoad(*(2, "b", "running", False, "lxc", 2.0, 0.0, 0)), hosts[1])
+
     def test_weights_from_config(self):
         """
         The weights come from l7r.loadbalancer.plugin.default.weight.*, 1/1/1 by default.

@@ -83,7 +83,8 @@ class VMRange:
                 f"IP {ip} is outside the VM range {self.describe()} "
                 "(vm.network.ip.start to the broadcast address - 1): choose one inside it")
         if str(addr) in {str(u) for u in used}:
-            raise AddressError(f"IP {ip} is already used by another VM: choose another or omit --ip")
+            raise AddressError(
+                f"IP {ip} is already used by another VM: choose another or omit --ip")
         return str(addr)
 
 

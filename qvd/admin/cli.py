@@ -48,6 +48,10 @@ def _global_options(parser, suppress):
     parser.add_argument("--json", action="store_true",
                         default=argparse.SUPPRESS if suppress else False,
                         help="print JSON instead of a table")
+    parser.add_argument("--exist-ok", action="store_true", dest="exist_ok",
+                        default=argparse.SUPPRESS if suppress else False,
+                        help="an add of something that already exists succeeds without "
+                        "changing it (for scripts that run again)")
 
 
 def _bool_pair(parser, name, yes_help, no_name=None, dest=None):
@@ -330,17 +334,20 @@ def _database_error(e):
             return AdminError(f"the database has no qvd schema ({text}): run "
                               f"'{PROG} db init'")
         return AdminError(f"database error: {text}")
-    return AdminError(str(e))
+    text = str(e)
+    if text.startswith("cannot connect"):
+        text += ("; check database.* in the node file (--config), or create the database "
+                 f"with '{PROG} db init'")
+    return AdminError(text)
 
 
 def run(args, ctx):
     """Run the parsed command; return its L{Result}."""
-    from qvd.db import DatabaseError, migrate, settings, sync
+    from qvd.db import migrate, settings, sync
     if not args.txn:
         return args.func(ctx, args)
     if args.func is C.di_add:
         args.staged = C.stage_image(ctx, args.file)
-        ctx.after_commit(lambda: os.unlink(args.staged))
         staged_cleanup = args.staged
     else:
         staged_cleanup = None
@@ -360,9 +367,7 @@ def run(args, ctx):
             retries = ctx.config.getint("admin.retry.max")
 
             def attempt(cur):
-                ctx.rolled_back()
-                if staged_cleanup:
-                    ctx.after_commit(lambda: os.unlink(staged_cleanup))
+                ctx.rolled_back()       # effects of an attempt that conflicted
                 return args.func(ctx, cur, args)
             try:
                 result = sync.transaction(conn, attempt, retries=retries)
@@ -386,6 +391,7 @@ def main(argv=None, stdout=None, stderr=None, random=None):
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
     argv = sys.argv[1:] if argv is None else list(argv)
+    args = None
     try:
         try:
             args = build_parser().parse_args(argv)
@@ -411,6 +417,12 @@ def main(argv=None, stdout=None, stderr=None, random=None):
             raise
         stdout.write(render(result, args.json))
         return 0
+    except C.AlreadyExists as e:
+        if getattr(args, "exist_ok", False):
+            stdout.write(" ".join(str(e).split()) + "; nothing changed\n")
+            return 0
+        stderr.write(f"{PROG}: error: {' '.join(str(e).split())}\n")
+        return e.status
     except AdminError as e:
         message = " ".join(str(e).split())
         stderr.write(f"{PROG}: error: {message}\n")

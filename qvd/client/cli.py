@@ -321,7 +321,7 @@ async def _run(reactor, settings, output, environ, ask):
                 output.info(f"headless: Xvfb on display {display}")
         protocol, creator = await _connect(reactor, settings, output)
         response = await _request(protocol, list_of_vm_request(settings.auth), settings,
-                                  creator, "list")
+                                  creator)
         if response.code != 200:
             raise errors.error_for_response("list", response, settings.host)
         try:
@@ -332,7 +332,28 @@ async def _run(reactor, settings, output, environ, ask):
             output.result(format_vm_table(vms))
             return errors.EXIT_OK
         vm_id = await _choose_vm(vms, settings, output, ask)
-        return await _connect_vm(reactor, protocol, vm_id, settings, output, creator, environ)
+        if protocol.state != "idle" or (response.headers.get("Connection") or "").lower() == "close":
+            # The server did not keep the connection open: use a new one.
+            protocol.close()
+            protocol, creator = await _connect(reactor, settings, output)
+        output.info(f"connecting to VM {vm_id} at {settings.host}:{settings.port}")
+        request = connect_to_vm_request(settings.auth, vm_id, settings.parameters)
+        progress = _Progress(output)
+        try:
+            outcome = await protocol.request(request, progress)
+        except ConnectionClosed as e:
+            if progress.seen:
+                raise _request_error(e, settings, creator) from None
+            # Closed before answering anything (an idle connection the server
+            # dropped): the request was not processed; try once more.
+            protocol.close()
+            protocol, creator = await _connect(reactor, settings, output)
+            outcome = await _request(protocol, request, settings, creator, progress)
+        except (ResponseTimeout, ProtocolError) as e:
+            raise _request_error(e, settings, creator) from None
+        if not isinstance(outcome, Upgraded):
+            raise errors.error_for_response("connect", outcome, settings.host)
+        return await _run_session(reactor, protocol, outcome, settings, output, environ)
     finally:
         if protocol is not None:
             protocol.close()
@@ -349,7 +370,6 @@ def _check_nxproxy(path):
 
 
 async def _connect(reactor, settings, output):
-    from twisted.internet.defer import Deferred
     endpoint = HostnameEndpoint(reactor, settings.host, settings.port,
                                 timeout=settings.connect_timeout)
     creator = None
@@ -381,8 +401,8 @@ async def _connect(reactor, settings, output):
         if not timer.active():
             raise ClientError(f"TLS handshake with {where} timed out after "
                               f"{settings.connect_timeout:g} s", errors.EXIT_NETWORK)
-        raise ClientError(f"TLS handshake with {where} failed: {_reason(e)}",
-                          errors.EXIT_NETWORK)
+        raise ClientError(f"TLS handshake with {where} failed: {_reason(e)} "
+                          f"(is {where} the L7R's TLS port?)", errors.EXIT_NETWORK)
     finally:
         if timer.active():
             timer.cancel()
@@ -390,31 +410,42 @@ async def _connect(reactor, settings, output):
 
 
 def _reason(e):
+    """
+    A short human text for a connection failure.
+    """
     from twisted.python.failure import Failure
     if isinstance(e, Failure):
         e = e.value
-    if isinstance(e, (ConnectionClosed,)):
+    if isinstance(e, ConnectionClosed):
         e = e.reason.value
-    text = str(e)
-    if "SSL" in type(e).__module__ or type(e).__name__ == "Error":
-        text = f"{e!r}"
-    return text.strip() or type(e).__name__
+    text = str(e).strip()
+    if type(e).__module__.startswith("OpenSSL"):
+        text = "; ".join(item[-1] for item in e.args[0] if item) if e.args and isinstance(
+            e.args[0], list) else text
+    return text or type(e).__name__
 
 
-async def _request(protocol, data, settings, creator, phase, on_interim=None):
-    where = f"{settings.host}:{settings.port}"
+async def _request(protocol, data, settings, creator, on_interim=None):
     try:
         return await protocol.request(data, on_interim)
-    except ConnectionClosed as e:
+    except (ConnectionClosed, ResponseTimeout, ProtocolError) as e:
+        raise _request_error(e, settings, creator) from None
+
+
+def _request_error(e, settings, creator):
+    """
+    The ClientError for a request that failed with C{e}.
+    """
+    where = f"{settings.host}:{settings.port}"
+    if isinstance(e, ConnectionClosed):
         explained = creator.explain(settings.port) if creator is not None else None
         if explained:
-            raise ClientError(explained, errors.EXIT_NETWORK)
-        raise ClientError(f"{where} closed the connection: {_reason(e.reason.value)}",
-                          errors.EXIT_NETWORK)
-    except ResponseTimeout as e:
-        raise ClientError(f"{where} stopped answering: {e}", errors.EXIT_NETWORK)
-    except ProtocolError as e:
-        raise ClientError(f"{where} does not speak the QVD protocol: {e}", errors.EXIT_NETWORK)
+            return ClientError(explained, errors.EXIT_NETWORK)
+        return ClientError(f"{where} closed the connection: {_reason(e.reason.value)}",
+                           errors.EXIT_NETWORK)
+    if isinstance(e, ResponseTimeout):
+        return ClientError(f"{where} stopped answering: {e}", errors.EXIT_NETWORK)
+    return ClientError(f"{where} does not speak the QVD protocol: {e}", errors.EXIT_NETWORK)
 
 
 async def _choose_vm(vms, settings, output, ask):
@@ -439,18 +470,23 @@ async def _choose_vm(vms, settings, output, ask):
         output.info(f"{answer!r} is not one of: {', '.join(str(i) for i in sorted(ids))}")
 
 
-async def _connect_vm(reactor, protocol, vm_id, settings, output, creator, environ):
-    from qvd.client.nx import NxproxySettings, NxSession
+class _Progress:
+    """
+    Shows the X-QVD-VM-Info of each 102 line; remembers whether any came.
+    """
 
-    def progress(interim):
+    def __init__(self, output):
+        self.output = output
+        self.seen = False
+
+    def __call__(self, interim):
+        self.seen = True
         if interim.info:
-            output.info(interim.info)
-    output.info(f"connecting to VM {vm_id} at {settings.host}:{settings.port}")
-    outcome = await _request(
-        protocol, connect_to_vm_request(settings.auth, vm_id, settings.parameters),
-        settings, creator, "connect", on_interim=progress)
-    if not isinstance(outcome, Upgraded):
-        raise errors.error_for_response("connect", outcome, settings.host)
+            self.output.info(interim.info)
+
+
+async def _run_session(reactor, protocol, outcome, settings, output, environ):
+    from qvd.client.nx import NxproxySettings, NxSession
     output.info("connected; starting nxproxy")
     nx = NxproxySettings(
         display=settings.display, command=settings.nxproxy,
@@ -475,12 +511,14 @@ async def _connect_vm(reactor, protocol, vm_id, settings, output, creator, envir
     finally:
         reactor.removeSystemEventTrigger(trigger)
     output.info(f"session ended (closed by {result.closed_by})")
+    if result.closed_by == "nxproxy" and result.nxproxy_said:
+        output.info("nxproxy said: " + " | ".join(result.nxproxy_said))
     return result.exit_code
 
 
 async def _headless(reactor, session, ended, settings, output):
     from qvd.client._x11 import write_png
-    from qvd.client.headless import wait_for_picture
+    from qvd.client.headless import threaded_grab, wait_for_picture
     waiter = defer.Deferred()
 
     def wake(value, what):
@@ -493,8 +531,8 @@ async def _headless(reactor, session, ended, settings, output):
         result = await ended  # raises the session's ClientError, if any
         raise ClientError(f"the session ended (closed by {result.closed_by}) "
                           "before the desktop showed", errors.EXIT_ERROR)
-    image = await wait_for_picture(reactor, settings.display, settings.wait,
-                                   stop=lambda: ended.called)
+    image = await wait_for_picture(reactor, threaded_grab(reactor), settings.display,
+                                   settings.wait, stop=lambda: ended.called)
     path = os.path.abspath(settings.screenshot)
     write_png(path, image)
     if image.is_black():

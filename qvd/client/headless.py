@@ -3,12 +3,13 @@ Headless sessions: a private Xvfb for nxproxy to draw into, and a screenshot.
 
     xvfb = Xvfb(reactor)
     display = await xvfb.start()                     # ":7", a free display
-    image = await wait_for_picture(reactor, display, wait=60)
+    image = await wait_for_picture(reactor, threaded_grab(reactor), display, wait=60)
     write_png("desktop.png", image)
     await xvfb.stop()
 
 Xvfb picks its own free display (C{-displayfd}), runs with a black root
-(C{-br}) so "something other than black" means the remote desktop arrived.
+(C{-br}) so "something other than black" means the remote desktop arrived;
+then we wait for the screen to stop changing before the screenshot.
 The X11 calls run in threads (L{qvd.client._x11} is blocking).
 """
 
@@ -104,34 +105,51 @@ def grab(display):
         return x.root_image()
 
 
+def threaded_grab(reactor):
+    """
+    A function display -> Deferred(RGBImage) that grabs in the reactor's threads.
+    """
+    def grab_async(display):
+        return threads.deferToThreadPool(reactor, reactor.getThreadPool(), grab, display)
+    return grab_async
+
+
 @defer.inlineCallbacks
-def wait_for_picture(reactor, display, wait, poll=0.5, settle=1.0, clock=None,
-                     stop=lambda: False):
+def wait_for_picture(clock, grab_async, display, wait, poll=0.5, settle=1.0,
+                     max_settle=10.0, stop=lambda: False):
     """
-    Poll C{display} until it shows something other than black or C{wait}
-    seconds pass (or C{stop()} is true); fires with the last L{RGBImage}
-    (taken C{settle} seconds after the first non-black one, so the desktop
-    has time to finish drawing).
+    Poll C{display} until it shows something other than black, then until
+    it stops changing (two grabs C{settle} seconds apart are equal, for at
+    most C{max_settle} seconds), so that the desktop has finished drawing.
+    Gives up after C{wait} seconds in all or when C{stop()} is true; fires
+    with the last L{RGBImage}, or fails with L{ClientError} if the display
+    could never be read.
     """
-    clock = clock or reactor
     deadline = clock.seconds() + wait
     image = None
     while True:
         try:
-            image = yield threads.deferToThreadPool(
-                reactor, reactor.getThreadPool(), grab, display)
+            image = yield grab_async(display)
         except X11Error:
-            image = None
+            pass
         if image is not None and not image.is_black():
-            yield _sleep(clock, settle)
-            image = yield threads.deferToThreadPool(
-                reactor, reactor.getThreadPool(), grab, display)
-            return image
+            break
         if clock.seconds() >= deadline or stop():
             if image is None:
                 raise ClientError(f"cannot read the screen of {display}", EXIT_LOCAL)
             return image
         yield _sleep(clock, poll)
+    settle_deadline = min(deadline, clock.seconds() + max_settle)
+    while clock.seconds() < settle_deadline and not stop():
+        yield _sleep(clock, settle)
+        try:
+            newer = yield grab_async(display)
+        except X11Error:
+            break
+        if newer.rgb == image.rgb:
+            return newer
+        image = newer
+    return image
 
 
 def _sleep(clock, seconds):

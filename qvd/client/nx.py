@@ -96,6 +96,7 @@ class SessionEnded:
     """
     closed_by: str
     nxproxy_status: object = None
+    nxproxy_said: tuple = ()
 
     @property
     def exit_code(self):
@@ -219,15 +220,21 @@ class NxSession:
     # --- steps --------------------------------------------------------------
 
     def _write_slave_files(self):
-        os.makedirs(self.user_dir, mode=0o700, exist_ok=True)
-        if self.slave_key:
-            _write_private(os.path.join(self.user_dir, "slave-key"), self.slave_key)
-        if self.settings.slave:
-            self._slave_port = 62000 + random.randrange(2000)
-            self._slave_port_file = os.path.join(self.user_dir, "slave-port")
-            _write_private(self._slave_port_file, str(self._slave_port))
-        else:
-            self._slave_port = None
+        # As the original: failing to save these only costs the slave channel.
+        self._slave_port = None
+        try:
+            os.makedirs(self.user_dir, mode=0o700, exist_ok=True)
+            if self.slave_key:
+                _write_private(os.path.join(self.user_dir, "slave-key"), self.slave_key)
+            if self.settings.slave:
+                port = 62000 + random.randrange(2000)
+                self._slave_port_file = os.path.join(self.user_dir, "slave-port")
+                _write_private(self._slave_port_file, str(port))
+                self._slave_port = port
+        except OSError as e:
+            self._slave_port_file = None
+            self.on_status(f"warning: cannot save the slave key/port in {self.user_dir}: "
+                           f"{e.strerror}; the slave channel is disabled")
 
     def _cannot_listen(self, failure):
         self._error = ClientError(
@@ -242,7 +249,10 @@ class NxSession:
             return
         argv = nxproxy_argv(self.settings, port.getHost().port, self._slave_port)
         env = nxproxy_env(self.settings, self.user_dir, self.environ)
-        os.makedirs(env["NX_ROOT"], mode=0o700, exist_ok=True)
+        try:
+            os.makedirs(env["NX_ROOT"], mode=0o700, exist_ok=True)
+        except OSError as e:
+            self.on_status(f"warning: cannot create NX_ROOT {env['NX_ROOT']}: {e.strerror}")
         self.on_status("starting " + " ".join(argv) + f" (DISPLAY={self.settings.display})")
         self._process = _NxproxyProcess(self)
         try:
@@ -346,8 +356,9 @@ class NxSession:
             self._done.errback(self._error)
         else:
             status = self._nxproxy_status
+            said = tuple(self._process.tail[-3:]) if self._process is not None else ()
             self._done.callback(SessionEnded(self._closed_by or "server",
-                                             None if status == "running" else status))
+                                             None if status == "running" else status, said))
 
     def _cancel_timer(self):
         if self._timer is not None and self._timer.active():

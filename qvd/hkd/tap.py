@@ -1,16 +1,169 @@
 """
-twistd qvd-hkd: options and service (a stub until the daemon is built).
+twistd qvd-hkd: the node daemon.
+
+    twistd -n qvd-hkd --config /etc/qvd/node.conf [--nodename NAME]
+
+Before the reactor runs it checks, and exits with one clear message when
+wrong: the configuration, the node lock (hkd.lock.path: one HKD per node), the
+database (reachable, migrated) and the node (a C{hosts} row whose name is
+C{nodename}; create it with C{qvd-admin host add}). SIGTERM stops the daemon but
+not the desktops; a restarted HKD adopts them.
 """
+
+import importlib
 
 from twisted.application import service
 from twisted.python import usage
+from zope.interface.verify import verifyObject
+
+from qvd.config import Config, ConfigError
+from qvd.virt.interfaces import IHypervisor
 
 
 class Options(usage.Options):
     optParameters = [
         ["config", "c", None, "The node configuration file (default /etc/qvd/node.conf)."],
+        ["nodename", "n", None, "This node's name in the hosts table (default: nodename "
+                                "from the configuration)."],
     ]
 
 
+def _fail(message):
+    raise SystemExit(f"qvd-hkd: {message}")
+
+
+def find_host(dsn, nodename):
+    """
+    The id of host C{nodename}, read with a blocking connection (before the
+    reactor runs). Exits with a message when the database or the row is missing.
+    """
+    import psycopg2
+
+    from qvd.db import DatabaseError, sync
+    try:
+        with sync.connect(dsn) as conn:
+            with conn.cursor() as cur:
+                cur.execute("SELECT id FROM hosts WHERE name = %s", (nodename,))
+                row = cur.fetchone()
+                conn.rollback()
+    except DatabaseError as e:
+        _fail(f"{e}; start PostgreSQL or fix database.* in the configuration")
+    except psycopg2.errors.UndefinedTable:
+        _fail("the database has no qvd schema: run qvd-admin db init (or qvd-up) first")
+    except psycopg2.Error as e:
+        _fail(f"cannot read the hosts table: {str(e).strip()}")
+    if row is None:
+        _fail(f"this node, {nodename!r}, is not registered in the hosts table: add it with "
+              f"'qvd-admin host add name={nodename} address=<its IP>', or set nodename in "
+              "the configuration (or --nodename) to a registered host")
+    return row[0]
+
+
+def make_driver(config, reactor):
+    """
+    The virt driver named by vm.hypervisor: the module qvd.virt.<name> offers
+    C{makeHypervisor(config, reactor)} or a class implementing L{IHypervisor}
+    that takes the same arguments (C{LXCDriver(config, reactor)}).
+    """
+    name = config.get("vm.hypervisor")
+    if name == "fake":
+        from qvd.testing.fakevirt import FakeHypervisor
+        return FakeHypervisor(reactor)
+    try:
+        module = importlib.import_module(f"qvd.virt.{name}")
+    except ImportError as e:
+        _fail(f"vm.hypervisor = {name!r}: no driver qvd.virt.{name} ({e}); use lxc or kvm")
+    factory = getattr(module, "makeHypervisor", None)
+    if factory is None:
+        for attr in sorted(vars(module)):
+            value = getattr(module, attr)
+            if (isinstance(value, type) and value.__module__ == module.__name__
+                    and IHypervisor.implementedBy(value)):
+                factory = value
+                break
+    if factory is None:
+        _fail(f"qvd.virt.{name} has no driver class implementing IHypervisor")
+    driver = factory(config, reactor)
+    verifyObject(IHypervisor, driver)
+    return driver
+
+
+def make_vma_factory(config, reactor):
+    from qvd.vma.client import VMAClient
+    timeout = config.getfloat("hkd.vm.vma.timeout")
+
+    def factory(host, port):
+        return VMAClient(reactor, host, port, timeout=timeout)
+    return factory
+
+
+class _Lock(service.Service):
+    def __init__(self, lock):
+        self.lock = lock
+
+    def startService(self):
+        service.Service.startService(self)
+        self.lock.update_pid()
+
+    def stopService(self):
+        service.Service.stopService(self)
+        self.lock.release()
+
+
 def makeService(options):
-    return service.MultiService()
+    from twisted.internet import reactor
+
+    from qvd.db.listen import Listener
+    from qvd.db.pool import Database
+    from qvd.db.settings import database_dsn
+    from qvd.hkd.lock import LockHeld, NodeLock
+    from qvd.hkd.node import HKD
+
+    overrides = {}
+    if options["nodename"]:
+        overrides["nodename"] = options["nodename"]
+    try:
+        config = Config.load(options["config"], overrides=overrides)
+    except ConfigError as e:
+        _fail(str(e))
+    nodename = config.get("nodename")
+    lock = NodeLock(config.get("hkd.lock.path"))
+    try:
+        lock.acquire()
+    except LockHeld as e:
+        _fail(str(e))
+    except OSError as e:
+        _fail(f"cannot create the node lock {lock.path}: {e.strerror} (set hkd.lock.path)")
+    try:
+        dsn = database_dsn(config)
+    except Exception as e:
+        _fail(f"cannot reach the database: {e}")
+    host_id = find_host(dsn, nodename)
+    try:
+        driver = make_driver(config, reactor)
+    except SystemExit:
+        raise
+    except Exception as e:
+        _fail(f"cannot set up the {config.get('vm.hypervisor')} driver: {e}")
+    try:
+        if config.get("vm.hypervisor") == "fake":
+            from qvd.testing.fakevirt import FakeVMA
+            vma_factory = FakeVMA(driver)
+        else:
+            vma_factory = make_vma_factory(config, reactor)
+    except ImportError as e:
+        _fail(f"the agent client qvd.vma.client is missing ({e})")
+    db = Database(dsn, reactor, size=config.getint("database.pool.size"),
+                  retries=config.getint("database.retry.max"))
+    listener = Listener(dsn, reactor, keepalive=config.getfloat("database.listen.keepalive"))
+
+    def node_stopped():
+        if reactor.running:
+            reactor.stop()
+
+    top = service.MultiService()
+    _Lock(lock).setServiceParent(top)
+    hkd = HKD(config, reactor, db, listener, driver, vma_factory, host_id, dsn=dsn,
+              on_node_stopped=node_stopped)
+    hkd.setServiceParent(top)
+    return top

@@ -4,7 +4,8 @@ python3 -m qvd.vma --config /etc/qvd/vma.conf
 Runs the VMA in the foreground (how desktop images start it at boot, on
 Debian's own python3 + python3-twisted). Logs go to vma.log.filename
 ("-": standard output); --log - overrides it. SIGTERM/SIGINT end the
-session and exit.
+session and exit. As PID 1 (a container without init) it forks and the
+parent acts as init (L{qvd.vma._init}).
 """
 
 import argparse
@@ -37,6 +38,9 @@ def main(argv=None):
     except ConfigError as e:
         print(f"qvd-vma: {e}", file=sys.stderr)
         return 2
+
+    from qvd.vma._init import become_init_if_pid1
+    become_init_if_pid1()      # in a container without init, stay PID 1 and reap
 
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner, textFileLogObserver

@@ -37,10 +37,10 @@ COLOUR = 0x21C45A  # what the "desktop" paints its root with
 HERE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def make_certificate(directory, ips=("127.0.0.1",), dns=("localhost",)):
+def make_certificate(directory, ips=("127.0.0.1",), dns=("localhost",), ca=True):
     """
-    A self-signed certificate (also usable as its own CA) for the given names;
-    returns (cert path, key path).
+    A self-signed certificate (with C{ca}, marked as a CA) for the given
+    names; returns (cert path, key path).
     """
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, (dns or ips)[0])])
@@ -50,9 +50,10 @@ def make_certificate(directory, ips=("127.0.0.1",), dns=("localhost",)):
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(names), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
+            .add_extension(x509.SubjectAlternativeName(names), critical=False))
+    if ca:
+        cert = cert.add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+    cert = cert.sign(key, hashes.SHA256())
     cert_path = os.path.join(directory, "cert.pem")
     key_path = os.path.join(directory, "key.pem")
     with open(cert_path, "wb") as f:
@@ -120,10 +121,20 @@ class FakeL7RProtocol(Protocol):
                                  b"Content-Length: 0\r\n\r\n")
         elif path.startswith("/qvd/list_of_vm?"):
             self.respond(200, "OK", json.dumps(f.vms, indent=3).encode(), "application/json")
+            if f.close_after_list:
+                self.transport.loseConnection()
         elif path.startswith("/qvd/connect_to_vm?"):
             if f.connect_status is not None:
                 code, body = f.connect_status
                 self.respond(code, "Error", body)
+                return
+            if f.payload is not None:
+                # No nxagent: 101 and the payload in one write, then close.
+                self.upgraded = True
+                self.pending = []
+                self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\n"
+                                     b"X-QVD-Slave-Key: " + b"K" * 64 + b"\r\n\r\n" + f.payload)
+                self.transport.loseConnection()
                 return
             for text in ("Session acquired for VM_ID: 1", "Starting virtual machine",
                          "Connecting X session for VM_ID: 1", "Connection established"):
@@ -176,6 +187,8 @@ class FakeL7R(Factory):
                      "is_application": 0}]
         self.nx_port = nx_port
         self.connect_status = None
+        self.close_after_list = False
+        self.payload = None
         self.expected_auth = BasicAuth(login, password).header()
 
 
@@ -346,6 +359,22 @@ class TLSTests(_Base):
         self.assertEqual(self.server.requests, [])
 
     @defer.inlineCallbacks
+    def test_l7r_self_signed_by_name(self):
+        """
+        A self-signed certificate like the L7R's demo one (a DNS name only,
+        no CA flag) given with --ca is accepted when --host is that name.
+        """
+        other = os.path.join(self.tmp, "byname")
+        os.mkdir(other)
+        cert, key = make_certificate(other, ips=(), dns=("localhost",), ca=False)
+        port = self.listen(cert, key)
+        out, err, code = yield self.run_cli(
+            ["--host", "localhost", "--port", str(port), "--user", "alice@acme",
+             "--password", "pw", "--ca", cert, "list"])
+        self.assertEqual(code, 0, err)
+        self.assertIn(b"desk1", out)
+
+    @defer.inlineCallbacks
     def test_wrong_host_name(self):
         """
         A trusted certificate for another host name is refused, saying so.
@@ -373,6 +402,35 @@ class TLSTests(_Base):
         self.assertEqual(code, 0, err)
         self.assertIn("warning: not verifying the certificate of 127.0.0.1", err.decode())
         self.assertIn(b"desk1", out)
+
+    @defer.inlineCallbacks
+    def test_plain_tcp(self):
+        """
+        With client.use_ssl off the same protocol runs over plain TCP.
+        """
+        port = reactor.listenTCP(0, self.server, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.addCleanup(self._close_connections)
+        output = cli.Output(io.StringIO(), io.StringIO())
+        code = yield cli.run(reactor, self.settings(port.getHost().port, command="list",
+                                                    use_ssl=False), output)
+        self.assertEqual(code, 0, output.err.getvalue())
+        self.assertIn("desk1", output.out.getvalue())
+
+    @defer.inlineCallbacks
+    def test_server_closes_after_list(self):
+        """
+        If the server closes the connection after list_of_vm, connect_to_vm
+        goes over a new connection.
+        """
+        port = self.listen()
+        self.server.close_after_list = True
+        self.server.connect_status = (426, b"")
+        output = cli.Output(io.StringIO(), io.StringIO())
+        code = yield cli.run(reactor, self.settings(port), output)
+        self.assertEqual(code, errors.EXIT_UPGRADE, output.err.getvalue())
+        self.assertIn("more up-to-date client", output.err.getvalue())
+        self.assertEqual([n for n, _ in self.server.requests], [1, 2])
 
     @defer.inlineCallbacks
     def test_bad_login(self):
@@ -415,9 +473,24 @@ class NXTests(_Base):
 
     @defer.inlineCallbacks
     def start_nxagent(self):
+        """
+        Start nxagent on a free display and port (a few tries: other tests
+        on this machine pick displays too); fires with its display name.
+        """
+        for attempt in range(3):
+            try:
+                display = yield self._start_nxagent(attempt)
+            except RuntimeError:
+                if attempt == 2:
+                    raise
+            else:
+                return display
+
+    @defer.inlineCallbacks
+    def _start_nxagent(self, attempt):
         n = free_display()
         nx_port = free_tcp_port()
-        agent_home = os.path.join(self.tmp, "agent")
+        agent_home = os.path.join(self.tmp, f"agent{attempt}")
         os.makedirs(agent_home)
         process = _AgentProcess()
         argv = ["nxagent", "-nolisten", "tcp", "-ac", "-D", "-name", "QVDTEST",
@@ -425,17 +498,35 @@ class NXTests(_Base):
         transport = reactor.spawnProcess(
             process, shutil.which("nxagent"), argv,
             env={"HOME": agent_home, "PATH": os.environ.get("PATH", "")})
+        pid = transport.pid
 
+        @defer.inlineCallbacks
         def stop():
             if not process.ended.called:
-                transport.signalProcess("KILL")
-            return process.ended
+                transport.signalProcess("TERM")
+                timer = reactor.callLater(5, transport.signalProcess, "KILL")
+                yield process.ended
+                if timer.active():
+                    timer.cancel()
+            # A killed X server leaves its lock and socket behind; remove
+            # them only if they are this nxagent's.
+            try:
+                with open(f"/tmp/.X{n}-lock") as f:
+                    owner = int(f.read().strip() or 0)
+            except (OSError, ValueError):
+                return
+            if owner == pid:
+                for path in (f"/tmp/.X{n}-lock", f"/tmp/.X11-unix/X{n}"):
+                    if os.path.exists(path):
+                        os.unlink(path)
         self.addCleanup(stop)
         timer = reactor.callLater(10, lambda: process.ready.called or process.ready.errback(
             RuntimeError("nxagent did not start listening in 10 s")))
-        yield process.ready
-        if timer.active():
-            timer.cancel()
+        try:
+            yield process.ready
+        finally:
+            if timer.active():
+                timer.cancel()
         self.server.nx_port = nx_port
         self.agent = process
         return f":{n}"
@@ -532,6 +623,54 @@ class NXTests(_Base):
         self.assertEqual(out.decode().strip(), shot)
         self.assertGreater(read_png_rgb(shot).count(COLOUR), 1000)
         self.assertIn(b"Connection established", err)
+
+
+FAKE_NXPROXY = """
+import hashlib, os, socket, sys, time
+port = int(sys.argv[-1].split("port=")[1].split(",")[0].split(":")[0])
+s = socket.create_connection(("127.0.0.1", port))
+s.sendall(b"NXPROXY-3.5.0-3.5.99 stream=default,data=default ")
+n, h = 0, hashlib.sha256()
+while True:
+    data = s.recv(65536)
+    if not data:
+        break
+    n += len(data)
+    h.update(data)
+    time.sleep(0.0005)  # a slow reader: the relay must hold back, not buffer
+with open(os.environ["FAKE_NXPROXY_OUT"], "w") as f:
+    f.write("%d %s %s" % (n, h.hexdigest(), os.environ["DISPLAY"]))
+"""
+
+
+class RelayTests(_Base):
+
+    @defer.inlineCallbacks
+    def test_large_stream_after_101(self):
+        """
+        Bytes the server sends right behind the 101 (in the same write),
+        20 MB of them, reach nxproxy intact and in order once it connects,
+        through a slow reader; then the server's close ends the session with
+        exit code 0.
+        """
+        import hashlib
+        payload = os.urandom(20 * 1024 * 1024)
+        self.server.payload = payload
+        port = self.listen()
+        script = os.path.join(self.tmp, "fake-nxproxy")
+        with open(script, "w") as f:
+            f.write("#!" + sys.executable + "\n" + FAKE_NXPROXY)
+        os.chmod(script, 0o755)
+        out_file = os.path.join(self.tmp, "nxproxy.out")
+        output = cli.Output(io.StringIO(), io.StringIO())
+        code = yield cli.run(reactor, self.settings(port, nxproxy=script, display=":77"),
+                             output, environ={"FAKE_NXPROXY_OUT": out_file, "PATH": "/usr/bin:/bin"})
+        self.assertEqual(code, 0, output.err.getvalue())
+        with open(out_file) as f:
+            count, digest, display = f.read().split()
+        self.assertEqual((int(count), digest, display),
+                         (len(payload), hashlib.sha256(payload).hexdigest(), ":77"))
+        self.assertIn("closed by server", output.err.getvalue())
 
 
 class ChooseVMTests(_Base):

@@ -22,9 +22,19 @@ from qvd.l7r.auth.plugin import Plugin
 
 log = Logger()
 
-# A real hash of a random password, verified when the login is unknown so
-# that failures take as long whether the user exists or not.
-_DUMMY_HASH = passwords.hash_password("qvd-no-such-user-password")
+_dummy_hash = None
+
+
+def _verify_unknown(password, salt):
+    """
+    Spend the time of a real verification, for a login that does not exist,
+    so that failures take as long whether the user exists or not.
+    """
+    global _dummy_hash
+    if _dummy_hash is None:
+        _dummy_hash = passwords.hash_password("qvd-no-such-user-password")
+    passwords.verify_password(_dummy_hash, password, salt)
+    return False, False
 
 
 class DefaultPlugin(Plugin):
@@ -42,7 +52,7 @@ class DefaultPlugin(Plugin):
             (login, ctx.tenant_id))
         salt = ctx.cfg("l7r.auth.plugin.default.salt")
         if not rows or not rows[0][1]:
-            await self.blocking(passwords.verify_password, _DUMMY_HASH, password, salt)
+            await self.blocking(_verify_unknown, password, salt)
             return False
         user_id, stored = rows[0]
         ok, upgrade = await self.blocking(passwords.verify_password, stored, password, salt)

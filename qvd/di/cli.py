@@ -1,0 +1,80 @@
+"""
+C{qvd-di}: build LXC disk images.
+
+    qvd-di build --desktop xfce -o xfce.tar
+    qvd-di build --desktop minimal --colour '#ff0000' -o test.tar
+    qvd-di build --desktop mate -o mate.tar --register --osf desktops --version 1
+    qvd-di show-key --desktop xfce          # the base layer's cache key
+"""
+
+import argparse
+import os
+import sys
+
+import qvd
+from qvd.config import Config, ConfigError
+from qvd.di.build import BuildError, Progress, build_image, register
+from qvd.di.recipe import DESKTOPS, Recipe, RecipeError
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="qvd-di", description="Build qvd LXC disk images.")
+    parser.add_argument("--config", help="node configuration file (default /etc/qvd/node.conf)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    build = sub.add_parser("build", help="build a rootfs tarball")
+    build.add_argument("--desktop", choices=DESKTOPS, default="xfce")
+    build.add_argument("-o", "--output", required=True, help="the tarball to write (.tar)")
+    build.add_argument("--colour", "--color", dest="colour",
+                       help="root window colour of the minimal desktop")
+    build.add_argument("--package", action="append", default=[],
+                       help="an extra Debian package (repeatable)")
+    build.add_argument("--cache", help="base layer cache directory (di.build.cache)")
+    build.add_argument("--source", default=os.path.dirname(os.path.abspath(qvd.__file__)),
+                       help="the qvd package directory copied into the image")
+    build.add_argument("--quiet", action="store_true", help="hide mmdebstrap's output")
+    build.add_argument("--register", action="store_true",
+                       help="register the image with 'qvd-admin di add'")
+    build.add_argument("--osf", help="OSF of the registered image")
+    build.add_argument("--version", help="version of the registered image")
+    key = sub.add_parser("show-key", help="print the base layer's cache file name")
+    key.add_argument("--desktop", choices=DESKTOPS, default="xfce")
+    key.add_argument("--package", action="append", default=[])
+    return parser
+
+
+def main(argv=None):
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        config = Config.load(args.config)
+        recipe = Recipe.from_config(config, args.desktop, getattr(args, "colour", None),
+                                    args.package)
+        if args.command == "show-key":
+            print(recipe.base_name())
+            return 0
+        if args.register and not (args.osf and args.version):
+            parser.error("--register needs --osf NAME and --version V")
+        if os.geteuid() != 0:
+            raise BuildError("qvd-di build must run as root (mmdebstrap makes root-owned files)")
+        output = os.path.abspath(args.output)
+        if not output.endswith(".tar"):
+            raise BuildError(f"the output {args.output!r} must end in .tar")
+        progress = Progress(sys.stderr)
+        progress.phase(f"building {recipe.desktop} image {output}")
+        build_image(recipe, output, args.source, args.cache or config.get("di.build.cache"),
+                    progress, quiet=args.quiet)
+        if args.register:
+            progress.phase(f"registering as OSF {args.osf}, version {args.version}")
+            sys.stdout.write(register(output, args.osf, args.version))
+        progress.phase("done")
+        return 0
+    except (ConfigError, RecipeError, BuildError) as e:
+        sys.stderr.write(f"qvd-di: {e}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write("qvd-di: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""
+What goes into an LXC disk image, as pure values: no I/O but reading the qvd
+source tree to hash it.
+
+    recipe = Recipe.from_config(config, desktop="minimal")
+    recipe.base_key()          # names the cached base layer
+    recipe.code_files()        # (path in image, mode, bytes) of the qvd layer
+
+The base layer is what mmdebstrap makes from (suite, variant, packages); the
+code layer is the qvd package, the VMA's systemd unit and, for the minimal
+desktop, its session script.
+"""
+
+import hashlib
+import json
+import os
+import re
+
+import attrs
+
+DESKTOPS = ("xfce", "mate", "gnome", "minimal")
+#: Bumped when the base layer's hooks change, so cached layers are rebuilt.
+BASE_FORMAT = 1
+#: Process name of the minimal session's marker: C{comm} of a symlink to
+#: xprop (at most 15 characters, the kernel's limit).
+MARKER_NAME = "qvd-test-marker"
+VMA_UNIT = "qvd-vma.service"
+DIST_PACKAGES = "usr/lib/python3/dist-packages"
+
+_COLOUR = re.compile(r"^(#[0-9a-fA-F]{3}|#[0-9a-fA-F]{6}|[A-Za-z ]{1,40})$")
+_PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.\-]+(:[a-z0-9]+)?$")
+
+
+class RecipeError(ValueError):
+    """
+    A recipe value is wrong; the message names it and says what is accepted.
+    """
+
+
+@attrs.frozen
+class Recipe:
+    """
+    The inputs of one image build.
+
+    @ivar suite: Debian suite (bookworm).
+    @ivar variant: mmdebstrap variant (minbase or apt).
+    @ivar desktop: one of L{DESKTOPS}.
+    @ivar packages: every package of the base layer, sorted, desktop included.
+    @ivar colour: root window colour of the minimal desktop.
+    """
+    suite: str
+    variant: str
+    desktop: str
+    packages: tuple
+    colour: str = "#2a7fd4"
+
+    def __attrs_post_init__(self):
+        if self.desktop not in DESKTOPS:
+            raise RecipeError(
+                f"unknown desktop {self.desktop!r}: choose one of {', '.join(DESKTOPS)}")
+        if self.variant not in ("minbase", "apt"):
+            raise RecipeError(f"unknown variant {self.variant!r}: use minbase or apt")
+        if not re.match(r"^[a-z][a-z0-9\-]*$", self.suite):
+            raise RecipeError(f"bad suite name {self.suite!r} (e.g. bookworm)")
+        for package in self.packages:
+            if not _PACKAGE.match(package):
+                raise RecipeError(f"bad Debian package name {package!r}")
+        if not _COLOUR.match(self.colour):
+            raise RecipeError(
+                f"bad colour {self.colour!r}: use #rgb, #rrggbb or an X colour name")
+
+    @classmethod
+    def from_config(cls, config, desktop, colour=None, extra=()):
+        """
+        The recipe of C{desktop} from the C{di.build.*} keys of C{config}.
+        """
+        if desktop not in DESKTOPS:
+            raise RecipeError(
+                f"unknown desktop {desktop!r}: choose one of {', '.join(DESKTOPS)}")
+        packages = (config.getlist("di.build.packages")
+                    + config.getlist("di.build.packages.extra")
+                    + config.getlist(f"di.build.desktop.{desktop}")
+                    + list(extra))
+        return cls(
+            suite=config.get("di.build.suite"),
+            variant=config.get("di.build.variant"),
+            desktop=desktop,
+            packages=tuple(sorted(set(packages))),
+            colour=colour or config.get("di.build.minimal.colour"),
+        )
+
+    def base_key(self):
+        """
+        A short hash naming the base layer of this recipe (suite, variant,
+        packages, desktop and the format of the base hooks).
+        """
+        text = json.dumps([BASE_FORMAT, self.suite, self.variant,
+                           self.desktop, list(self.packages)])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def base_name(self):
+        return f"base-{self.suite}-{self.desktop}-{self.base_key()}.tar"
+
+    def mmdebstrap_argv(self, target):
+        """
+        The mmdebstrap command building the base layer into C{target} (a
+        .tar). No mirror is given: mmdebstrap then uses its default sources
+        for the suite.
+        """
+        return [
+            "mmdebstrap",
+            f"--variant={self.variant}",
+            "--include=" + ",".join(self.packages),
+            "--aptopt=Acquire::Languages \"none\"",
+            "--dpkgopt=path-exclude=/usr/share/man/*",
+            "--dpkgopt=path-exclude=/usr/share/doc/*",
+            "--dpkgopt=path-include=/usr/share/doc/*/copyright",
+            "--customize-hook=" + BASE_CUSTOMIZE_HOOK,
+            self.suite,
+            target,
+        ]
+
+    def session_script(self):
+        """
+        The minimal desktop's X session: a marker process that holds an X
+        connection (C{xprop -spy} under the name L{MARKER_NAME}, so a test can
+        find it), and once it is connected, the root window painted the
+        recipe's colour. The marker must be connected first: an X server
+        resets (and blackens its root) when its last client leaves. The
+        session ends with the X server.
+        """
+        return (
+            "#!/bin/sh\n"
+            "# qvd minimal test desktop: a coloured root window and a marker.\n"
+            f"/usr/local/bin/{MARKER_NAME} -root -spy QVD_TEST_MARKER 2>&1 |\n"
+            f"  {{ read -r connected; xsetroot -solid '{self.colour}'; cat >/dev/null; }}\n"
+        )
+
+    def code_files(self, qvd_source, vma_present=None):
+        """
+        The files of the code layer: a list of L{ImageFile}.
+
+        @param qvd_source: the directory of the C{qvd} package to copy.
+        @param vma_present: whether C{qvd.vma} can be run (C{python3 -m
+            qvd.vma}); looked up in C{qvd_source} when None.
+        """
+        if vma_present is None:
+            vma_present = os.path.exists(os.path.join(qvd_source, "vma", "__main__.py"))
+        files = []
+        for path, data in _package_files(qvd_source):
+            files.append(ImageFile(f"{DIST_PACKAGES}/qvd/{path}", 0o644, data))
+        files.append(ImageFile(f"etc/systemd/system/{VMA_UNIT}", 0o644,
+                               vma_unit(vma_present).encode()))
+        files.append(ImageFile(
+            f"etc/systemd/system/multi-user.target.wants/{VMA_UNIT}", 0o777,
+            link=f"/etc/systemd/system/{VMA_UNIT}"))
+        files.append(ImageFile("etc/qvd/vma.conf", 0o644, VMA_CONF.encode()))
+        files.append(ImageFile("etc/qvd/di.json", 0o644, json.dumps({
+            "suite": self.suite, "variant": self.variant, "desktop": self.desktop,
+            "packages": list(self.packages), "base": self.base_key(),
+            "qvd": source_hash(qvd_source),
+        }, indent=1).encode()))
+        if self.desktop == "minimal":
+            files.append(ImageFile("usr/local/bin/qvd-minimal-session", 0o755,
+                                   self.session_script().encode()))
+            files.append(ImageFile(f"usr/local/bin/{MARKER_NAME}", 0o777,
+                                   link="/usr/bin/xprop"))
+            files.append(ImageFile("usr/bin/x-session-manager", 0o777,
+                                   link="/usr/local/bin/qvd-minimal-session"))
+        return files
+
+
+@attrs.frozen
+class ImageFile:
+    """
+    One file of the code layer: a regular file (C{data}) or a symlink (C{link}).
+    """
+    path: str
+    mode: int
+    data: bytes = b""
+    link: str | None = None
+
+
+# Runs in mmdebstrap's customize phase ($1 is the new root).
+BASE_CUSTOMIZE_HOOK = (
+    'ln -sfn /var/lib/xkb "$1/usr/share/X11/xkb/compiled"; '
+    'rm -f "$1/etc/hostname" "$1/etc/machine-id" "$1/var/lib/dbus/machine-id"; '
+    'touch "$1/etc/machine-id"; '
+    'mkdir -p "$1/etc/qvd" "$1/var/log/qvd"; '
+    # Units that make no sense in a container and slow the boot.
+    'for u in systemd-udevd.service systemd-udev-trigger.service '
+    'systemd-hwdb-update.service systemd-modules-load.service '
+    'sys-kernel-config.mount sys-kernel-debug.mount sys-kernel-tracing.mount '
+    'getty@tty1.service; do ln -sfn /dev/null "$1/etc/systemd/system/$u"; done'
+)
+
+VMA_CONF = """\
+# qvd VMA configuration (Java-properties). The image builder writes this
+# default; the HKD does not change it.
+"""
+
+
+def vma_unit(vma_present=True):
+    """
+    The systemd unit that runs the VMA at boot. Without a C{qvd.vma} module
+    in the image it is a placeholder that says so and exits.
+    """
+    if vma_present:
+        command = "/usr/bin/python3 -m qvd.vma --config /etc/qvd/vma.conf"
+    else:
+        command = "/bin/sh -c 'echo qvd-vma: qvd.vma is not in this image >&2'"
+    return f"""\
+[Unit]
+Description=qvd VM agent (VMA)
+After=network.target
+
+[Service]
+ExecStart={command}
+Restart=on-failure
+RestartSec=1
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def _package_files(qvd_source):
+    """
+    (relative path, bytes) of every file of the qvd package worth copying,
+    in a stable order.
+    """
+    result = []
+    for directory, dirs, names in os.walk(qvd_source):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__" and not d.startswith("."))
+        for name in sorted(names):
+            if name.endswith((".pyc", ".pyo", "~")) or name.startswith("."):
+                continue
+            full = os.path.join(directory, name)
+            with open(full, "rb") as f:
+                result.append((os.path.relpath(full, qvd_source), f.read()))
+    return result
+
+
+def source_hash(qvd_source):
+    """
+    A short hash of the qvd package files that go into an image.
+    """
+    digest = hashlib.sha256()
+    for path, data in _package_files(qvd_source):
+        digest.update(path.encode() + b"\0" + hashlib.sha256(data).digest())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,418 @@
+"""
+The HKD of one node: node life cycle, commands, VM supervisors, adoption,
+expirations, the L7R session check and the cluster monitor.
+
+    hkd = HKD(config, reactor, db, listener, driver, vma_factory, host_id=3,
+              dsn=dsn, on_node_stopped=reactor.stop)
+    hkd.startService()          # converges in the background; hkd.ready fires when running
+    ...
+    hkd.stopService()           # SIGTERM: desktops keep running, a new HKD adopts them
+
+Start: host_runtimes 'starting' (pid, hypervisor, usable_cpu/ram, first
+heartbeat) -> driver.setUp() -> reconcile (adopt the VMs of this node that run,
+reap the ones that do not, kill containers nobody owns) -> 'running' -> loops.
+While PostgreSQL is down the start is retried; once running, every loop
+tolerates database errors and the listener re-reads commands after each
+reconnect.
+
+Commands: LISTEN qvd_cmd_for_vm_on_host<id> and qvd_cmd_for_host<id>, with a
+poll every hkd.command.poll.interval seconds. Start commands are claimed at most
+hkd.vm.starting.max at a time (the others wait in the database).
+A node stop command (host_runtimes.cmd = 'stop') stops every VM, marks the node
+'stopped' and calls C{on_node_stopped}.
+"""
+
+import os
+
+from twisted.application import service
+from twisted.internet import defer, task
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from qvd.hkd.cluster import ClusterMonitor
+from qvd.hkd.store import Store, StoreSettings
+from qvd.hkd.supervisor import Supervisor, SupervisorSettings
+
+log = Logger()
+
+
+def usable_resources(cpuinfo="/proc/cpuinfo", meminfo="/proc/meminfo"):
+    """
+    The node's capacity as the original HKD reports it: 80 % of the sum of
+    the CPUs' bogomips (20 % kept for the hypervisor) and MemTotal in MB
+    (kB / 1000). Returns (usable_cpu, usable_ram).
+    """
+    bogomips = 0.0
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.lower().startswith("bogomips"):
+                    bogomips += float(line.split(":", 1)[1])
+    except (OSError, ValueError):
+        pass
+    ram = 0.0
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    ram = int(line.split()[1]) / 1000
+    except (OSError, ValueError):
+        pass
+    return bogomips * 0.80, ram
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class HKD(service.Service):
+    """
+    @ivar supervisors: vm_id -> L{Supervisor} of every VM this HKD handles.
+    @ivar state: the node's state as this HKD sees it.
+    @ivar ready: a Deferred that fires once the node is running.
+    """
+
+    def __init__(self, config, reactor, db, listener, driver, vma_factory, host_id,
+                 dsn=None, on_node_stopped=None, pid=None, pid_alive=pid_alive):
+        self.config = config
+        self.reactor = reactor
+        self.db = db
+        self.listener = listener
+        self.driver = driver
+        self.vma_factory = vma_factory
+        self.host_id = host_id
+        self.dsn = dsn
+        self.on_node_stopped = on_node_stopped
+        self._pid = pid
+        self.pid_alive = pid_alive
+        self.store = Store(db, host_id, StoreSettings.from_config(config))
+        self.settings = SupervisorSettings.from_config(config)
+        self.starting_max = max(1, config.getint("hkd.vm.starting.max"))
+        self.supervisors = {}
+        self.state = "stopped"
+        self.ready = defer.Deferred()
+        self._loops = []
+        self._cmd_busy = False
+        self._cmd_again = False
+        self._host_cmd_busy = False
+        self._stopping_node = False
+        self._running = False
+        self._start_call = None
+        self.monitor = None
+        self._vm_channel = f"qvd_cmd_for_vm_on_host{host_id}"
+        self._host_channel = f"qvd_cmd_for_host{host_id}"
+
+    @property
+    def pid(self):
+        return self._pid if self._pid is not None else os.getpid()
+
+    # -- life cycle -------------------------------------------------------------
+
+    def startService(self):
+        service.Service.startService(self)
+        self._running = True
+        self.listener.onReconnect(self.poll)
+        self.listener.subscribe(self._vm_channel, lambda c, p: self.check_commands())
+        self.listener.subscribe(self._host_channel, lambda c, p: self.check_node_command())
+        self.listener.start()
+        self._try_start()
+
+    def _try_start(self):
+        self._start_call = None
+        if not self._running:
+            return
+        d = defer.ensureDeferred(self._start())
+
+        def failed(failure):
+            if not self._running:
+                return
+            delay = self.settings.retry_delay * 2
+            log.warn("HKD start failed ({error}); retrying in {delay:g} s",
+                     error=str(failure.value).strip() or repr(failure.value), delay=delay)
+            self._start_call = self.reactor.callLater(delay, self._try_start)
+        d.addErrback(failed)
+
+    async def _start(self):
+        self.state = "starting"
+        cpu, ram = usable_resources()
+        await self.store.node_starting(self.pid, self.driver.name, cpu, ram)
+        log.info("node {host_id} starting (hypervisor {hv}, usable_cpu {cpu:.0f}, "
+                 "usable_ram {ram:.0f} MB)", host_id=self.host_id, hv=self.driver.name,
+                 cpu=cpu, ram=ram)
+        await self.driver.setUp()
+        await self.reconcile()
+        if not self._running:
+            return
+        await self.store.node_state("running")
+        self.state = "running"
+        self._every(self.config.getfloat("hkd.ticker.interval"), self.tick)
+        self._every(self.config.getfloat("hkd.command.poll.interval"), self.poll)
+        self._every(self.config.getfloat("hkd.vm.expiration.interval"), self.check_expirations)
+        self._every(self.config.getfloat("hkd.l7r.check.interval"), self.check_l7r_sessions)
+        if self.config.getbool("hkd.cluster.monitor.enable") and self.dsn:
+            self.monitor = ClusterMonitor(
+                self.dsn, self.db, self.reactor, self.host_id,
+                node_timeout=self.config.getfloat("hkd.cluster.node.timeout"),
+                interval=self.config.getfloat("hkd.cluster.check.interval"))
+            self.monitor.start()
+        log.info("node {host_id} running with {n} VMs", host_id=self.host_id,
+                 n=len(self.supervisors))
+        await self.poll()
+        if not self.ready.called:
+            self.ready.callback(None)
+
+    def _every(self, seconds, function):
+        def safe():
+            d = defer.maybeDeferred(function)
+            d.addErrback(lambda f: log.warn("{name} failed: {error}",
+                                            name=function.__name__,
+                                            error=str(f.value).strip()))
+            return None
+        loop = task.LoopingCall(safe)
+        loop.clock = self.reactor
+        loop.start(seconds, now=False)
+        self._loops.append(loop)
+
+    def stopService(self):
+        """
+        Stop the daemon, not the desktops: supervisors are detached and the
+        node is marked 'stopped'; a restarted HKD adopts the VMs.
+        """
+        service.Service.stopService(self)
+        self._running = False
+        if self._start_call is not None and self._start_call.active():
+            self._start_call.cancel()
+        for loop in self._loops:
+            if loop.running:
+                loop.stop()
+        self._loops = []
+        for sup in self.supervisors.values():
+            sup.detach()
+        d = self.listener.stop()
+        if self.monitor is not None:
+            d.addCallback(lambda _: self.monitor.stop())
+        if self.state in ("starting", "running"):
+            d.addCallback(lambda _: self.store.node_state("stopped"))
+            d.addErrback(lambda f: log.warn("cannot mark the node stopped: {error}",
+                                            error=str(f.value).strip()))
+        self.state = "stopped"
+        d.addCallback(lambda _: self.db.stop())
+        return d
+
+    # -- reconcile / adoption ----------------------------------------------------
+
+    async def reconcile(self):
+        """
+        Match the VMs the database gives this node with what the driver runs:
+        adopt running ones, reap dead ones, kill containers nobody here owns.
+        """
+        rows = dict(await self.store.my_vms())
+        running = {r.vm_id: r for r in await self.driver.listRunning()}
+        for vm_id, vm_state in sorted(rows.items()):
+            if vm_id in self.supervisors:
+                continue
+            spec = await self.store.load_for_cleanup(vm_id)
+            sup = self._supervisor(vm_id, spec=spec, persisted=(vm_state, None))
+            if vm_id in running:
+                sup.pid = running[vm_id].pid
+                if vm_state == "stopping":
+                    event = "adopt_stopping"
+                elif vm_state == "zombie":
+                    event = "reap"
+                else:
+                    event = "adopt"
+                log.info("VM {vm_id}: found running ({state}); adopted",
+                         vm_id=vm_id, state=vm_state)
+                sup.handle(event)
+            else:
+                sup.handle("reap_dead", f"the VM was not running when the HKD started "
+                                        f"(its state was {vm_state})")
+        for vm_id in sorted(set(running) - set(rows)):
+            if vm_id in self.supervisors:
+                continue
+            log.warn("VM {vm_id}: runs on this node but the database does not assign it "
+                     "here; killing it (zombie)", vm_id=vm_id)
+            defer.ensureDeferred(self._kill_unowned(vm_id))
+
+    async def _kill_unowned(self, vm_id):
+        try:
+            await self.driver.kill(vm_id)
+            await self.driver.cleanup(self.store.minimal_spec(vm_id))
+        except Exception as e:
+            log.error("VM {vm_id}: cannot kill the unowned VM ({error}); will retry at "
+                      "the next HKD start", vm_id=vm_id, error=str(e).strip())
+
+    def _supervisor(self, vm_id, spec=None, persisted=None):
+        sup = Supervisor(vm_id, self.reactor, self.store, self.driver, self.vma_factory,
+                         self.settings, on_change=self._vm_changed, spec=spec,
+                         persisted=persisted)
+        self.supervisors[vm_id] = sup
+        return sup
+
+    def _vm_changed(self, sup, step):
+        if step.new == "stopped":
+            if self.supervisors.get(sup.vm_id) is sup:
+                del self.supervisors[sup.vm_id]
+            sup.whenStopped().addCallback(lambda _: self._running and self.check_commands())
+        elif step.old in ("loading", "preparing", "booting", "waiting_vma") \
+                and not sup.machine.starting:
+            self.check_commands()
+
+    def starting_count(self):
+        return sum(1 for s in self.supervisors.values() if s.machine.starting)
+
+    # -- commands ---------------------------------------------------------------
+
+    def poll(self):
+        d1 = self.check_node_command()
+        d2 = self.check_commands()
+        return defer.gatherResults([d1, d2], consumeErrors=True).addCallback(lambda _: None)
+
+    def check_commands(self):
+        """
+        Claim pending stop and start commands of this node (serialized: a call
+        while one runs makes it run once more).
+        """
+        if self._cmd_busy:
+            self._cmd_again = True
+            return defer.succeed(None)
+        self._cmd_busy = True
+        d = defer.ensureDeferred(self._check_commands())
+
+        def done(result):
+            self._cmd_busy = False
+            if isinstance(result, Failure):
+                log.warn("command check failed: {error}", error=str(result.value).strip())
+            if self._cmd_again and self._running:
+                self._cmd_again = False
+                return self.check_commands()
+            return None
+        return d.addBoth(done)
+
+    async def _check_commands(self):
+        if not self._running or self.state != "running":
+            return
+        for vm_id, vm_state in await self.store.claim_stops():
+            sup = self.supervisors.get(vm_id)
+            if sup is not None:
+                log.info("VM {vm_id}: stop command", vm_id=vm_id)
+                sup.handle("stop")
+            elif vm_state == "stopped":
+                await self.store.release_stopped(vm_id)
+            else:
+                sup = self._supervisor(vm_id, persisted=(vm_state, None))
+                sup.handle("reap")
+        if self._stopping_node:
+            return
+        free = self.starting_max - self.starting_count()
+        if free <= 0:
+            return
+        for vm_id in await self.store.claim_starts(free):
+            old = self.supervisors.get(vm_id)
+            if old is not None and old.state != "stopped":
+                log.error("VM {vm_id}: start claimed while its supervisor is in {state}",
+                          vm_id=vm_id, state=old.state)
+                continue
+            log.info("VM {vm_id}: start command", vm_id=vm_id)
+            sup = self._supervisor(vm_id, persisted=("starting", None))
+            sup.handle("start")
+
+    def check_node_command(self):
+        if (self._host_cmd_busy or self._stopping_node or not self._running
+                or self.state != "running"):
+            return defer.succeed(None)
+        self._host_cmd_busy = True
+        d = self.store.claim_node_stop()
+
+        def claimed(stop):
+            if stop:
+                log.info("node {host_id}: stop command", host_id=self.host_id)
+                return defer.ensureDeferred(self.stop_node())
+        d.addCallback(claimed)
+
+        def done(result):
+            self._host_cmd_busy = False
+            if isinstance(result, Failure):
+                log.warn("node command check failed: {error}", error=str(result.value).strip())
+        return d.addBoth(done)
+
+    async def stop_node(self):
+        """
+        Stop every VM of this node (killing those still running after
+        hkd.node.stop.timeout), mark the node stopped and call
+        C{on_node_stopped}.
+        """
+        self._stopping_node = True
+        self.state = "stopping"
+        await self._retry(lambda: self.store.node_state("stopping"))
+        sups = list(self.supervisors.values())
+        for sup in sups:
+            sup.handle("stop")
+        waits = defer.DeferredList([s.whenStopped() for s in sups])
+        timeout = self.config.getfloat("hkd.node.stop.timeout")
+        timer = self.reactor.callLater(timeout, waits.cancel) if timeout > 0 else None
+        try:
+            await waits
+        except defer.CancelledError:
+            for sup in list(self.supervisors.values()):
+                sup.handle("disowned", "killed: the node stop timed out")
+        if timer is not None and timer.active():
+            timer.cancel()
+        await self._retry(lambda: self.store.node_state("stopped"))
+        self.state = "stopped"
+        log.info("node {host_id} stopped", host_id=self.host_id)
+        if self.on_node_stopped is not None:
+            self.on_node_stopped()
+
+    async def _retry(self, function, attempts=30):
+        for attempt in range(attempts):
+            try:
+                return await function()
+            except Exception as e:
+                log.warn("database write failed ({error}); retrying", error=str(e).strip())
+                await task.deferLater(self.reactor, self.settings.retry_delay, lambda: None)
+        return None
+
+    # -- periodic checks ---------------------------------------------------------
+
+    async def tick(self):
+        """
+        The heartbeat. If the node was marked lost meanwhile, its VMs were
+        released: kill the local copies and come back as running.
+        """
+        state = await self.store.tick(self.pid)
+        if state is None and self.state == "running":
+            log.error("node {host_id} was marked lost by the cluster monitor; its VMs were "
+                      "released: killing the local copies", host_id=self.host_id)
+            for sup in list(self.supervisors.values()):
+                sup.handle("disowned", "released: this node was marked lost")
+            await self.store.node_state("running")
+
+    async def check_expirations(self):
+        for vm_id, soft_due, hard_due, soft_ts in await self.store.expirations():
+            sup = self.supervisors.get(vm_id)
+            if sup is None:
+                continue
+            if hard_due:
+                if sup.handle("expire_hard", "the VM's hard expiration has passed"):
+                    log.info("VM {vm_id}: hard expiration", vm_id=vm_id)
+            elif soft_due:
+                sup.expire_soft(soft_ts)
+
+    async def check_l7r_sessions(self):
+        """
+        Sessions recorded as routed through an L7R process of this node whose
+        process is gone are reset to disconnected.
+        """
+        for vm_id, pid in await self.store.l7r_sessions():
+            if not self.pid_alive(pid):
+                rows = await self.store.reset_session(vm_id, pid)
+                if rows:
+                    log.info("VM {vm_id}: session of dead L7R pid {pid} reset to "
+                             "disconnected", vm_id=vm_id, pid=pid)

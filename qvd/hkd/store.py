@@ -1,0 +1,291 @@
+"""
+Every SQL statement of the HKD, over a L{qvd.db.pool.Database}.
+
+    store = Store(db, host_id=3, settings=StoreSettings.from_config(config))
+    spec = await store.load_for_start(vm_id)     # VMSpec, or raises StartError
+    await store.save_state(vm_id, "running", None)
+
+Writes about a VM always carry C{host_id = me}: once the cluster monitor has
+released a VM, this node's writes no longer touch it (the methods then return
+0 rows so the supervisor knows).
+"""
+
+import os
+
+import attrs
+
+from qvd.db.pool import fetch_dicts
+from qvd.virt.interfaces import VMSpec
+
+
+class StartError(Exception):
+    """
+    A VM cannot start; the message is for the administrator.
+    """
+
+
+@attrs.frozen
+class StoreSettings:
+    images: str = "/var/lib/qvd/storage/images"
+    bridge: str = "qvdnet"
+    netmask: str = "255.255.0.0"
+    gateway: str = ""
+    persistent_overlay: bool = False
+    vma_port: int = 3030
+    x_port: int = 4100
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(
+            images=config.get("path.storage.images"),
+            bridge=config.get("vm.network.bridge"),
+            netmask=config.get("vm.network.netmask"),
+            gateway=config.get("vm.network.gateway"),
+            persistent_overlay=config.getbool("vm.overlay.persistent"),
+            vma_port=config.getint("hkd.vm.vma.port"),
+            x_port=config.getint("hkd.vm.x.port"),
+        )
+
+
+_STOPPED_RESET = """
+    vm_state = 'stopped', host_id = NULL, vm_cmd = NULL, vm_pid = NULL,
+    vm_address = NULL, vm_vma_port = NULL, vm_x_port = NULL, vm_ssh_port = NULL,
+    vm_vnc_port = NULL, vm_mon_port = NULL, vm_serial_port = NULL,
+    vm_expiration_soft = NULL, vm_expiration_hard = NULL,
+    current_di_id = NULL, vma_ok_ts = NULL
+"""
+
+
+class Store:
+    def __init__(self, db, host_id, settings=None):
+        self.db = db
+        self.host_id = host_id
+        self.settings = settings or StoreSettings()
+
+    # -- VMs ---------------------------------------------------------------
+
+    async def _vm_row(self, cur, vm_id):
+        await cur.execute(
+            "SELECT v.id, v.name, host(v.ip) AS ip, v.mac::text AS mac, v.di_tag, v.osf_id,"
+            " u.login, o.memory, o.use_overlay, o.user_storage_size,"
+            " r.current_di_id, r.host_id"
+            " FROM vms v JOIN users u ON u.id = v.user_id JOIN osfs o ON o.id = v.osf_id"
+            " LEFT JOIN vm_runtimes r ON r.vm_id = v.id WHERE v.id = %s", (vm_id,))
+        rows = fetch_dicts(cur)
+        return rows[0] if rows else None
+
+    def _spec(self, row, di_id, di_path):
+        s = self.settings
+        return VMSpec(
+            vm_id=row["id"], name=row["name"], login=row["login"], memory=row["memory"],
+            di_id=di_id, di_path=di_path, ip=row["ip"], mac=row["mac"], netmask=s.netmask,
+            bridge=s.bridge, gateway=s.gateway, use_overlay=row["use_overlay"],
+            persistent_overlay=s.persistent_overlay,
+            user_storage_size=row["user_storage_size"] or 0)
+
+    def load_for_start(self, vm_id):
+        """
+        Read the VM, its user, OSF and DI (by C{vms.di_tag} within the OSF, not
+        blocked); write the runtime row (address, ports, current DI/OSF) and
+        count the attempt. Fires with a L{VMSpec}; fails with L{StartError}.
+        """
+        async def txn(cur):
+            row = await self._vm_row(cur, vm_id)
+            if row is None:
+                raise StartError(f"VM {vm_id} no longer exists")
+            if row["host_id"] != self.host_id:
+                raise StartError(f"VM {vm_id} is no longer assigned to this node")
+            await cur.execute(
+                "SELECT d.id, d.path FROM dis d JOIN di_tags t ON t.di_id = d.id"
+                " WHERE t.osf_id = %s AND t.tag = %s AND NOT d.blocked",
+                (row["osf_id"], row["di_tag"]))
+            dis = fetch_dicts(cur)
+            if not dis:
+                raise StartError(
+                    f"no usable disk image: OSF {row['osf_id']} has no unblocked DI "
+                    f"tagged {row['di_tag']!r} (tag one, or unblock it, with qvd-admin di)")
+            di = dis[0]
+            await cur.execute(
+                "UPDATE vm_runtimes SET vm_address = %s, vm_vma_port = %s, vm_x_port = %s,"
+                " vm_ssh_port = 22, current_di_id = %s, current_osf_id = %s"
+                " WHERE vm_id = %s AND host_id = %s",
+                (row["ip"], self.settings.vma_port, self.settings.x_port, di["id"],
+                 row["osf_id"], vm_id, self.host_id))
+            await cur.execute(
+                "INSERT INTO vm_counters (vm_id, run_attempts) VALUES (%s, 1)"
+                " ON CONFLICT (vm_id) DO UPDATE SET run_attempts = vm_counters.run_attempts + 1",
+                (vm_id,))
+            return self._spec(row, di["id"], os.path.join(self.settings.images, di["path"]))
+        return self.db.transaction(txn)
+
+    async def load_for_cleanup(self, vm_id):
+        """
+        The best L{VMSpec} known for a VM that must be stopped or cleaned up
+        (its current DI if any); a minimal one when the VM has no row.
+        """
+        async def txn(cur):
+            row = await self._vm_row(cur, vm_id)
+            if row is None:
+                return None
+            di_path = ""
+            di_id = row["current_di_id"] or 0
+            if di_id:
+                await cur.execute("SELECT path FROM dis WHERE id = %s", (di_id,))
+                found = cur.fetchall()
+                if found:
+                    di_path = os.path.join(self.settings.images, found[0][0])
+            return self._spec(row, di_id, di_path)
+        try:
+            spec = await self.db.transaction(txn, isolation="READ COMMITTED")
+        except Exception:
+            spec = None
+        return spec or self.minimal_spec(vm_id)
+
+    def minimal_spec(self, vm_id):
+        s = self.settings
+        return VMSpec(vm_id=vm_id, name=f"vm{vm_id}", login="", memory=0, di_id=0,
+                      di_path="", ip="", mac="", netmask=s.netmask, bridge=s.bridge)
+
+    async def save_state(self, vm_id, state, reason):
+        """
+        Persist C{state} (and C{reason}, if given); C{stopped} also releases
+        the VM from this node. Fires with the number of rows changed (0: the
+        VM is no longer ours).
+        """
+        if state == "stopped":
+            sql = (f"UPDATE vm_runtimes SET {_STOPPED_RESET}, vm_state_reason = %s"
+                   " WHERE vm_id = %s AND host_id = %s RETURNING vm_id")
+            args = (reason, vm_id, self.host_id)
+        else:
+            sql = ("UPDATE vm_runtimes SET vm_state = %s,"
+                   " vm_state_reason = coalesce(%s, vm_state_reason)"
+                   " WHERE vm_id = %s AND host_id = %s RETURNING vm_id")
+            args = (state, reason, vm_id, self.host_id)
+        rows = await self.db.runQuery(sql, args)
+        return len(rows)
+
+    def count_ok(self, vm_id):
+        return self.db.runOperation(
+            "UPDATE vm_counters SET run_ok = run_ok + 1 WHERE vm_id = %s", (vm_id,))
+
+    def set_pid(self, vm_id, pid):
+        return self.db.runOperation(
+            "UPDATE vm_runtimes SET vm_pid = %s WHERE vm_id = %s AND host_id = %s",
+            (pid, vm_id, self.host_id))
+
+    def touch_vma(self, vm_id):
+        return self.db.runOperation(
+            "UPDATE vm_runtimes SET vma_ok_ts = now() WHERE vm_id = %s AND host_id = %s",
+            (vm_id, self.host_id))
+
+    # -- commands ------------------------------------------------------------
+
+    def claim_stops(self):
+        """
+        Take every pending stop command of this node: fires with [(vm_id, vm_state)].
+        """
+        return self.db.runQuery(
+            "UPDATE vm_runtimes SET vm_cmd = NULL WHERE host_id = %s AND vm_cmd = 'stop'"
+            " RETURNING vm_id, vm_state", (self.host_id,))
+
+    def claim_starts(self, limit):
+        """
+        Take at most C{limit} pending start commands of stopped VMs of this
+        node, oldest first, in one statement: they become 'starting'. Fires
+        with the list of VM ids.
+        """
+        async def txn(cur):
+            await cur.execute(
+                "UPDATE vm_runtimes SET vm_cmd = NULL, vm_state = 'starting',"
+                " vm_state_reason = NULL"
+                " WHERE vm_id IN (SELECT vm_id FROM vm_runtimes WHERE host_id = %s"
+                "   AND vm_cmd = 'start' AND vm_state = 'stopped'"
+                "   ORDER BY vm_state_ts, vm_id LIMIT %s)"
+                " AND host_id = %s AND vm_cmd = 'start' AND vm_state = 'stopped'"
+                " RETURNING vm_id", (self.host_id, limit, self.host_id))
+            return [r[0] for r in cur.fetchall()]
+        return self.db.transaction(txn)
+
+    def release_stopped(self, vm_id):
+        """
+        A stop command for a VM that does not run here: release its row.
+        """
+        return self.db.runOperation(
+            f"UPDATE vm_runtimes SET {_STOPPED_RESET}"
+            " WHERE vm_id = %s AND host_id = %s AND vm_state = 'stopped'",
+            (vm_id, self.host_id))
+
+    def my_vms(self):
+        """
+        Fires with [(vm_id, vm_state)] of the VMs this node holds (not stopped).
+        """
+        return self.db.runQuery(
+            "SELECT vm_id, vm_state FROM vm_runtimes WHERE host_id = %s"
+            " AND vm_state <> 'stopped'", (self.host_id,))
+
+    def expirations(self):
+        """
+        Fires with [(vm_id, soft_due, hard_due, soft_ts)] of this node's VMs
+        with an expiration in the past.
+        """
+        return self.db.runQuery(
+            "SELECT vm_id, vm_expiration_soft < now(), vm_expiration_hard < now(),"
+            " vm_expiration_soft FROM vm_runtimes WHERE host_id = %s"
+            " AND vm_state IN ('running', 'debugging')"
+            " AND (vm_expiration_soft < now() OR vm_expiration_hard < now())",
+            (self.host_id,))
+
+    # -- L7R sessions ----------------------------------------------------------
+
+    def l7r_sessions(self):
+        """
+        Fires with [(vm_id, l7r_pid)] of sessions routed through this node.
+        """
+        return self.db.runQuery(
+            "SELECT vm_id, l7r_pid FROM vm_runtimes WHERE l7r_host_id = %s"
+            " AND l7r_pid IS NOT NULL", (self.host_id,))
+
+    def reset_session(self, vm_id, pid):
+        return self.db.runQuery(
+            "UPDATE vm_runtimes SET user_state = 'disconnected', user_cmd = NULL,"
+            " l7r_host_id = NULL, l7r_pid = NULL, l7r_session = NULL"
+            " WHERE vm_id = %s AND l7r_host_id = %s AND l7r_pid = %s RETURNING vm_id",
+            (vm_id, self.host_id, pid))
+
+    # -- the node ---------------------------------------------------------------
+
+    def node_starting(self, pid, hypervisor, usable_cpu, usable_ram):
+        async def txn(cur):
+            await cur.execute(
+                "INSERT INTO host_runtimes (host_id) VALUES (%s) ON CONFLICT DO NOTHING",
+                (self.host_id,))
+            await cur.execute(
+                "INSERT INTO host_counters (host_id) VALUES (%s) ON CONFLICT DO NOTHING",
+                (self.host_id,))
+            await cur.execute(
+                "UPDATE host_runtimes SET state = 'starting', state_ts = now(), pid = %s,"
+                " ok_ts = now(), hypervisor = %s, usable_cpu = %s, usable_ram = %s,"
+                " cmd = NULL WHERE host_id = %s",
+                (pid, hypervisor, usable_cpu, usable_ram, self.host_id))
+        return self.db.transaction(txn)
+
+    def node_state(self, state):
+        return self.db.runOperation(
+            "UPDATE host_runtimes SET state = %s, state_ts = now() WHERE host_id = %s",
+            (state, self.host_id))
+
+    def tick(self, pid):
+        """
+        The heartbeat. Fires with the node's state, or None if it was marked
+        'lost' (then nothing is written).
+        """
+        d = self.db.runQuery(
+            "UPDATE host_runtimes SET ok_ts = now(), pid = %s"
+            " WHERE host_id = %s AND state <> 'lost' RETURNING state", (pid, self.host_id))
+        return d.addCallback(lambda rows: rows[0][0] if rows else None)
+
+    def claim_node_stop(self):
+        d = self.db.runQuery(
+            "UPDATE host_runtimes SET cmd = NULL WHERE host_id = %s AND cmd = 'stop'"
+            " RETURNING host_id", (self.host_id,))
+        return d.addCallback(bool)

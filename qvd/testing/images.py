@@ -1,0 +1,89 @@
+"""
+Disk images for integration tests, built once and cached outside the clone.
+
+    from qvd.testing.images import minimal_lxc_image, skip_unless_image_buildable
+    path = minimal_lxc_image()      # /var/cache/qvd-test/lxc-minimal-<key>.tar
+
+The key hashes the recipe (suite, packages, desktop, colour) and the qvd
+package copied into the image (so a change to qvd/vma gives a new image);
+only the cheap code layer is rebuilt when just the qvd sources changed (the
+mmdebstrap base layer is cached in C{di.build.cache}).
+"""
+
+import contextlib
+import glob
+import hashlib
+import os
+import shutil
+import time
+
+import qvd
+from qvd.config import Config, declared_keys
+from qvd.di.build import Progress, build_image, locked
+from qvd.di.recipe import Recipe, source_hash
+
+CACHE = "/var/cache/qvd-test"
+#: Test images kept in the cache (the most recently used); older ones go
+#: once unused for PRUNE_AGE seconds (another test run may be using them).
+KEEP = 4
+PRUNE_AGE = 3600
+QVD_SOURCE = os.path.dirname(os.path.abspath(qvd.__file__))
+TEST_COLOUR = "#2a7fd4"
+
+
+def cannot_build_reason():
+    """
+    Why images cannot be built here (None if they can): for C{SkipTest}.
+    """
+    if os.geteuid() != 0:
+        return "building disk images needs root"
+    if shutil.which("mmdebstrap") is None:
+        return "mmdebstrap is not installed (apt-get install mmdebstrap)"
+    return None
+
+
+def minimal_recipe(colour=TEST_COLOUR):
+    config = Config(keys=declared_keys())
+    return Recipe.from_config(config, "minimal", colour)
+
+
+def minimal_lxc_image(colour=TEST_COLOUR, stream=None):
+    """
+    The path of the minimal test image, built when missing.
+    """
+    recipe = minimal_recipe(colour)
+    key = hashlib.sha256(
+        f"{recipe.base_key()}|{recipe.colour}|{source_hash(QVD_SOURCE)}".encode()
+    ).hexdigest()[:16]
+    os.makedirs(CACHE, exist_ok=True)
+    path = os.path.join(CACHE, f"lxc-minimal-{key}.tar")
+    with locked(path + ".lock"):
+        if not os.path.exists(path):
+            config = Config(keys=declared_keys())
+            build_image(recipe, path, QVD_SOURCE, config.get("di.build.cache"),
+                        Progress(stream), quiet=True)
+        os.utime(path)
+        _prune(os.path.join(CACHE, "lxc-minimal-*.tar"), KEEP)
+    return path
+
+
+def _prune(pattern, keep):
+    """
+    Remove all but the C{keep} most recently used files matching C{pattern},
+    if unused for L{PRUNE_AGE} seconds.
+    """
+    paths = sorted(glob.glob(pattern), key=_mtime, reverse=True)
+    for old in paths[keep:]:
+        if time.time() - _mtime(old) < PRUNE_AGE:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(old)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(old + ".lock")
+
+
+def _mtime(path):
+    try:
+        return os.path.getmtime(path)
+    except FileNotFoundError:
+        return 0

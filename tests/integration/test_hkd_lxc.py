@@ -1,0 +1,260 @@
+"""
+The HKD with the real LXC driver, the real agent (qvd-vma inside the minimal
+test DI of qvd.testing.images) and the real PostgreSQL: start/stop through
+the database, adoption after kill -9 of the HKD, a silent agent, persistent
+homes. Needs root, LXC and the minimal image (built once, cached).
+
+Everything created is named after this process: bridge qbh<pid>, containers
+qvdt-hkd<pid>-<vm>, veths qh<pid>v..., storage under a temp dir in /var/tmp;
+all removed afterwards.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+
+from qvd.config import Config, declared_keys
+from qvd.testing import pg
+from qvd.testing.hkd import FAST, HKDTestMixin
+
+PID = os.getpid()
+SUBNET = f"10.216.{PID % 200}"
+BRIDGE = f"qbh{PID % 1000}"
+PREFIX = f"qvdt-hkd{PID % 100000}-"
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _missing():
+    if os.geteuid() != 0:
+        return "LXC desktops need root"
+    for program in ("lxc-start", "lxc-attach", "lxc-info"):
+        if shutil.which(program) is None:
+            return f"{program} is not installed (apt-get install lxc)"
+    try:
+        import qvd.testing.images  # noqa: F401
+        import qvd.virt.lxc  # noqa: F401
+        import qvd.vma.client  # noqa: F401
+    except ImportError as e:
+        return f"the LXC driver, the agent or the test images are not on this branch ({e})"
+    from qvd.testing.images import cannot_build_reason
+    return cannot_build_reason()
+
+
+class HKDOnLXCTests(HKDTestMixin, pg.DatabaseTestMixin, unittest.TestCase):
+    timeout = 300
+
+    def setUp(self):
+        why = _missing()
+        if why:
+            raise unittest.SkipTest(why)
+        super().setUp()
+        from qvd.testing.images import minimal_lxc_image
+        image = minimal_lxc_image(stream=sys.stderr)
+        self.root = tempfile.mkdtemp(prefix=f"qvdt-hkd{PID}-", dir="/var/tmp")
+        self.addCleanup(self.scrub)
+        images = os.path.join(self.root, "storage", "images")
+        os.makedirs(images)
+        os.symlink(image, os.path.join(images, "minimal.tar"))
+        self.values = dict(FAST)
+        self.values.update({
+            "path.run": f"{self.root}/run",
+            "path.storage.root": f"{self.root}/storage",
+            "path.storage.images": images,
+            "vm.hypervisor": "lxc",
+            "vm.lxc.name.prefix": PREFIX,
+            "vm.lxc.veth.prefix": f"qh{PID % 1000}v",
+            "vm.network.bridge": BRIDGE,
+            "vm.network.netmask": "255.255.255.0",
+            "vm.lxc.bridge.address": f"{SUBNET}.1/24",
+            "hkd.lock.path": f"{self.root}/run/hkd.lock",
+            "hkd.vm.timeout.waiting_vma": "60",
+            "hkd.vm.timeout.powering_off": "15",
+            "hkd.vm.timeout.shutting_down": "15",
+            "hkd.vm.vma.dead.failures": "5",
+            "hkd.vm.vma.dead.seconds": "10",
+            "hkd.vm.vma.ping.interval": "1",
+            "hkd.vm.vma.ping.starting": "0.2",
+        })
+        self.host = self.add_host("node1", address=f"{SUBNET}.1")
+        self.osf, _ = self.add_osf(di_path="minimal.tar")
+        self.next_ip = 10
+
+    def config(self, **overrides):
+        values = dict(self.values)
+        values.update({k.replace("__", "."): str(v) for k, v in overrides.items()})
+        return Config(keys=declared_keys(), node=values)
+
+    def driver(self, config=None):
+        from qvd.virt.lxc import LXCDriver
+        return LXCDriver(config or self.config(), reactor)
+
+    def vm(self, login="alice"):
+        self.next_ip += 1
+        return self.add_vm(login, osf=self.osf, ip=f"{SUBNET}.{self.next_ip}")
+
+    def ip(self, vm_id):
+        return self.query("SELECT host(ip) AS ip FROM vms WHERE id = %s", (vm_id,))[0]["ip"]
+
+    async def start_lxc_hkd(self, **overrides):
+        from qvd.hkd.tap import make_vma_factory
+        config = self.config(**overrides)
+        return await self.start_hkd(self.host, hv=self.driver(config),
+                                    vma=make_vma_factory(config, reactor), config=config)
+
+    def container(self, vm_id):
+        return f"{PREFIX}{vm_id}"
+
+    def attach(self, vm_id, command):
+        return subprocess.run(
+            ["lxc-attach", "-n", self.container(vm_id), "-P", f"{self.root}/run/lxc",
+             "--", "sh", "-c", command], capture_output=True, text=True, timeout=30)
+
+    def lxc_running(self):
+        lxcpath = f"{self.root}/run/lxc"
+        out = subprocess.run(["lxc-ls", "-P", lxcpath, "--running", "-1"],
+                             capture_output=True, text=True).stdout.split()
+        return sorted(name for name in out if name.startswith(PREFIX))
+
+    def scrub(self):
+        """
+        Remove every container, mount, interface and file of this test.
+        """
+        lxcpath = f"{self.root}/run/lxc"
+        if os.path.isdir(lxcpath):
+            for name in os.listdir(lxcpath):
+                subprocess.run(["lxc-stop", "-k", "-n", name, "-P", lxcpath],
+                               capture_output=True)
+        with open("/proc/self/mounts") as f:
+            points = [line.split()[1] for line in f if f" {self.root}" in line]
+        for point in sorted(points, key=len, reverse=True):
+            subprocess.run(["umount", "-l", point], capture_output=True)
+        for iface in os.listdir("/sys/class/net"):
+            if iface.startswith(f"qh{PID % 1000}v") or iface == BRIDGE:
+                subprocess.run(["ip", "link", "delete", iface], capture_output=True)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    async def vma_ping(self, vm_id):
+        from qvd.vma.client import VMAClient
+        return await VMAClient(reactor, self.ip(vm_id), 3030, timeout=4).ping()
+
+    async def test_start_stop(self):
+        """
+        A start command makes the container run and its agent answer on 3030;
+        a stop command stops it and leaves no container, mount or interface.
+        """
+        vm = self.vm()
+        await self.start_lxc_hkd()
+        self.command(vm, "start", self.host)
+        await self.wait_state(vm, "running", timeout=90)
+        await self.vma_ping(vm)
+        self.assertEqual(self.lxc_running(), [self.container(vm)])
+        self.command(vm, "stop", self.host)
+        row = await self.wait_state(vm, "stopped", timeout=60)
+        self.assertIsNone(row["vm_state_reason"])
+        self.assertEqual(self.lxc_running(), [])
+        self.assertEqual((await self.driver().listRunning()), [])
+        with open("/proc/self/mounts") as f:
+            self.assertEqual([l for l in f if f"{self.root}/storage/rootfs" in l], [])
+        self.assertEqual([i for i in os.listdir("/sys/class/net")
+                          if i.startswith(f"qh{PID % 1000}v")], [])
+
+    async def test_silent_agent(self):
+        """
+        An agent that never answers (the HKD pings a port nothing listens on)
+        gets the VM stopped after the configured limit, with the reason.
+        """
+        vm = self.vm()
+        await self.start_lxc_hkd(hkd__vm__vma__port=3999, hkd__vm__timeout__waiting_vma=5)
+        self.command(vm, "start", self.host)
+        await self.until(lambda: self.vm_row(vm)["vm_state_reason"], timeout=90,
+                         what="a reason")
+        row = await self.wait_state(vm, "stopped", timeout=60)
+        self.assertIn("agent did not answer within 5", row["vm_state_reason"])
+        self.assertEqual(self.lxc_running(), [])
+
+    async def test_home_survives_restart(self):
+        """
+        A file written in /home survives a stop and a start of the VM.
+        """
+        vm = self.vm()
+        await self.start_lxc_hkd()
+        self.command(vm, "start", self.host)
+        await self.wait_state(vm, "running", timeout=90)
+        wrote = self.attach(vm, "echo kept > /home/qvd-hkd-marker")
+        self.assertEqual(wrote.returncode, 0, wrote.stderr)
+        self.command(vm, "stop", self.host)
+        await self.until(lambda: self.vm_row(vm)["host_id"] is None, timeout=60,
+                         what="stopped")
+        self.command(vm, "start", self.host)
+        await self.wait_state(vm, "running", timeout=90)
+        read = self.attach(vm, "cat /home/qvd-hkd-marker")
+        self.assertEqual(read.stdout.strip(), "kept", read.stderr)
+
+    def twistd(self):
+        cluster = pg.cluster()
+        conf = os.path.join(self.root, "node.conf")
+        with open(conf, "w") as f:
+            for key, value in self.values.items():
+                f.write(f"{key} = {value}\n")
+            f.write(f"nodename = node1\ndatabase.host = {cluster.socketdir}\n"
+                    f"database.user = {cluster.superuser}\ndatabase.name = {self.dbname}\n")
+        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        proc = subprocess.Popen(
+            [TWISTD, "-n", "--pidfile=", "-l", os.path.join(self.root, "hkd.log"),
+             "qvd-hkd", "--config", conf], env=env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        return proc
+
+    def node_state(self):
+        rows = self.query("SELECT state FROM host_runtimes WHERE host_id = %s", (self.host,))
+        return rows[0]["state"] if rows else None
+
+    async def test_kill_9_adoption(self):
+        """
+        kill -9 of the HKD while 3 desktops run leaves them running; a
+        restarted HKD adopts the 2 still running (no new start) and reaps the
+        one killed meanwhile to stopped.
+        """
+        vms = [self.vm(f"user{i}") for i in range(3)]
+        proc = self.twistd()
+        await self.until(lambda: self.node_state() == "running", timeout=30, what="node up")
+        for vm in vms:
+            self.command(vm, "start", self.host)
+        for vm in vms:
+            await self.wait_state(vm, "running", timeout=120)
+        attempts = self.query("SELECT sum(run_attempts) AS n FROM vm_counters")[0]["n"]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        await task.deferLater(reactor, 1, lambda: None)
+        self.assertEqual(self.lxc_running(), sorted(self.container(v) for v in vms))
+        for vm in vms:
+            await self.vma_ping(vm)
+        await self.driver().kill(vms[2])
+
+        proc = self.twistd()
+        row = await self.until(
+            lambda: self.vm_row(vms[2])["vm_state"] == "stopped" and self.vm_row(vms[2]),
+            timeout=60, what="the killed VM reaped")
+        self.assertIn("not running when the HKD started", row["vm_state_reason"])
+        await self.until(lambda: self.node_state() == "running", timeout=30, what="node up")
+        for vm in vms[:2]:
+            self.assertEqual(self.vm_row(vm)["vm_state"], "running")
+        self.assertEqual(
+            self.query("SELECT sum(run_attempts) AS n FROM vm_counters")[0]["n"], attempts)
+        self.assertEqual(self.lxc_running(), sorted(self.container(v) for v in vms[:2]))
+        for vm in vms[:2]:
+            self.command(vm, "stop", self.host)
+        for vm in vms[:2]:
+            await self.until(lambda vm=vm: self.vm_row(vm)["host_id"] is None, timeout=60,
+                             what="stopped")
+        self.assertEqual(self.lxc_running(), [])
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)

@@ -1,0 +1,412 @@
+"""
+Unit tests of the LXC driver's pure parts (paths, container config, parsers)
+and of the driver against a fake command runner. No root, no LXC.
+"""
+
+import os
+import signal
+import tempfile
+
+from twisted.internet import defer, task
+from twisted.trial import unittest
+from zope.interface.verify import verifyObject
+
+from qvd.config import Config, declared_keys
+from qvd.virt import _lxcfs
+from qvd.virt._lxcconfig import (
+    DEFAULT_TEMPLATE, Layout, LXCSettings, di_base_name, mounts_below, parse_lxc_info,
+    parse_signal, render_config)
+from qvd.virt._process import ProcessResult
+from qvd.virt.interfaces import IHypervisor, RunningVM, VMSpec, VirtError
+from qvd.virt.lxc import LXCDriver, _ProcessWatch, makeHypervisor
+
+
+def settings(**kw):
+    values = dict(lxcpath="/run/qvd/lxc", basefs="/s/basefs", overlayfs="/s/overlayfs",
+                  rootfs="/s/rootfs", homefs="/s/homefs")
+    values.update(kw)
+    return LXCSettings(**values)
+
+
+def spec(**kw):
+    values = dict(vm_id=42, name="desk 42", login="alice", memory=512, di_id=3,
+                  di_path="/s/images/3-xfce.tar.gz", ip="10.0.255.254",
+                  mac="54:52:00:00:FF:FE", netmask="255.255.0.0", bridge="qvdnet",
+                  gateway="10.0.0.1")
+    values.update(kw)
+    return VMSpec(**values)
+
+
+def template():
+    with open(DEFAULT_TEMPLATE) as f:
+        return f.read()
+
+
+class LayoutTests(unittest.TestCase):
+
+    def test_reference_paths(self):
+        """
+        A VM's files have the reference's names: basefs/<DI name without
+        suffix>, overlayfs/<di>-<vm>-overlayfs and <vm>-overlayfs-work,
+        rootfs/<vm>-fs, homefs/<vm>-fs on /home, container <prefix><vm>.
+        """
+        layout = Layout.of(settings(), spec())
+        self.assertEqual(layout.name, "qvd-42")
+        self.assertEqual(layout.container_dir, "/run/qvd/lxc/qvd-42")
+        self.assertEqual(layout.config_path, "/run/qvd/lxc/qvd-42/config")
+        self.assertEqual(layout.basefs, "/s/basefs/3-xfce")
+        self.assertEqual(layout.tar_option, "-z")
+        self.assertEqual(layout.upper, "/s/overlayfs/3-42-overlayfs")
+        self.assertEqual(layout.work, "/s/overlayfs/42-overlayfs-work")
+        self.assertEqual(layout.rootfs, "/s/rootfs/42-fs")
+        self.assertEqual((layout.home_dir, layout.home_target), ("/s/homefs/42-fs", "home"))
+        self.assertEqual(layout.veth, "qvd42")
+
+    def test_home_per_user(self):
+        """
+        With vm.lxc.home.per.user the home is homefs/<login> on /home/<login>;
+        a login that cannot name a directory is refused.
+        """
+        layout = Layout.of(settings(home_per_user=True), spec())
+        self.assertEqual((layout.home_dir, layout.home_target),
+                         ("/s/homefs/alice", "home/alice"))
+        self.assertRaises(VirtError, Layout.of, settings(home_per_user=True),
+                          spec(login="../root"))
+
+    def test_long_veth_refused(self):
+        """
+        A veth name longer than 15 characters is refused, naming the prefix key.
+        """
+        with self.assertRaises(VirtError) as caught:
+            Layout.of(settings(veth_prefix="averylongprefix"), spec())
+        self.assertIn("vm.lxc.veth.prefix", str(caught.exception))
+
+    def test_di_suffixes(self):
+        """
+        Tarball suffixes map to tar's decompression option; anything else
+        (a KVM image) is refused.
+        """
+        self.assertEqual(di_base_name("/i/1-a.tar"), ("1-a", None))
+        self.assertEqual(di_base_name("/i/1-a.tgz"), ("1-a", "-z"))
+        self.assertEqual(di_base_name("/i/1-a.tar.xz"), ("1-a", "-J"))
+        self.assertRaises(VirtError, di_base_name, "/i/1-a.qcow2")
+
+    def test_unsafe_path_refused(self):
+        """
+        Paths with commas or colons (which overlayfs options cannot hold) are
+        refused.
+        """
+        self.assertRaises(VirtError, Layout.of, settings(overlayfs="/s/a,b"), spec())
+
+
+class ConfigTextTests(unittest.TestCase):
+
+    def render(self, s=None, vm=None, extra=""):
+        s = s or settings()
+        vm = vm or spec()
+        return render_config(s, vm, Layout.of(s, vm), template(), extra=extra)
+
+    def lines(self, text):
+        return [l.strip() for l in text.splitlines() if l.strip() and not l.startswith("#")]
+
+    def test_network_lines(self):
+        """
+        The config joins the veth qvd<id> to the bridge with the VM's MAC,
+        static address with prefix length, and gateway.
+        """
+        lines = self.lines(self.render())
+        for expected in ("lxc.net.0.type = veth", "lxc.net.0.veth.pair = qvd42",
+                         "lxc.net.0.link = qvdnet", "lxc.net.0.hwaddr = 54:52:00:00:ff:fe",
+                         "lxc.net.0.ipv4.address = 10.0.255.254/16",
+                         "lxc.net.0.ipv4.gateway = 10.0.0.1", "lxc.uts.name = desk-42"):
+            self.assertIn(expected, lines)
+
+    def test_dhcp_has_no_address(self):
+        """
+        With vm.network.use_dhcp no static address lines are written.
+        """
+        lines = self.lines(self.render(settings(use_dhcp=True)))
+        self.assertEqual([l for l in lines if "ipv4" in l], [])
+
+    def test_limits_home_and_signal(self):
+        """
+        Memory limit in bytes from spec.memory (cgroup v1 and v2 keys), CPU
+        shares per CPU, the home bind mount and the halt signal.
+        """
+        lines = self.lines(self.render(vm=spec(cpus=2)))
+        self.assertIn(f"lxc.cgroup.memory.limit_in_bytes = {512 << 20}", lines)
+        self.assertIn(f"lxc.cgroup2.memory.max = {512 << 20}", lines)
+        self.assertIn("lxc.cgroup.cpu.shares = 2048", lines)
+        self.assertIn("lxc.mount.entry = /s/homefs/42-fs home none bind,create=dir 0 0", lines)
+        self.assertIn("lxc.signal.halt = SIGRTMIN+4", lines)
+        self.assertIn("lxc.rootfs.path = dir:/s/rootfs/42-fs", lines)
+
+    def test_extra_lines_appended(self):
+        """
+        The DI's config-extra, then vm.lxc.conf.extra (lines split on \\n),
+        come after the template.
+        """
+        text = self.render(settings(conf_extra=r"lxc.a = 1\nlxc.b = 2"), extra="lxc.di = x\n")
+        self.assertTrue(text.endswith("lxc.di = x\nlxc.a = 1\nlxc.b = 2\n"), text[-60:])
+
+    def test_template_error_names_placeholders(self):
+        """
+        A template with an unknown placeholder fails naming the known ones.
+        """
+        s, vm = settings(), spec()
+        with self.assertRaises(VirtError) as caught:
+            render_config(s, vm, Layout.of(s, vm), "lxc.x = $nonsense\n", "my.tpl")
+        self.assertIn("my.tpl", str(caught.exception))
+        self.assertIn("$veth", str(caught.exception))
+
+    def test_bad_values_refused(self):
+        """
+        A bad MAC, IP or memory is refused with a message naming the value.
+        """
+        for vm, word in ((spec(mac="nope"), "nope"), (spec(ip="10.0.0.300"), "10.0.0.300"),
+                         (spec(memory=0), "memory")):
+            with self.assertRaises(VirtError) as caught:
+                self.render(vm=vm)
+            self.assertIn(word, str(caught.exception))
+
+
+class SettingsTests(unittest.TestCase):
+
+    def test_from_config_defaults(self):
+        """
+        The declared defaults give the reference layout under /run/qvd/lxc and
+        /var/lib/qvd/storage.
+        """
+        s = LXCSettings.from_config(Config(keys=declared_keys()))
+        self.assertEqual(s.lxcpath, "/run/qvd/lxc")
+        self.assertEqual(s.basefs, "/var/lib/qvd/storage/basefs")
+        self.assertEqual(s.template, DEFAULT_TEMPLATE)
+        self.assertEqual(s.halt_signum(), signal.SIGRTMIN + 4)
+
+    def test_bridge_address(self):
+        """
+        The bridge gets vm.lxc.bridge.address, or else the first address of
+        the VM network.
+        """
+        self.assertEqual(settings().node_bridge_address(), "10.0.0.1/16")
+        self.assertEqual(settings(bridge_address="10.9.0.7/24").node_bridge_address(),
+                         "10.9.0.7/24")
+        self.assertRaises(VirtError, settings(bridge_address="x").node_bridge_address)
+
+    def test_vm_id_of(self):
+        """
+        Only names of the prefix followed by digits are our containers.
+        """
+        s = settings()
+        self.assertEqual(s.vm_id_of("qvd-17"), 17)
+        self.assertIsNone(s.vm_id_of("qvd-x"))
+        self.assertIsNone(s.vm_id_of("other-17"))
+
+
+class ParserTests(unittest.TestCase):
+
+    def test_signals(self):
+        """
+        Signal names with or without SIG, real-time offsets and numbers parse.
+        """
+        self.assertEqual(parse_signal("SIGUSR1"), signal.SIGUSR1)
+        self.assertEqual(parse_signal("pwr"), signal.SIGPWR)
+        self.assertEqual(parse_signal("SIGRTMIN+3"), signal.SIGRTMIN + 3)
+        self.assertEqual(parse_signal("15"), 15)
+        self.assertRaises(VirtError, parse_signal, "SIGNOPE")
+
+    def test_lxc_info(self):
+        """
+        lxc-info -s -p output gives the state and the pid.
+        """
+        self.assertEqual(parse_lxc_info("State:          RUNNING\nPID:            19666\n"),
+                         ("RUNNING", 19666))
+        self.assertEqual(parse_lxc_info("State:          STOPPED\n"), ("STOPPED", None))
+
+    def test_mounts_below(self):
+        """
+        Mount points at or below a path are found, deepest first, with
+        /proc/mounts escapes decoded; a sibling with the same prefix is not.
+        """
+        text = ("overlay /s/rootfs/4-fs overlay rw 0 0\n"
+                "tmpfs /s/rootfs/4-fs/dev tmpfs rw 0 0\n"
+                "overlay /s/rootfs/42-fs overlay rw 0 0\n"
+                "x /s/rootfs/4-fs/a\\040b x rw 0 0\n")
+        self.assertEqual(mounts_below(text, "/s/rootfs/4-fs"),
+                         ["/s/rootfs/4-fs/a b", "/s/rootfs/4-fs/dev", "/s/rootfs/4-fs"])
+
+
+class FakeRunner:
+    """
+    Answers commands from a table of argv[0] -> ProcessResult (or a
+    callable), recording every call.
+    """
+
+    def __init__(self, answers):
+        self.answers = answers
+        self.calls = []
+
+    def __call__(self, argv, log_path=None):
+        self.calls.append(list(argv))
+        answer = self.answers.get(argv[0], ProcessResult(tuple(argv), 0))
+        if callable(answer):
+            answer = answer(argv)
+        return defer.succeed(answer)
+
+
+class DriverTests(unittest.TestCase):
+
+    def setUp(self):
+        self.root = tempfile.mkdtemp()
+        self.addCleanup(lambda: __import__("shutil").rmtree(self.root, True))
+        self.clock = task.Clock()
+        self.settings = settings(lxcpath=os.path.join(self.root, "lxc"))
+
+    def driver(self, answers):
+        runner = FakeRunner(answers)
+        driver = LXCDriver(Config(keys=declared_keys()), self.clock, run=runner,
+                           to_thread=lambda f, *a: defer.maybeDeferred(f, *a),
+                           settings=self.settings)
+        return driver, runner
+
+    def container(self, vm_id):
+        path = os.path.join(self.settings.lxcpath, f"qvd-{vm_id}")
+        os.makedirs(path)
+        with open(os.path.join(path, "config"), "w") as f:
+            f.write("lxc.uts.name = x\n")
+        return path
+
+    def test_interface(self):
+        """
+        The driver (also through the HKD's makeHypervisor) provides
+        IHypervisor and is named lxc.
+        """
+        driver, _ = self.driver({})
+        self.assertTrue(verifyObject(IHypervisor, driver))
+        self.assertEqual(driver.name, "lxc")
+        self.assertTrue(verifyObject(IHypervisor, makeHypervisor(
+            Config(keys=declared_keys()), self.clock)))
+
+    def test_list_running(self):
+        """
+        listRunning reports our containers that lxc-info says run, with the
+        init pid, and ignores stopped ones and foreign names.
+        """
+        for vm_id in (1, 2):
+            self.container(vm_id)
+        os.makedirs(os.path.join(self.settings.lxcpath, "someone-else"))
+
+        def info(argv):
+            if argv[2] == "qvd-1":
+                return ProcessResult(tuple(argv), 0, "State: RUNNING\nPID: 4321\n")
+            return ProcessResult(tuple(argv), 0, "State: STOPPED\n")
+        driver, runner = self.driver({"lxc-info": info})
+        found = self.successResultOf(driver.listRunning())
+        self.assertEqual(found, [RunningVM(1, 4321)])
+
+    def test_unknown_vm_is_not_running(self):
+        """
+        A VM without a container directory is not running and LXC is not asked.
+        """
+        driver, runner = self.driver({})
+        self.assertFalse(self.successResultOf(driver.isRunning(9)))
+        self.assertIsNone(self.successResultOf(driver.watch(9)))
+        self.assertEqual(runner.calls, [])
+
+    def test_start_failure_reports_lxc_errors(self):
+        """
+        When lxc-start fails, start fails with a VirtError quoting LXC's log
+        errors.
+        """
+        path = self.container(5)
+        with open(os.path.join(path, "lxc.log"), "w") as f:
+            f.write("lxc-start qvd-5 1 ERROR conf - conf.c:1 - Failed to mount rootfs\n")
+        driver, _ = self.driver({
+            "lxc-start": ProcessResult(("lxc-start",), 1),
+            "lxc-info": ProcessResult(("lxc-info",), 0, "State: STOPPED\n")})
+        failure = self.failureResultOf(driver.start(spec(vm_id=5)), VirtError)
+        self.assertIn("Failed to mount rootfs", str(failure.value))
+
+    def test_start_reports_init_pid(self):
+        """
+        start runs lxc-start -d in path.run.lxc and answers with the pid of
+        the container's init.
+        """
+        self.container(6)
+        driver, runner = self.driver({
+            "lxc-info": ProcessResult(("lxc-info",), 0, "State: RUNNING\nPID: 77\n")})
+        self.assertEqual(self.successResultOf(driver.start(spec(vm_id=6))), RunningVM(6, 77))
+        self.assertEqual(runner.calls[0][:6],
+                         ["lxc-start", "-n", "qvd-6", "-P", self.settings.lxcpath, "-d"])
+
+    def test_missing_bridge_created(self):
+        """
+        A missing bridge is created with the node's address and brought up;
+        a failure names the bridge.
+        """
+        driver, runner = self.driver({})
+        self.successResultOf(driver.ensure_bridge("qvdnone0"))
+        self.assertEqual(runner.calls, [
+            ["ip", "link", "add", "name", "qvdnone0", "type", "bridge"],
+            ["ip", "address", "add", "10.0.0.1/16", "dev", "qvdnone0"],
+            ["ip", "link", "set", "qvdnone0", "up"]])
+        driver, runner = self.driver({"ip": ProcessResult(("ip",), 2, err="RTNETLINK")})
+        failure = self.failureResultOf(driver.ensure_bridge("qvdnone0"), VirtError)
+        self.assertIn("qvdnone0", str(failure.value))
+
+    def test_kill_gives_up_after_timeout(self):
+        """
+        kill fails with a VirtError when the container still runs
+        vm.lxc.stop.timeout seconds after lxc-stop -k.
+        """
+        self.container(7)
+        driver, _ = self.driver({
+            "lxc-info": ProcessResult(("lxc-info",), 0, "State: RUNNING\nPID: 77\n")})
+        d = driver.kill(7)
+        self.clock.pump([0.1] * 101)
+        self.assertIn("still RUNNING", str(self.failureResultOf(d, VirtError).value))
+
+
+class WatchTests(unittest.TestCase):
+
+    def test_poll_fallback(self):
+        """
+        Without pidfds the watch polls /proc and fires once the process is
+        gone; a living process keeps it waiting.
+        """
+        clock = task.Clock()
+        import qvd.virt.lxc as lxc
+        original = os.pidfd_open
+
+        def no_pidfd(pid):
+            raise OSError(38, "Function not implemented")
+        os.pidfd_open = no_pidfd
+        self.addCleanup(setattr, os, "pidfd_open", original)
+        alive = {"start": "100"}
+        self.patch(lxc, "_start_time", lambda pid: alive["start"])
+        watch = _ProcessWatch(clock, os.getpid(), 1.0)
+        clock.advance(5)
+        self.assertNoResult(watch.ended)
+        alive["start"] = None
+        clock.advance(1)
+        self.successResultOf(watch.ended)
+
+
+class FileSystemTests(unittest.TestCase):
+
+    def test_corrupt_tarball_leaves_nothing(self):
+        """
+        ensure_basefs of a file tar cannot read raises a VirtError naming the
+        file and removes its temporary tree (no root needed).
+        """
+        root = tempfile.mkdtemp()
+        self.addCleanup(lambda: __import__("shutil").rmtree(root, True))
+        bad = os.path.join(root, "9-bad.tar")
+        with open(bad, "wb") as f:
+            f.write(b"garbage" * 100)
+        s = settings(basefs=os.path.join(root, "basefs"))
+        layout = Layout.of(s, spec(di_path=bad))
+        with self.assertRaises(VirtError) as caught:
+            _lxcfs.ensure_basefs(layout, bad, s.basefs)
+        self.assertIn(bad, str(caught.exception))
+        self.assertEqual(os.listdir(s.basefs), [".locks"])
