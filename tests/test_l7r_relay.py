@@ -72,3 +72,13 @@ class RelayTests(unittest.TestCase):
         relay.stop("taken over")
         self.assertTrue(client.transport.disconnecting and peer.transport.disconnecting)
         self.assertEqual(relay.reason, "taken over")
+
+    def test_peer_closed_before_start(self):
+        """A relay whose nxagent connection closed before it started ends at once."""
+        clock, client, peer, relay, ended = wired()
+        peer.dataReceived(b"bye")
+        peer.connectionLost(None)
+        relay.start()
+        self.assertEqual(client.transport.value(), b"bye")
+        self.assertTrue(client.transport.disconnecting)
+        self.assertEqual(ended, [relay])
