@@ -5,7 +5,6 @@ a bridge and subnet of this test process, removed afterwards.
 Timings are printed to stderr ("lxc-timing: ...").
 """
 
-import atexit
 import errno
 import os
 import shutil
@@ -58,36 +57,9 @@ class LXCDriverIntegrationTests(unittest.TestCase):
     skip = _skip_reason()
     timeout = 180
 
-    image = root = config = None
-
-    @classmethod
-    def _fixture(cls):
-        """
-        Once per process: the test image, a storage root and a config; removed
-        at exit (trial has no per-class teardown).
-        """
-        if cls.config is not None:
-            return
-        from qvd.testing.images import lxc_test_basefs, minimal_lxc_image
-        start = time.monotonic()
-        cls.image = minimal_lxc_image(stream=sys.stderr)
-        _timing(f"test image ready in {time.monotonic() - start:.1f} s")
-        cls.root = tempfile.mkdtemp(prefix="qvdt-lxc-", dir="/var/tmp")
-        atexit.register(_remove_fixture, cls.root)
-        cls.config = Config(keys=declared_keys(), node={
-            "path.run": os.path.join(cls.root, "run"),
-            "path.storage.root": os.path.join(cls.root, "storage"),
-            "path.storage.basefs": lxc_test_basefs(),
-            "vm.lxc.name.prefix": NAME_PREFIX,
-            "vm.lxc.veth.prefix": VETH_PREFIX,
-            "vm.network.bridge": BRIDGE,
-            "vm.lxc.bridge.address": f"{SUBNET}.1/24",
-            "vm.network.ip.start": f"{SUBNET}.2",
-            "vm.network.netmask": "255.255.255.0",
-        })
-
     def setUp(self):
-        self._fixture()
+        self.image, self.root, self.config = _fixture()
+        self.addCleanup(_remove_fixture, self.root)
         self.driver = LXCDriver(self.config, reactor)
         self.specs = []
         return self.driver.setUp()
@@ -328,13 +300,40 @@ def _remove_base(basefs, name):
             os.unlink(path)
 
 
+def _fixture():
+    """
+    Per test: the test image (built once, cached), a storage root and a
+    config using the shared base fs cache (so nothing big is unpacked or
+    deleted per test). Removed by L{_remove_fixture}.
+    """
+    from qvd.testing.images import lxc_test_basefs, minimal_lxc_image
+    start = time.monotonic()
+    image = minimal_lxc_image(stream=sys.stderr)
+    if time.monotonic() - start > 1:
+        _timing(f"test image ready in {time.monotonic() - start:.1f} s")
+    root = tempfile.mkdtemp(prefix="qvdt-lxc-", dir="/var/tmp")
+    config = Config(keys=declared_keys(), node={
+        "path.run": os.path.join(root, "run"),
+        "path.storage.root": os.path.join(root, "storage"),
+        "path.storage.basefs": lxc_test_basefs(),
+        "vm.lxc.name.prefix": NAME_PREFIX,
+        "vm.lxc.veth.prefix": VETH_PREFIX,
+        "vm.network.bridge": BRIDGE,
+        "vm.lxc.bridge.address": f"{SUBNET}.1/24",
+        "vm.network.ip.start": f"{SUBNET}.2",
+        "vm.network.netmask": "255.255.255.0",
+    })
+    return image, root, config
+
+
 def _remove_fixture(root):
     start = time.monotonic()
     subprocess.run(["ip", "link", "delete", BRIDGE], stderr=subprocess.DEVNULL)
     for point in mounts_below(open("/proc/self/mounts").read(), root):
         subprocess.run(["umount", "-l", point])
     subprocess.run(["rm", "-rf", "--one-file-system", root])
-    _timing(f"storage removed in {time.monotonic() - start:.1f} s")
+    if time.monotonic() - start > 1:
+        _timing(f"storage removed in {time.monotonic() - start:.1f} s")
 
 
 def _probe(ip, port, timeout, wait_for_open=False):
@@ -372,14 +371,14 @@ class LXCInterfaceTests(HypervisorInterfaceTests, unittest.TestCase):
     timeout = 120
 
     def makeHypervisor(self):
-        LXCDriverIntegrationTests._fixture()
-        self.config = LXCDriverIntegrationTests.config
+        self.image, self.root, self.config = _fixture()
+        self.addCleanup(_remove_fixture, self.root)
         driver = LXCDriver(self.config, reactor)
         return driver.setUp().addCallback(lambda _: driver)
 
     def makeSpec(self, vm_id):
         return VMSpec(
             vm_id=vm_id, name=f"desk{vm_id}", login="bob", memory=192, di_id=7,
-            di_path=LXCDriverIntegrationTests.image, ip=f"{SUBNET}.{vm_id % 100 + 100}",
+            di_path=self.image, ip=f"{SUBNET}.{vm_id % 100 + 100}",
             mac=f"54:52:00:d5:{PID % 200:02x}:{vm_id % 100 + 100:02x}",
             netmask="255.255.255.0", bridge=BRIDGE)
