@@ -43,8 +43,10 @@ import tempfile
 import attrs
 
 #: Debian packages a rootfs needs to boot as a KVM guest (dbus: systemd-logind
-#: needs it to act on the ACPI power button, i.e. libvirt's shutdown).
-VM_PACKAGES = ("linux-image-amd64", "initramfs-tools", "udev", "systemd-sysv", "dbus", "zstd")
+#: needs it to act on the ACPI power button, i.e. libvirt's shutdown; fdisk and
+#: e2fsprogs: the agent partitions and formats the home disk, reference 3.3).
+VM_PACKAGES = ("linux-image-amd64", "initramfs-tools", "udev", "systemd-sysv", "dbus", "zstd",
+               "fdisk", "e2fsprogs")
 
 #: Kernel modules the initramfs needs to mount a virtio root.
 INITRAMFS_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "crc32c_generic", "ext4")
