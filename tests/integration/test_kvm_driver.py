@@ -1,7 +1,8 @@
 """
 Integration tests of L{qvd.virt.kvm.KVMDriver} against the real libvirtd and
-QEMU of this machine (TCG here: /dev/kvm is PVM), booting the cached test
-image of L{qvd.testing.kvm_image} on a bridge of the test's own.
+QEMU of this machine (TCG here: /dev/kvm is PVM), booting the cached minimal
+desktop image (L{qvd.testing.kvm_image.minimal_kvm_image}: the real agent
+answers on 3030) on a bridge of the test's own.
 
 Each test creates (and removes) a bridge C{qbk<pid>} with its own /24, temp
 directories for overlays, homes and console logs, and domains named
@@ -61,7 +62,7 @@ def _requirements():
             _skip = "libvirtd does not run and deploy/services.sh could not start it"
         else:
             try:
-                _image = kvm_image.test_image()
+                _image = kvm_image.minimal_kvm_image()
             except kvm_image.ImageUnavailable as e:
                 _skip = f"no KVM test image: {e}"
     return _skip
