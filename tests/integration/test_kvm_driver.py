@@ -149,6 +149,25 @@ def _spec(vm_id, **kw):
                   netmask="255.255.255.0", bridge=BRIDGE, gateway=f"{SUBNET}.1", **kw)
 
 
+class AccelProbeTests(unittest.TestCase):
+    """
+    The auto acceleration probe with a real kernel.
+    """
+
+    def test_probeCommandBootsKernel(self):
+        """
+        The probe command boots the DI's kernel to its panic and QEMU exits:
+        run under TCG here (KVM cannot run it on this machine), it succeeds,
+        so on a real KVM host only KVM itself can make it fail.
+        """
+        why = _requirements()
+        if why:
+            raise unittest.SkipTest(why)
+        from qvd.virt import _accel
+        argv = _accel.probe_argv(_image + ".kernel", accel="tcg")
+        self.assertEqual(_accel.run_probe(argv, 60), (True, ""))
+
+
 class KVMInterfaceTests(HypervisorInterfaceTests, unittest.TestCase):
     """
     The behaviour every driver shows (qvd.testing.virt_interface), on KVM.
