@@ -105,6 +105,22 @@ class ParseTests(unittest.TestCase):
         s = self.parse(base + ["--headless", "--screenshot", "x.png", "--wait", "5"])
         self.assertEqual((s.headless, s.screenshot, s.wait, s.display), (True, "x.png", 5.0, None))
 
+    def test_headless_fills_its_screen(self):
+        """
+        A headless client asks for a full-screen desktop of the geometry of
+        its own Xvfb, so the desktop covers the whole screenshot.
+        """
+        base = ["--host", "h", "--user", "u", "--password", "p", "connect",
+                "--headless", "--screenshot", "x.png"]
+        s = self.parse(base + ["--geometry", "800x600"])
+        self.assertEqual((s.parameters.geometry, s.parameters.fullscreen), ("800x600", True))
+        query = dict(s.parameters.query(1))
+        self.assertEqual((query["qvd.client.geometry"], query["qvd.client.fullscreen"]),
+                         ("800x600", "1"))
+        s = self.parse(["--host", "h", "--user", "u", "--password", "p", "connect",
+                        "--display", ":3"])
+        self.assertFalse(s.parameters.fullscreen)
+
     def test_bad_values(self):
         """
         A bad link or geometry (from a file or the command line) is a usage

@@ -367,9 +367,7 @@ def run(args, ctx):
             retries = ctx.config.getint("admin.retry.max")
 
             def attempt(cur):
-                ctx.rolled_back()
-                if staged_cleanup:
-                    ctx.after_commit(lambda: os.unlink(staged_cleanup))
+                ctx.rolled_back()       # effects of an attempt that conflicted
                 return args.func(ctx, cur, args)
             try:
                 result = sync.transaction(conn, attempt, retries=retries)

@@ -246,6 +246,10 @@ def parse(argv, environ=None, stdin_isatty=None, prompt=getpass.getpass, warn=No
             display = None
             if not args.screenshot:
                 raise ClientError("--headless needs --screenshot FILE", errors.EXIT_USAGE)
+            # The private Xvfb is exactly the geometry asked for; nxagent
+            # fills it only in full-screen mode (in window mode it ignores
+            # the geometry and opens a window of 3/4 of the screen).
+            parameters = attrs.evolve(parameters, fullscreen=True)
         elif not display:
             raise ClientError("no X display to draw the desktop into: set DISPLAY, "
                               "pass --display :N, or use --headless", errors.EXIT_LOCAL)

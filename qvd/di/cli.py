@@ -86,7 +86,7 @@ def main(argv=None):
             progress.phase(f"wrote {image.path}, {image.kernel}, {image.initrd}")
         if args.register:
             progress.phase(f"registering as OSF {args.osf}, version {args.version}")
-            sys.stdout.write(register(output, args.osf, args.version))
+            sys.stdout.write(register(output, args.osf, args.version, args.config))
         progress.phase("done")
         return 0
     except (ConfigError, RecipeError, BuildError) as e:

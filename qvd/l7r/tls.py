@@ -16,6 +16,7 @@ L{self_signed} writes a new key and certificate for a single-node demo.
 """
 
 import datetime
+import ipaddress
 import os
 import stat
 
@@ -185,10 +186,28 @@ class SwappableContextFactory:
         self._context = context
 
 
+def demo_names(hostname):
+    """
+    The subjectAltName entries of the demo certificate: C{hostname} (a DNS
+    name, or an IP address if it is one), C{localhost}, 127.0.0.1 and ::1.
+    """
+    names = []
+    for item in (hostname, "localhost", "127.0.0.1", "::1"):
+        try:
+            name = x509.IPAddress(ipaddress.ip_address(item))
+        except ValueError:
+            name = x509.DNSName(item)
+        if name not in names:
+            names.append(name)
+    return names
+
+
 def self_signed(directory, hostname, days=3650):
     """
     Write a new EC P-256 key and a self-signed certificate for C{hostname}
-    to C{directory}/key.pem and cert.pem (directory 0700, files 0600).
+    to C{directory}/key.pem and cert.pem (directory 0700, files 0600). The
+    certificate also names C{localhost}, 127.0.0.1 and ::1, so a client on
+    the node itself verifies it whichever of these it connects to.
 
     @return: (key path, cert path)
     """
@@ -201,7 +220,7 @@ def self_signed(directory, hostname, days=3650):
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=days))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
+            .add_extension(x509.SubjectAlternativeName(demo_names(hostname)), critical=False)
             .sign(key, hashes.SHA256()))
     key_path = os.path.join(directory, "key.pem")
     cert_path = os.path.join(directory, "cert.pem")
