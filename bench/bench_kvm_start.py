@@ -127,7 +127,7 @@ def main(reactor, args):
     settings = KVMSettings(
         overlays=os.path.join(base, "overlays"), homes=os.path.join(base, "homes"),
         console_dir=os.path.join(base, "console"), accel=args.accel,
-        prefix=f"qvdbench{PID}-", tap_prefix=f"qbkt{PID}q")
+        prefix=f"qvdbench{PID}-", tap_prefix=f"qbkt{PID}q", cpus=args.cpus)
     driver = KVMDriver(reactor, settings)
     spec = VMSpec(vm_id=1, name="bench", login="bench", memory=args.memory, di_id=1, di_path=image,
                   ip=f"{SUBNET}.10", mac=f"54:52:00:fd:{PID % 250:02x}:01", netmask="255.255.255.0",
@@ -137,7 +137,7 @@ def main(reactor, args):
         yield driver.setUp()
         domain_type = driver.domainType or choose(args.accel, HostFacts.read()).domain_type or "kvm"
         dsettings = settings.domainSettings(domain_type)
-        print(f"image {image}; accel {domain_type}; memory {args.memory} MB; "
+        print(f"image {image}; accel {domain_type}; {args.cpus} vCPU; memory {args.memory} MB; "
               f"port {args.port}; {args.runs} run(s) each", flush=True)
         for n in range(args.runs):
             took, start_call = yield run_qvd(reactor, driver, spec, args.port, args.timeout)
@@ -166,6 +166,7 @@ def parse(argv):
     p.add_argument("--port", type=int, default=3030)
     p.add_argument("--memory", type=int, default=384)
     p.add_argument("--accel", default="auto")
+    p.add_argument("--cpus", type=int, default=1, help="virtual CPUs (vm.kvm.cpus)")
     p.add_argument("--timeout", type=float, default=240)
     return p.parse_args(argv)
 
