@@ -1,7 +1,8 @@
 """
 Integration tests of L{qvd.virt.kvm.KVMDriver} against the real libvirtd and
-QEMU of this machine (TCG here: /dev/kvm is PVM), booting the cached test
-image of L{qvd.testing.kvm_image} on a bridge of the test's own.
+QEMU of this machine (TCG here: /dev/kvm is PVM), booting the cached minimal
+desktop image (L{qvd.testing.kvm_image.minimal_kvm_image}: the real agent
+answers on 3030) on a bridge of the test's own.
 
 Each test creates (and removes) a bridge C{qbk<pid>} with its own /24, temp
 directories for overlays, homes and console logs, and domains named
@@ -61,7 +62,7 @@ def _requirements():
             _skip = "libvirtd does not run and deploy/services.sh could not start it"
         else:
             try:
-                _image = kvm_image.test_image()
+                _image = kvm_image.minimal_kvm_image()
             except kvm_image.ImageUnavailable as e:
                 _skip = f"no KVM test image: {e}"
     return _skip
@@ -146,6 +147,25 @@ def _spec(vm_id, **kw):
                   di_path=_image, ip=f"{SUBNET}.{10 + vm_id % 200}",
                   mac=f"54:52:00:fc:{PID % 250:02x}:{vm_id % 256:02x}",
                   netmask="255.255.255.0", bridge=BRIDGE, gateway=f"{SUBNET}.1", **kw)
+
+
+class AccelProbeTests(unittest.TestCase):
+    """
+    The auto acceleration probe with a real kernel.
+    """
+
+    def test_probeCommandBootsKernel(self):
+        """
+        The probe command boots the DI's kernel to its panic and QEMU exits:
+        run under TCG here (KVM cannot run it on this machine), it succeeds,
+        so on a real KVM host only KVM itself can make it fail.
+        """
+        why = _requirements()
+        if why:
+            raise unittest.SkipTest(why)
+        from qvd.virt import _accel
+        argv = _accel.probe_argv(_image + ".kernel", accel="tcg")
+        self.assertEqual(_accel.run_probe(argv, 60), (True, ""))
 
 
 class KVMInterfaceTests(HypervisorInterfaceTests, unittest.TestCase):
