@@ -112,7 +112,7 @@ class MachineTests(unittest.TestCase):
         self.clock.advance(Timeouts().resume_retry)
         self.assertEqual(len(hups()), 3)
         self.feed(RESUMING)
-        self.clock.advance(Timeouts().resume_retry * 5)
+        self.clock.advance(Timeouts().resume_retry * 3)  # < the listening timeout
         self.assertEqual(len(hups()), 3)
         self.assertEqual(self.machine.state, "listening")
 
