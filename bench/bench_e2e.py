@@ -2,7 +2,10 @@
 Login -> desktop for a STOPPED minimal LXC desktop, through the whole qvd
 stack, against the same desktop brought up by hand (root).
 
-    .venv/bin/python bench/bench_e2e.py [N]        # N = 3 by default
+    .venv/bin/python bench/bench_e2e.py [N] [--fast]     # N = 3 by default
+
+The daemons run with the shipped defaults, or with --fast with the tests'
+shorter polling intervals (L{qvd.testing.e2e.Stack.FAST}).
 
 qvd: N sequential logins of distinct users, each with its own stopped VM,
 through the real daemons (L{qvd.testing.e2e.Stack}: PostgreSQL, twistd
@@ -53,8 +56,8 @@ def summary(name, values):
 
 # --- qvd ----------------------------------------------------------------------
 
-def bench_qvd(n):
-    stack = e2e.Stack("bench", subnet_base=218)
+def bench_qvd(n, fast):
+    stack = e2e.Stack("bench", subnet_base=218, fast=fast)
     began = time.monotonic()
     stack.start()
     print(f"qvd node up in {time.monotonic() - began:.1f} s", flush=True)
@@ -188,14 +191,18 @@ def bench_peer(reactor, image, n, out):
 
 
 def main():
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 3
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    fast = "--fast" in sys.argv
+    n = int(args[0]) if args else 3
     why = e2e.missing()
     if why:
         raise SystemExit(f"bench_e2e: {why}")
     from qvd.testing.images import minimal_lxc_image
     image = minimal_lxc_image(stream=sys.stderr)
     print(f"host {socket.gethostname()}, {os.cpu_count()} CPUs, image {image}", flush=True)
-    qvd, local = bench_qvd(n)
+    print("qvd polling: " + ("the tests' faster settings " + str(e2e.Stack.FAST) if fast
+                             else "the shipped defaults (--fast: the tests' settings)"))
+    qvd, local = bench_qvd(n, fast)
     peer = []
     task.react(lambda reactor: bench_peer(reactor, image, n, peer).addCallback(
         lambda _: report(qvd, local, peer)))
