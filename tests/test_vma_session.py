@@ -96,6 +96,39 @@ class MachineTests(unittest.TestCase):
         self.assertEqual([e for e in self.effects.events if e[0] == "signal"],
                          [("signal", "HUP"), ("signal", "TERM")])
 
+    def test_resume_retried_until_resuming(self):
+        """
+        A resume HUPs nxagent again every resume_retry seconds until it says
+        "Resuming" (it drops the first HUP after a broken-link suspend);
+        then no more HUPs.
+        """
+        self.running()
+        self.feed(FAILURE, SUSPENDING, SUSPENDED)
+        self.machine.resume()
+        hups = lambda: [e for e in self.effects.events if e == ("signal", "HUP")]
+        self.assertEqual(len(hups()), 1)
+        self.clock.advance(Timeouts().resume_retry)
+        self.assertEqual(len(hups()), 2)
+        self.clock.advance(Timeouts().resume_retry)
+        self.assertEqual(len(hups()), 3)
+        self.feed(RESUMING)
+        self.clock.advance(Timeouts().resume_retry * 3)  # < the listening timeout
+        self.assertEqual(len(hups()), 3)
+        self.assertEqual(self.machine.state, "listening")
+
+    def test_resume_retry_stops_on_any_change(self):
+        """
+        No resume retry HUPs a session that left that starting state another
+        way (stopped, or resumed and suspended again).
+        """
+        self.running()
+        self.feed(SUSPENDING, SUSPENDED)
+        self.machine.resume()
+        self.machine.stop()
+        n = len(self.effects.events)
+        self.clock.advance(Timeouts().resume_retry * 3)
+        self.assertEqual(len(self.effects.events), n)
+
     def test_start_only_when_stopped(self):
         """start is refused in any state but stopped; resume only when suspended."""
         self.running()

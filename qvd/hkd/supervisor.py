@@ -47,7 +47,7 @@ class SupervisorSettings:
     """
     timeouts: dict = attrs.field(factory=dict)
     debug: bool = False
-    ping_starting: float = 0.5
+    ping_starting: float = 0.1
     ping_interval: float = 5.0
     dead_failures: int = 3
     dead_seconds: float = 20.0

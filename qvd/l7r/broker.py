@@ -78,6 +78,10 @@ def pid_alive(pid):
     return True
 
 
+#: first x_state poll after x_start (seconds); doubles up to poll_x
+X_POLL_FIRST = 0.05
+
+
 @attrs.frozen
 class BrokerSettings:
     poll_vm: float = 2.0
@@ -519,9 +523,16 @@ class Broker:
         raise BrokerError(f"Unable to start X session on VM {vm_id}: {error}")
 
     async def wait_x(self, session, vma):
+        """
+        Poll x_state until C{listening}: first after 50 ms, then twice as
+        long each time up to C{poll_x} (nxagent usually listens a few
+        hundred ms after x_start; a fixed 1 s poll added most of a second
+        to every login).
+        """
         vm_id = session.vm_id
         deadline = self.reactor.seconds() + self.settings.x_start
         session.tell(f"Waiting for X session to come up on VM {vm_id}")
+        delay = min(X_POLL_FIRST, self.settings.poll_x)
         while True:
             session.check()
             try:
@@ -535,7 +546,8 @@ class Broker:
                     raise BrokerError(f"Unable to start X session on VM {vm_id}, operation timed out!")
             elif state != "provisioning":
                 raise BrokerError(f"Unable to start X session on VM {vm_id}, state went to {state}")
-            await session.sleep(self.settings.poll_x)
+            await session.sleep(delay)
+            delay = min(delay * 2, self.settings.poll_x)
 
     async def run_forwarder(self, session, row, key, on_end):
         vm_id = session.vm_id

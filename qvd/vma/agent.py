@@ -12,8 +12,7 @@ hook and answers C{starting}; provisioning, the C{connect} hook, the options
 file and C{xinit <session> -- nxagent :<display> ...} (as the user) follow in
 the background while the L7R polls x_state. On C{suspended} it rewrites the
 options and HUPs nxagent (resume); on C{connected} it HUPs (suspend) and fails
-with "retry later" (the HUP waits vma.suspend.grace seconds for nxagent to
-suspend by itself when the L7R cut the old client); in any other state it fails.
+with "retry later"; in any other state it fails.
 """
 
 import os
@@ -66,7 +65,6 @@ class VMASettings:
     on_state: dict = attrs.field(factory=dict)    # connected/suspended/disconnected -> path
     hook_timeout: float = 120.0
     poweroff_command: tuple = ("poweroff",)
-    suspend_grace: float = 2.0
 
     @classmethod
     def from_config(cls, cfg):
@@ -126,8 +124,7 @@ class VMASettings:
             on_action=on_action,
             on_state=family("vma.on_state."),
             hook_timeout=hook_timeout,
-            poweroff_command=tuple(poweroff),
-            suspend_grace=cfg.getfloat("vma.suspend.grace"))
+            poweroff_command=tuple(poweroff))
 
 
 def read_env_file(path, owner_uid=None):
@@ -219,7 +216,6 @@ class VMA:
         self._sid = None
         self._props = {}
         self._busy = False          # an x_start is between its checks and its answer
-        self._suspend_call = None   # the delayed HUP of an x_start on a connected session
         self._generation = 0        # counts session starts (a stale background start stops)
         self.last_error = None
 
@@ -245,7 +241,7 @@ class VMA:
         log.info("x_start in state {state}, user {user}", state=state,
                  user=params.get("qvd.vm.user.name"))
         if state == "connected":
-            self._suspend_later()
+            self.machine.suspend()
             raise RPCError("Can't connect to X session in state connected, "
                            "suspending it, retry later")
         if state not in ("stopped", "suspended"):
@@ -280,32 +276,6 @@ class VMA:
         finally:
             self._busy = False
         return "starting"
-
-    def _suspend_later(self):
-        """
-        x_start on a connected session: HUP nxagent if it is still connected
-        after C{suspend_grace} seconds. Usually the L7R has just cut the old
-        client's connection and nxagent is about to suspend by itself; a HUP
-        that lands in the middle of that suspend is taken by nxagent as
-        "resume", the next x_start's HUP then suspends it again, and the
-        session never comes back (x_state stays starting until its timeout
-        kills it).
-        """
-        if self._suspend_call is not None and self._suspend_call.active():
-            return
-        grace = self.settings.suspend_grace
-        if grace <= 0:
-            self.machine.suspend()
-            return
-        generation = self._generation
-
-        def hup():
-            self._suspend_call = None
-            if self.machine.state == "connected" and generation == self._generation:
-                log.info("nxagent still connected {grace:g} s after x_start: suspending it",
-                         grace=grace)
-                self.machine.suspend()
-        self._suspend_call = self._reactor.callLater(grace, hup)
 
     @defer.inlineCallbacks
     def x_suspend(self, params):

@@ -110,6 +110,12 @@ class Timeouts:
     suspending: float = 20.0
     suspended: float = 0.0
     stopping: float = 20.0
+    #: not a state: after a resume HUP, HUP again every this many seconds
+    #: while nxagent has not said "Resuming" (it drops the first HUP after a
+    #: suspend caused by a broken link; measured on nx-libs 3.5.99.26); not
+    #: shorter than the ~1 s nxagent may take to act on a HUP, since a HUP
+    #: during a resume aborts it
+    resume_retry: float = 2.5
 
 
 class ISessionEffects(Interface):
@@ -153,6 +159,7 @@ class SessionMachine:
         self.pid = None
         self.resumable = False
         self.ports = {}
+        self._changes = 0           # counts _go calls (a stale resume retry stops)
 
     # -- inputs ---------------------------------------------------------------
 
@@ -182,6 +189,23 @@ class SessionMachine:
         self._require("resume", ("suspended",))
         self._go("starting")
         self._signal("HUP")
+        self._retry_resume(self._changes)
+
+    def _retry_resume(self, changes):
+        """
+        HUP again while the session is still in the C{starting} entered by
+        this resume (nxagent answers a HUP it acts on with "Resuming", which
+        moves the state on; a HUP it dropped leaves it suspended for good).
+        """
+        every = self._timeouts.resume_retry
+        if not every or every <= 0:
+            return
+
+        def again():
+            if self._changes == changes and self.state == "starting":
+                self._signal("HUP")
+                self._retry_resume(changes)
+        self._clock.callLater(every, again)
 
     def suspend(self):
         """x_suspend, or x_start on a connected session: HUP nxagent."""
@@ -233,6 +257,7 @@ class SessionMachine:
 
     def _go(self, new):
         old, self.state = self.state, new
+        self._changes += 1
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None

@@ -92,12 +92,16 @@ class HKDOnLXCTests(HKDTestMixin, pg.DatabaseTestMixin, unittest.TestCase):
             root = tempfile.mkdtemp(prefix=f"qvdt-hkd{PID}-", dir="/var/tmp")
             images = os.path.join(root, "storage", "images")
             os.makedirs(images)
-            os.symlink(image, os.path.join(images, "minimal.tar"))
+            # Named after the cached image, so the shared unpacked tree
+            # (lxc_test_basefs) is never one of an older image.
+            os.symlink(image, os.path.join(images, os.path.basename(image)))
+            HKDOnLXCTests.image = os.path.basename(image)
             atexit.register(_scrub, root, True)
             HKDOnLXCTests.root = root
         return HKDOnLXCTests.root
 
     def setUp(self):
+        from qvd.testing.images import lxc_test_basefs
         why = _missing()
         if why:
             raise unittest.SkipTest(why)
@@ -110,6 +114,7 @@ class HKDOnLXCTests(HKDTestMixin, pg.DatabaseTestMixin, unittest.TestCase):
             "path.run": f"{self.root}/run",
             "path.storage.root": f"{self.root}/storage",
             "path.storage.images": images,
+            "path.storage.basefs": lxc_test_basefs(),
             "vm.hypervisor": "lxc",
             "vm.lxc.name.prefix": PREFIX,
             "vm.lxc.veth.prefix": f"qh{PID % 1000}v",
@@ -126,7 +131,7 @@ class HKDOnLXCTests(HKDTestMixin, pg.DatabaseTestMixin, unittest.TestCase):
             "hkd.vm.vma.ping.starting": "0.2",
         })
         self.host = self.add_host("node1", address=f"{SUBNET}.1")
-        self.osf, _ = self.add_osf(di_path="minimal.tar")
+        self.osf, _ = self.add_osf(di_path=self.image)
         self.next_ip = 10
 
     def config(self, **overrides):

@@ -1,0 +1,525 @@
+"""
+A whole qvd node for end-to-end tests and benchmarks, on the REAL components:
+a private PostgreSQL database (L{qvd.testing.pg}), C{twistd qvd-hkd} with the
+LXC driver and the minimal test image (L{qvd.testing.images}), C{twistd
+qvd-l7r} speaking TLS on 127.0.0.1 (port chosen by the kernel, certificate
+made here) and C{qvd-client} processes.
+
+    stack = Stack("e2e")
+    stack.start()                                   # blocking; seconds
+    vm = stack.add_user("alice", "secret")
+    client = stack.client("alice", "secret")        # headless, screenshot
+    seconds = client.wait_for_colour()              # login -> colour on its Xvfb
+    client.wait()
+    stack.stop()                                    # removes everything
+
+Everything is named after the process (bridge C{qbe<pid>}, containers
+C{qvdt-e2e<pid>-<vm>}, veths C{qe<pid>v...}) and lives under one temp dir
+in /var/tmp; L{Stack.stop} (also run at exit) removes containers, mounts,
+interfaces, processes, files and the database. The calls block: the tests
+that use this drive subprocesses only.
+"""
+
+import atexit
+import contextlib
+import glob
+import os
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+
+from qvd.testing import pg
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+COLOUR = 0x2A7FD4  # qvd.testing.images.TEST_COLOUR
+
+
+def missing():
+    """
+    Why the end-to-end stack cannot run here (None if it can): for SkipTest.
+    """
+    if os.geteuid() != 0:
+        return "the end-to-end tests need root (LXC desktops)"
+    for program in ("lxc-start", "lxc-attach", "lxc-stop", "nxproxy", "Xvfb", "ip"):
+        if shutil.which(program) is None:
+            return f"{program} is not installed"
+    if not os.path.exists(TWISTD):
+        return f"twistd not found next to {sys.executable}"
+    from qvd.testing.images import cannot_build_reason
+    return cannot_build_reason()
+
+
+def env():
+    return dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def wait_until(predicate, timeout, what, poll=0.05):
+    """
+    Call C{predicate()} until it returns something true; return that.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout:g} s")
+        time.sleep(poll)
+
+
+# --- pixels -------------------------------------------------------------------
+
+def read_png(path):
+    """
+    (width, height, rgb bytes) of an 8-bit RGB or RGBA, non-interlaced PNG.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        raise ValueError(f"{path} is not a PNG file")
+    i, idat, header = 8, [], None
+    while i < len(data):
+        (length,) = struct.unpack(">I", data[i:i + 4])
+        kind, body = data[i + 4:i + 8], data[i + 8:i + 8 + length]
+        i += 12 + length
+        if kind == b"IHDR":
+            header = struct.unpack(">IIBBBBB", body)
+        elif kind == b"IDAT":
+            idat.append(body)
+    width, height, depth, ctype, _, _, interlace = header
+    if depth != 8 or ctype not in (2, 6) or interlace:
+        raise ValueError(f"{path}: only 8-bit RGB/RGBA non-interlaced PNGs are read here")
+    bpp = 3 if ctype == 2 else 4
+    raw = zlib.decompress(b"".join(idat))
+    stride = width * bpp
+    rows, prev = [], bytearray(stride)
+    for y in range(height):
+        kind = raw[y * (stride + 1)]
+        row = bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+        for x in range(stride):
+            a = row[x - bpp] if x >= bpp else 0
+            b = prev[x]
+            c = prev[x - bpp] if x >= bpp else 0
+            if kind == 1:
+                row[x] = (row[x] + a) & 255
+            elif kind == 2:
+                row[x] = (row[x] + b) & 255
+            elif kind == 3:
+                row[x] = (row[x] + (a + b) // 2) & 255
+            elif kind == 4:
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                row[x] = (row[x] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
+        rows.append(bytes(row))
+        prev = row
+    rgb = b"".join(rows)
+    if bpp == 4:
+        rgb = b"".join(rgb[i:i + 3] for i in range(0, len(rgb), 4))
+    return width, height, rgb
+
+
+def colour_area(width, height, rgb, colour=COLOUR, step=8, tolerance=8):
+    """
+    Sample every C{step}-th pixel of every C{step}-th row: the fraction of
+    samples within C{tolerance} of C{colour}, and the bounding box
+    (x0, y0, x1, y1) of those samples (None if none).
+    """
+    r, g, b = (colour >> 16) & 255, (colour >> 8) & 255, colour & 255
+    hits = total = 0
+    box = None
+    for y in range(0, height, step):
+        base = y * width * 3
+        for x in range(0, width, step):
+            i = base + x * 3
+            total += 1
+            if (abs(rgb[i] - r) <= tolerance and abs(rgb[i + 1] - g) <= tolerance
+                    and abs(rgb[i + 2] - b) <= tolerance):
+                hits += 1
+                box = (x, y, x, y) if box is None else (
+                    min(box[0], x), min(box[1], y), max(box[2], x), max(box[3], y))
+    return (hits / total if total else 0.0), box
+
+
+def screen_colour(display, colour=COLOUR):
+    """
+    The fraction of C{display}'s screen showing C{colour} (0.0 if unreadable).
+    """
+    from qvd.client._x11 import X11Error
+    from qvd.client.headless import grab
+    try:
+        image = grab(display)
+    except (X11Error, OSError):
+        return 0.0
+    return colour_area(image.width, image.height, image.rgb, colour, step=16)[0]
+
+
+# --- the node -----------------------------------------------------------------
+
+class Client:
+    """
+    One C{qvd-client connect} process; stdout/stderr go to files.
+    """
+
+    def __init__(self, stack, login, password, *extra, headless=True, display=None,
+                 host="127.0.0.1", wait=90):
+        self.stack = stack
+        n = stack.next_name()
+        self.home = os.path.join(stack.root, f"client{n}")
+        os.makedirs(self.home)
+        self.shot = os.path.join(self.home, "desktop.png") if headless else None
+        self.out_path = os.path.join(self.home, "stdout")
+        self.err_path = os.path.join(self.home, "stderr")
+        argv = [sys.executable, "-m", "qvd.client", "--host", host,
+                "--port", str(stack.port), "--ca", stack.cert, "--user", login,
+                "--password", password, "connect", *extra]
+        if headless:
+            argv += ["--headless", "--screenshot", self.shot, "--wait", str(wait)]
+        else:
+            argv += ["--display", display]
+        self.began = time.monotonic()
+        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=err, env=dict(
+                env(), HOME=self.home), cwd=self.home, start_new_session=True)
+        stack.processes.append(self.proc)
+
+    def stderr(self):
+        with open(self.err_path, errors="replace") as f:
+            return f.read()
+
+    def display(self):
+        """
+        The headless client's own Xvfb display, once it has said it.
+        """
+        found = re.search(r"headless: Xvfb on display (:\d+)", self.stderr())
+        return found and found.group(1)
+
+    def wait_for_colour(self, display=None, timeout=120, fraction=0.5):
+        """
+        Poll the client's screen until at least C{fraction} of it shows the
+        desktop's colour; return the seconds since the client started.
+        """
+        def seen():
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"qvd-client exited ({self.proc.returncode}) before the desktop showed:\n"
+                    + self.stderr())
+            where = display or self.display()
+            return where and screen_colour(where) >= fraction
+        wait_until(seen, timeout, "the desktop's colour on the client's screen")
+        return time.monotonic() - self.began
+
+    def wait(self, timeout=60):
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"qvd-client still runs after {timeout} s:\n" + self.stderr())
+
+    def stop(self):
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+class Stack:
+    """
+    Database + HKD + L7R on this machine, with its own bridge and subnet.
+    """
+
+    #: faster polling than the shipped defaults (tests); Stack(fast=False)
+    #: runs with the defaults of qvd/config/defaults (benchmarks)
+    FAST = {
+        "hkd.ticker.interval": "0.5",
+        "hkd.vm.vma.ping.interval": "2",
+        "hkd.vm.vma.ping.starting": "0.1",
+        "internal.l7r.poll_time.x": "0.2",
+    }
+
+    def __init__(self, tag="e2e", subnet_base=217, fast=True):
+        self.fast = fast
+        pid = os.getpid()
+        self.tag = tag
+        self.subnet = f"10.{subnet_base}.{pid % 200}"
+        self.bridge = f"qb{tag[0]}{pid % 10000}"
+        self.prefix = f"qvdt-{tag}{pid % 100000}-"
+        self.veth = f"q{tag[0]}{pid % 1000}v"
+        self.root = None
+        self.processes = []
+        self.started = False
+        self._names = 0
+        self._ips = 10
+
+    def next_name(self):
+        self._names += 1
+        return self._names
+
+    @property
+    def lxcpath(self):
+        return f"{self.root}/run/lxc"
+
+    # -- life cycle --
+
+    def start(self, stream=sys.stderr):
+        from qvd.l7r import tls
+        from qvd.testing.images import minimal_lxc_image
+        image = minimal_lxc_image(stream=stream)
+        self.root = tempfile.mkdtemp(prefix=f"qvdt-{self.tag}{os.getpid()}-", dir="/var/tmp")
+        os.chmod(self.root, 0o755)
+        atexit.register(self.stop)
+        self.started = True
+        images = os.path.join(self.root, "storage", "images")
+        os.makedirs(images)
+        os.symlink(image, os.path.join(images, "minimal.tar"))
+        self.dbname, self.dsn = pg.fresh_database()
+        cluster = pg.cluster()
+        self.host = self.query("INSERT INTO hosts (name, address) VALUES ('node1', %s)"
+                               " RETURNING id", (f"{self.subnet}.1",))[0]["id"]
+        self.osf = self.query("INSERT INTO osfs (tenant_id, name, memory) VALUES"
+                              " (1, 'desktop', 512) RETURNING id")[0]["id"]
+        di = self.query("INSERT INTO dis (osf_id, path, version) VALUES"
+                        " (%s, 'minimal.tar', '1') RETURNING id", (self.osf,))[0]["id"]
+        self.query("INSERT INTO di_tags (di_id, osf_id, tag) VALUES (%s, %s, 'default')",
+                   (di, self.osf))
+        ssl_dir = os.path.join(self.root, "ssl")
+        _, self.cert = tls.self_signed(ssl_dir, "node1")
+        values = {
+            "nodename": "node1",
+            "database.host": cluster.socketdir,
+            "database.user": cluster.superuser,
+            "database.name": self.dbname,
+            "database.listen.keepalive": "1",
+            "path.state": f"{self.root}/state",
+            "path.run": f"{self.root}/run",
+            "path.log": f"{self.root}/log",
+            "path.storage.root": f"{self.root}/storage",
+            "path.storage.images": images,
+            "path.l7r.ssl": ssl_dir,
+            "vm.hypervisor": "lxc",
+            "vm.lxc.name.prefix": self.prefix,
+            "vm.lxc.veth.prefix": self.veth,
+            "vm.network.bridge": self.bridge,
+            "vm.network.netmask": "255.255.255.0",
+            "vm.lxc.bridge.address": f"{self.subnet}.1/24",
+            "hkd.lock.path": f"{self.root}/run/hkd.lock",
+            "hkd.vm.timeout.waiting_vma": "60",
+        }
+        if self.fast:
+            values.update(self.FAST)
+        self.conf = os.path.join(self.root, "node.conf")
+        with open(self.conf, "w") as f:
+            for key, value in values.items():
+                f.write(f"{key} = {value}\n")
+        self.hkd_log = os.path.join(self.root, "hkd.log")
+        self.l7r_log = os.path.join(self.root, "l7r.log")
+        self.hkd = self._twistd(self.hkd_log, "qvd-hkd", "--config", self.conf)
+        self.l7r = self._twistd(self.l7r_log, "qvd-l7r", "--config", self.conf,
+                                "--listen", "ssl:0:interface=127.0.0.1")
+        self.port = int(wait_until(self._l7r_port, 30, "the L7R listening"))
+        wait_until(lambda: self.node_state() == "running", 30, "the HKD running")
+
+    def _twistd(self, log, *argv):
+        proc = subprocess.Popen([TWISTD, "-n", "--pidfile=", "-l", log, *argv], env=env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        self.processes.append(proc)
+        return proc
+
+    def _l7r_port(self):
+        if self.l7r.poll() is not None:
+            raise AssertionError(f"the L7R exited ({self.l7r.returncode}):\n"
+                                 + self.log_tail(self.l7r_log))
+        with contextlib.suppress(FileNotFoundError):
+            with open(self.l7r_log) as f:
+                found = re.search(r"L7R listening on .*port=(\d+)", f.read())
+                return found and found.group(1)
+
+    def log_tail(self, path, lines=30):
+        with contextlib.suppress(FileNotFoundError):
+            with open(path, errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        return ""
+
+    def stop(self):
+        """
+        Stop everything and remove every trace (idempotent).
+        """
+        if not self.started:
+            return
+        self.started = False
+        for proc in reversed(self.processes):
+            if proc in (self.hkd, self.l7r) or proc.poll() is not None:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(Exception):
+            self.stop_vms()
+        for proc in (self.l7r, self.hkd):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+        for proc in self.processes:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.scrub()
+        with contextlib.suppress(Exception):
+            pg.drop_database(self.dbname)
+
+    def stop_vms(self, timeout=60):
+        """
+        Ask the HKD to stop every VM that is not stopped; wait for it.
+        """
+        rows = self.query("SELECT vm_id FROM vm_runtimes WHERE vm_state <> 'stopped'")
+        for row in rows:
+            self.command(row["vm_id"], "stop")
+        for row in rows:
+            wait_until(lambda: self.vm_row(row["vm_id"])["vm_state"] == "stopped", timeout,
+                       f"VM {row['vm_id']} stopped")
+
+    def scrub(self):
+        """
+        Remove every container, mount, interface and file of this stack.
+        """
+        if os.path.isdir(self.lxcpath):
+            for name in os.listdir(self.lxcpath):
+                subprocess.run(["lxc-stop", "-k", "-n", name, "-P", self.lxcpath],
+                               capture_output=True)
+        with open("/proc/self/mounts") as f:
+            points = [line.split()[1] for line in f if f" {self.root}" in line]
+        for point in sorted(points, key=len, reverse=True):
+            subprocess.run(["umount", "-l", point], capture_output=True)
+        for iface in self.interfaces():
+            subprocess.run(["ip", "link", "delete", iface], capture_output=True)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def interfaces(self):
+        return sorted(i for i in os.listdir("/sys/class/net")
+                      if i.startswith(self.veth) or i == self.bridge)
+
+    def leftovers(self):
+        """
+        What of this stack still exists (for the "nothing left behind" check).
+        """
+        found = []
+        with open("/proc/self/mounts") as f:
+            found += [line.split()[1] for line in f if f" {self.root}" in line]
+        found += self.interfaces()
+        found += [f"process {p.pid}" for p in self.processes if p.poll() is None]
+        found += [f"process {pid} of session {sid}" for pid, sid in _sessions()
+                  if sid in {p.pid for p in self.processes}]
+        if os.path.exists(self.root):
+            found.append(self.root)
+        return found
+
+    # -- database --
+
+    def query(self, sql, args=None):
+        from qvd.db import sync
+        with sync.connect(self.dsn) as conn:
+            def run(cur):
+                cur.execute(sql, args)
+                return [dict(r) for r in cur.fetchall()] if cur.description else []
+            return sync.transaction(conn, run)
+
+    def add_user(self, login, password):
+        """
+        A user of the default tenant with one VM of the minimal desktop; its id.
+        """
+        from qvd.passwords import hash_password
+        self._ips += 1
+        n = self._ips
+        user = self.query("INSERT INTO users (tenant_id, login, password) VALUES (1, %s, %s)"
+                          " RETURNING id", (login, hash_password(password)))[0]["id"]
+        vm = self.query("INSERT INTO vms (name, user_id, osf_id, ip, mac, di_tag) VALUES"
+                        " (%s, %s, %s, %s, %s, 'default') RETURNING id",
+                        (f"{login}-desktop", user, self.osf, f"{self.subnet}.{n}",
+                         "54:52:00:e2:%02x:%02x" % (os.getpid() % 256, n)))[0]["id"]
+        self.query("INSERT INTO vm_runtimes (vm_id) VALUES (%s)", (vm,))
+        self.query("INSERT INTO vm_counters (vm_id) VALUES (%s)", (vm,))
+        return vm
+
+    def vm_row(self, vm_id):
+        return self.query("SELECT * FROM vm_runtimes WHERE vm_id = %s", (vm_id,))[0]
+
+    def node_state(self):
+        if self.hkd.poll() is not None:
+            raise AssertionError(f"the HKD exited ({self.hkd.returncode}):\n"
+                                 + self.log_tail(self.hkd_log))
+        rows = self.query("SELECT state FROM host_runtimes WHERE host_id = %s", (self.host,))
+        return rows[0]["state"] if rows else None
+
+    def command(self, vm_id, cmd):
+        """
+        What qvd-admin vm start/stop does: assign the node, set vm_cmd, NOTIFY.
+        """
+        self.query("UPDATE vm_runtimes SET host_id = %s, vm_cmd = %s WHERE vm_id = %s",
+                   (self.host, cmd, vm_id))
+        self.query(f"NOTIFY qvd_cmd_for_vm_on_host{int(self.host)}")
+
+    # -- containers --
+
+    def container(self, vm_id):
+        return f"{self.prefix}{vm_id}"
+
+    def attach(self, vm_id, *argv):
+        return subprocess.run(["lxc-attach", "-P", self.lxcpath, "-n", self.container(vm_id),
+                               "--", *argv], capture_output=True, text=True, timeout=30)
+
+    def marker_pids(self, vm_id):
+        """
+        The PIDs (inside the container) of the minimal session's marker.
+        """
+        done = self.attach(vm_id, "pgrep", "-f", "qvd-test-marker")
+        return sorted(int(p) for p in done.stdout.split())
+
+    def client(self, login, password, *extra, **kw):
+        return Client(self, login, password, *extra, **kw)
+
+
+def _sessions():
+    """
+    (pid, session id) of every process; the daemons, the clients (and their
+    Xvfb and nxproxy) each run in a session of their own.
+    """
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        yield int(stat.split("/")[2]), int(fields[3])
+
+
+class Xvfb:
+    """
+    A test-owned Xvfb on a free display (for a non-headless client).
+    """
+
+    def __init__(self, stack, geometry="1024x768"):
+        read, write = os.pipe()
+        self.proc = subprocess.Popen(
+            ["Xvfb", "-displayfd", str(write), "-screen", "0", f"{geometry}x24",
+             "-nolisten", "tcp", "-br", "-noreset"], pass_fds=(write,),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        os.close(write)
+        stack.processes.append(self.proc)
+        with os.fdopen(read) as f:
+            self.display = ":" + f.readline().strip()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)

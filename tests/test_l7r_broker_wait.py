@@ -1,0 +1,68 @@
+"""
+The broker's wait for the X session (L{qvd.l7r.broker.Broker.wait_x}),
+on a fake clock and a fake agent.
+"""
+
+from twisted.internet import defer, task
+from twisted.trial import unittest
+
+from qvd.l7r.broker import Broker, BrokerError, BrokerSettings, Session
+
+
+class _Conn:
+    def __init__(self):
+        self.written = []
+
+    def write(self, data):
+        self.written.append(data)
+
+
+class _VMA:
+    def __init__(self, clock, states):
+        self.clock = clock
+        self.states = list(states)
+        self.polled_at = []
+
+    def x_state(self):
+        self.polled_at.append(self.clock.seconds())
+        return defer.succeed(self.states.pop(0) if len(self.states) > 1 else self.states[0])
+
+
+class WaitXTests(unittest.TestCase):
+
+    def wait(self, states, **settings):
+        clock = task.Clock()
+        broker = Broker(clock, None, BrokerSettings(**settings), None)
+        vma = _VMA(clock, states)
+        d = defer.ensureDeferred(broker.wait_x(Session(clock, 7, _Conn()), vma))
+        for _ in range(200):
+            if d.called or not clock.getDelayedCalls():
+                break
+            clock.advance(min(c.getTime() for c in clock.getDelayedCalls()) - clock.seconds())
+        return d, vma
+
+    def test_polls_fast_then_backs_off(self):
+        """
+        x_state is polled at once, then after 50 ms, and twice as long each
+        time up to poll_x.
+        """
+        d, vma = self.wait(["starting"] * 7 + ["listening"], poll_x=1.0)
+        self.successResultOf(d)
+        gaps = [round(b - a, 2) for a, b in zip(vma.polled_at, vma.polled_at[1:])]
+        self.assertEqual(gaps, [0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0])
+
+    def test_listening_soon_is_seen_soon(self):
+        """
+        An X session listening 0.3 s after x_start is seen within 0.35 s
+        (not at the next 1 s poll).
+        """
+        d, vma = self.wait(["starting"] * 3 + ["listening"], poll_x=1.0)
+        self.successResultOf(d)
+        self.assertAlmostEqual(vma.polled_at[-1], 0.35)
+
+    def test_timeout(self):
+        """
+        A session still starting after x_start seconds is a BrokerError.
+        """
+        d, vma = self.wait(["starting"], poll_x=1.0, x_start=3.0)
+        self.assertIn("timed out", str(self.failureResultOf(d, BrokerError).value))
