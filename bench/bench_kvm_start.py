@@ -31,7 +31,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 
 from qvd.virt._accel import HostFacts, choose
-from qvd.virt._domain import DomainSettings, kernel_cmdline
+from qvd.virt._domain import kernel_cmdline
 from qvd.virt.interfaces import VMSpec
 from qvd.virt.kvm import KVMDriver, KVMSettings
 
