@@ -185,7 +185,8 @@ class HKDOnKVMTests(HKDTestMixin, pg.DatabaseTestMixin, unittest.TestCase):
     def home_entries(self, home_disk):
         """
         The names in the root of the home disk's first partition (as the
-        agent partitioned and formatted it), read without mounting.
+        agent partitioned and formatted it), read without mounting, and the
+        UUID of that filesystem: (names, uuid).
         """
         raw = os.path.join(self.root, "home.raw")
         subprocess.run(["qemu-img", "convert", "-O", "raw", home_disk, raw], check=True)
@@ -197,7 +198,11 @@ class HKDOnKVMTests(HKDTestMixin, pg.DatabaseTestMixin, unittest.TestCase):
         subprocess.run(["dd", f"if={raw}", f"of={fs}", "bs=512", f"skip={start}",
                         f"count={size}", "status=none"], check=True)
         out = subprocess.run(["debugfs", "-R", "ls -p /", fs], capture_output=True, text=True).stdout
-        return [line.split("/")[5] for line in out.splitlines() if line.count("/") >= 6]
+        names = [line.split("/")[5] for line in out.splitlines() if line.count("/") >= 6]
+        header = subprocess.run(["dumpe2fs", "-h", fs], capture_output=True, text=True).stdout
+        uuid = [line.split(":", 1)[1].strip() for line in header.splitlines()
+                if line.startswith("Filesystem UUID:")]
+        return names, uuid[0] if uuid else None
 
     async def test_desktop_on_kvm(self):
         """
@@ -206,7 +211,8 @@ class HKDOnKVMTests(HKDTestMixin, pg.DatabaseTestMixin, unittest.TestCase):
         HKD adopts it without starting it again; x_start runs the session
         and the host's nxproxy draws the colour the desktop painted; a stop
         command powers it off and leaves no domain, overlay or tap; the home
-        disk holds the user's home the agent created on it.
+        disk holds the user's home the agent created on it, and after another
+        start and session it is the same filesystem (not formatted again).
         """
         from qvd.vma.client import VMAClient
         vm = self.add_vm("alice", osf=self.osf, ip=f"{SUBNET}.20")
@@ -283,7 +289,25 @@ class HKDOnKVMTests(HKDTestMixin, pg.DatabaseTestMixin, unittest.TestCase):
         overlays = os.path.join(self.root, "storage", "overlays")
         self.assertEqual([n for n in os.listdir(overlays) if n.endswith("-overlay.qcow2")], [])
         self.assertEqual([i for i in os.listdir("/sys/class/net") if i.startswith(TAPS)], [])
-        self.assertIn("alice", self.home_entries(
-            os.path.join(self.root, "storage", "homes", f"{vm}-data.qcow2")))
+        home_disk = os.path.join(self.root, "storage", "homes", f"{vm}-data.qcow2")
+        names, uuid = self.home_entries(home_disk)
+        self.assertIn("alice", names)
+        self.assertTrue(uuid)
+
+        # start again: the session uses the same home filesystem
+        proxy.kill()
+        proxy.wait()
+        self.command(vm, "start", self.host)
+        await self.wait_state(vm, "running", timeout=420)
+        self.assertEqual(await client.x_start({
+            "qvd.vm.user.name": "alice", "qvd.client.link": "lan"}), "starting")
+        deadline = time.monotonic() + 120
+        while (await client.x_state()) != "listening":
+            self.assertLess(time.monotonic(), deadline, f"no session after restart\n{self.console(vm)}")
+            await _sleep(1)
+        self.command(vm, "stop", self.host)
+        await self.until(lambda: self.vm_row(vm)["vm_state"] == "stopped", timeout=240,
+                         what=f"stopped again\n{self.hkd_log()}")
+        self.assertEqual(self.home_entries(home_disk), (names, uuid))
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
