@@ -3,7 +3,7 @@ How long a KVM desktop takes from `vm start` to its agent answering, with
 qvd's driver and with a bare qemu-system-x86_64 of the same image.
 
     deploy/services.sh        # virtlogd + libvirtd
-    PYTHONPATH=. .venv/bin/python bench/bench_kvm_start.py [--runs 3] [--image X.qcow2] [--port 3030]
+    PYTHONPATH=. .venv/bin/python bench/bench_kvm_start.py [--runs 3] [--image minimal|test|X.qcow2] [--port 3030]
 
 For each run, alternately:
   qvd:  KVMDriver.prepare + start (overlay, home disk, libvirt domain) until
@@ -12,9 +12,9 @@ For each run, alternately:
         command line, memory, vCPUs, accel, virtio disk and virtio NIC on the
         same bridge, until the same port answers.
 Prints every run, the medians and their ratio (qvd / bare; target <= 1.15).
-The image defaults to the cached test image (qvd.testing.kvm_image), whose
-stand-in for the VMA listens on 3030; a qvd-di qcow2 image with the real VMA
-works the same. Needs root. Creates and removes its own bridge.
+The image defaults to the cached minimal desktop with the real VMA
+(qvd.testing.kvm_image.minimal_kvm_image); --image test uses the smaller
+test image whose stand-in for the VMA listens on 3030. Needs root. Creates and removes its own bridge.
 """
 
 import argparse
@@ -114,9 +114,9 @@ def main(reactor, args):
     here = os.path.dirname(os.path.abspath(__file__))
     subprocess.run([os.path.join(here, "..", "deploy", "services.sh")], check=False)
     image = args.image
-    if image is None:
+    if image in (None, "test", "minimal"):
         from qvd.testing import kvm_image
-        image = kvm_image.test_image()
+        image = kvm_image.minimal_kvm_image() if image == "minimal" else kvm_image.test_image()
     image = os.path.abspath(image)
     base = tempfile.mkdtemp(prefix="qvd-kvm-bench-")
     os.chmod(base, 0o755)
@@ -127,7 +127,7 @@ def main(reactor, args):
     settings = KVMSettings(
         overlays=os.path.join(base, "overlays"), homes=os.path.join(base, "homes"),
         console_dir=os.path.join(base, "console"), accel=args.accel,
-        prefix=f"qvdbench{PID}-", tap_prefix=f"qbkt{PID}q")
+        prefix=f"qvdbench{PID}-", tap_prefix=f"qbkt{PID}q", cpus=args.cpus)
     driver = KVMDriver(reactor, settings)
     spec = VMSpec(vm_id=1, name="bench", login="bench", memory=args.memory, di_id=1, di_path=image,
                   ip=f"{SUBNET}.10", mac=f"54:52:00:fd:{PID % 250:02x}:01", netmask="255.255.255.0",
@@ -137,7 +137,7 @@ def main(reactor, args):
         yield driver.setUp()
         domain_type = driver.domainType or choose(args.accel, HostFacts.read()).domain_type or "kvm"
         dsettings = settings.domainSettings(domain_type)
-        print(f"image {image}; accel {domain_type}; memory {args.memory} MB; "
+        print(f"image {image}; accel {domain_type}; {args.cpus} vCPU; memory {args.memory} MB; "
               f"port {args.port}; {args.runs} run(s) each", flush=True)
         for n in range(args.runs):
             took, start_call = yield run_qvd(reactor, driver, spec, args.port, args.timeout)
@@ -160,10 +160,13 @@ def main(reactor, args):
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     p.add_argument("--runs", type=int, default=2)
-    p.add_argument("--image", default=None, help="a qcow2 DI with .kernel/.initrd beside it")
+    p.add_argument("--image", default="minimal",
+                   help="a qcow2 DI with .kernel/.initrd beside it, or 'minimal' (the minimal "
+                        "desktop with the real agent, default) or 'test' (a stand-in on 3030)")
     p.add_argument("--port", type=int, default=3030)
     p.add_argument("--memory", type=int, default=384)
     p.add_argument("--accel", default="auto")
+    p.add_argument("--cpus", type=int, default=1, help="virtual CPUs (vm.kvm.cpus)")
     p.add_argument("--timeout", type=float, default=240)
     return p.parse_args(argv)
 

@@ -59,13 +59,15 @@ def serve(n):
             cur.execute("INSERT INTO hosts (name, address) VALUES ('bench', '127.0.0.1') RETURNING id")
             host = cur.fetchone()["id"]
             cur.execute("INSERT INTO host_runtimes (host_id, state) VALUES (%s, 'running')", (host,))
-            cur.execute("INSERT INTO users (tenant_id, login, password) VALUES (1, 'ana', %s)"
-                        " RETURNING id", (legacy_hash("secret", "qvd1234"),))
-            user = cur.fetchone()["id"]
+            password = legacy_hash("secret", "qvd1234")
             cur.execute("INSERT INTO osfs (tenant_id, name) VALUES (1, 'o') RETURNING id")
             osf = cur.fetchone()["id"]
             ids = []
             for i in range(n):
+                # One user per session, as in real life (a user has one session).
+                cur.execute("INSERT INTO users (tenant_id, login, password) VALUES (1, %s, %s)"
+                            " RETURNING id", (f"u{i}", password))
+                user = cur.fetchone()["id"]
                 cur.execute("INSERT INTO vms (name, user_id, osf_id, ip, mac) VALUES"
                             " (%s, %s, %s, %s, %s) RETURNING id",
                             (f"vm{i}", user, osf, f"10.{i // 65536}.{i // 256 % 256}.{i % 256}",
@@ -77,6 +79,9 @@ def serve(n):
                             (vm, host, vma_port.getHost().port, echo_port.getHost().port))
             return ids
         ids = sync.transaction(conn, seed)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("ANALYZE")
     config = Config.load(os.devnull, overrides={
         "nodename": "bench", "path.state": tmp, "path.l7r.ssl": ssl_dir,
         "database.pool.size": "8", "internal.l7r.poll_time.x": "0.05"})
@@ -107,7 +112,6 @@ def run_clients(ports, n, rounds, size, mode, concurrency):
     from twisted.internet import defer, endpoints, protocol, reactor, ssl, task
 
     payload = os.urandom(size)
-    basic = base64.b64encode(b"ana:secret").decode()
     latencies, setups, spans = [], [], []
     ready = []
 
@@ -120,9 +124,14 @@ def run_clients(ports, n, rounds, size, mode, concurrency):
                 c.send()
     failures = []
 
+    from twisted.internet.interfaces import IHandshakeListener
+    from zope.interface import implementer
+
+    @implementer(IHandshakeListener)
     class Client(protocol.Protocol):
-        def __init__(self, vm_id):
+        def __init__(self, vm_id, index):
             self.vm_id = vm_id
+            self.index = index
             self.buf = bytearray()
             self.phase = "http" if mode == "l7r" else "echo"
             self.done = defer.Deferred()
@@ -132,11 +141,15 @@ def run_clients(ports, n, rounds, size, mode, concurrency):
             self.t0 = time.perf_counter()
             self.handshake = self.t0
             if self.phase == "http":
+                basic = base64.b64encode(f"u{self.index}:secret".encode()).decode()
                 self.transport.write(
                     f"GET /qvd/connect_to_vm?id={self.vm_id}&qvd.client.os=linux HTTP/1.1\r\n"
                     f"Authorization: Basic {basic}\r\nConnection: Upgrade\r\nUpgrade: QVD/1.0\r\n\r\n"
                     .encode())
-            else:
+
+        def handshakeCompleted(self):
+            # Direct mode: ready once TLS is up (the L7R mode is ready at its 101).
+            if mode != "l7r":
                 setups.append(time.perf_counter() - self.t0)
                 set_ready(self)
 
@@ -184,7 +197,7 @@ def run_clients(ports, n, rounds, size, mode, concurrency):
     async def one(i):
         endpoint = endpoints.SSL4ClientEndpoint(reactor, "127.0.0.1", port,
                                                 ssl.CertificateOptions(), timeout=60)
-        client = Client(vms[i % len(vms)])
+        client = Client(vms[i % len(vms)], i % len(vms))
         t0 = time.perf_counter()
         try:
             await endpoints.connectProtocol(endpoint, client)

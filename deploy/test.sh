@@ -7,6 +7,8 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 bin=$("$here/deploy/setup.sh" | tail -1)
 cd "$here"
 export PATH="$bin:$PATH"
+# Tests never read this node's own configuration (/etc/qvd/node.conf).
+export QVD_CONFIG=/dev/null
 "$here/deploy/services.sh"
 status=0
 "$bin/python" -m twisted.trial --temp-directory="${TMPDIR:-/tmp}/qvd-trial-$$" "${@:-tests}" || status=$?

@@ -211,3 +211,57 @@ class BuildTests(unittest.TestCase):
                               out + ".k", out + ".i")
         self.assertIn("qvd-di build --format qcow2", str(e))
         self.assertEqual(os.listdir(os.path.dirname(out)), ["empty.qcow2"])
+
+
+class CLITests(unittest.TestCase):
+
+    def setUp(self):
+        from qvd.di import cli
+        self.cli = cli
+        self.built = []
+        self.converted = []
+        self.patch(cli.os, "geteuid", lambda: 0)
+        self.patch(cli.sys, "stderr", __import__("io").StringIO())
+        self.patch(cli, "build_image", self.fake_build)
+        self.patch(cli.qcow2, "build_from_tarball", self.fake_convert)
+
+    def fake_build(self, recipe, output, source, cache, progress, quiet=False):
+        self.built.append((recipe, output))
+        open(output, "w").close()
+        return output
+
+    def fake_convert(self, tarball, out, size_mb=None):
+        self.converted.append((tarball, out))
+        return qcow2.Image(out, out + ".kernel", out + ".initrd", "6.1")
+
+    def test_qcow2Format(self):
+        """
+        qvd-di build --format qcow2 builds the rootfs with the VM packages,
+        converts it next to the output and removes the intermediate tarball.
+        """
+        out = os.path.join(os.path.abspath(self.mktemp()), "desk.qcow2")
+        os.makedirs(os.path.dirname(out))
+        self.assertEqual(self.cli.main(["build", "--desktop", "minimal", "--format", "qcow2",
+                                        "-o", out]), 0)
+        [(recipe, tarball)] = self.built
+        self.assertTrue(set(qcow2.VM_PACKAGES) <= set(recipe.packages))
+        self.assertEqual(self.converted, [(tarball, out)])
+        self.assertEqual(os.listdir(os.path.dirname(out)), [])
+
+    def test_formatFromExtension(self):
+        """
+        An output ending in .qcow2 means --format qcow2; .tar stays a tarball
+        without the VM packages.
+        """
+        out = os.path.join(os.path.abspath(self.mktemp()), "desk.tar")
+        os.makedirs(os.path.dirname(out))
+        self.assertEqual(self.cli.main(["build", "--desktop", "minimal", "-o", out]), 0)
+        self.assertNotIn("linux-image-amd64", self.built[0][0].packages)
+        self.assertEqual(self.converted, [])
+
+    def test_wrongExtension(self):
+        """
+        A qcow2 build whose output does not end in .qcow2 is refused.
+        """
+        self.assertEqual(self.cli.main(["build", "--format", "qcow2", "-o", "/tmp/x.tar"]), 1)
+        self.assertEqual(self.built, [])

@@ -300,3 +300,42 @@ class DriverTests(unittest.TestCase):
                          "10.9.0.254/24")
         e = self.assertRaises(VirtError, attrs.evolve(self.settings, bridge_address="nope").nodeBridgeAddress)
         self.assertIn("vm.kvm.bridge.address 'nope'", str(e))
+
+    def test_reconnectAfterLibvirtdRestart(self):
+        """
+        When libvirt closes the connection (libvirtd restarted) the driver
+        reconnects after reconnectDelay seconds, and a watch whose VM
+        stopped meanwhile (no event could arrive) fires.
+        """
+        self.conn.domains["qvd-5"] = FakeDomain("qvd-5")
+        watched = self.driver.watch(5)
+        old = self.conn
+        self.driver._connectionClosed(old, 0)
+        self.assertIsNone(self.driver._conn)
+        new = FakeConn()  # the VM stopped while libvirtd was away
+        self.driver._connectSync = lambda: (new, [1])
+        self.reactor.advance(self.driver.reconnectDelay - 0.1)
+        self.assertIsNone(self.driver._conn)
+        self.reactor.advance(0.1)
+        self.assertIs(self.driver._conn, new)
+        self.assertIsNone(self.successResultOf(watched))
+
+    def test_reconnectRetries(self):
+        """
+        A failed reconnection is tried again after reconnectDelay.
+        """
+        self.driver._connectionClosed(self.conn, 0)
+        attempts = []
+
+        def connect():
+            attempts.append(1)
+            if len(attempts) < 2:
+                raise VirtError("cannot connect")
+            return FakeConn(), []
+        self.driver._connectSync = connect
+        self.reactor.advance(self.driver.reconnectDelay)
+        self.assertIsNone(self.driver._conn)
+        self.reactor.advance(self.driver.reconnectDelay)
+        self.assertIsNotNone(self.driver._conn)
+        self.assertEqual(len(attempts), 2)
+        self.flushLoggedErrors()

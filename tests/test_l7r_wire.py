@@ -119,7 +119,7 @@ class L7RWireMixin(DatabaseTestMixin):
             "nodename": self.nodename, "path.state": self.tmp, "path.l7r.ssl": self.ssl_dir,
             "internal.l7r.poll_time.vm": "0.2", "internal.l7r.poll_time.x": "0.05",
             "internal.l7r.timeout.takeover": "5", "l7r.ssl.reload_interval": "0.2",
-            "internal.l7r.timeout.vma": "2",
+            "internal.l7r.timeout.vma": "2", "l7r.counters.flush_interval": "0.05",
         }
         overrides.update(self.overrides)
         overrides.update(extra)
@@ -154,6 +154,13 @@ class L7RWireMixin(DatabaseTestMixin):
         status, head, body, infos = await c.final_response()
         self.assertEqual(status, 101, (head, body, infos))
         return c, head, infos
+
+    async def eventually(self, sql, expected, timeout=5.0):
+        for _ in range(int(timeout / 0.02)):
+            if self.query(sql) == expected:
+                return
+            await sleep(0.02)
+        self.assertEqual(self.query(sql), expected)
 
     async def echo_through(self, c, payload=b"hello nx"):
         c.send(payload)
@@ -213,8 +220,8 @@ class RequestTests(L7RWireMixin, unittest.TestCase):
         self.assertEqual(await self.request(
             b"GET /qvd/list_of_vm? HTTP/1.1\r\nAuthorization: Basic " + bad + b"\r\n\r\n"),
             http.unauthorized())
-        rows = self.query("SELECT auth_attempts, auth_ok, http_requests FROM host_counters")
-        self.assertEqual(rows, [{"auth_attempts": 1, "auth_ok": 0, "http_requests": 2}])
+        await self.eventually("SELECT auth_attempts, auth_ok, http_requests FROM host_counters",
+                              [{"auth_attempts": 1, "auth_ok": 0, "http_requests": 2}])
 
     @d
     async def test_list_of_vm(self):
@@ -331,8 +338,8 @@ class ConnectTests(L7RWireMixin, unittest.TestCase):
             await sleep(0.02)
         self.assertEqual(self.query("SELECT user_state, l7r_host_id, l7r_session FROM vm_runtimes"),
                          [{"user_state": "disconnected", "l7r_host_id": None, "l7r_session": None}])
-        self.assertEqual(self.query("SELECT nx_attempts, nx_ok, short_sessions FROM host_counters"),
-                         [{"nx_attempts": 1, "nx_ok": 1, "short_sessions": 1}])
+        await self.eventually("SELECT nx_attempts, nx_ok, short_sessions FROM host_counters",
+                              [{"nx_attempts": 1, "nx_ok": 1, "short_sessions": 1}])
         await sleep(0.05)
         self.assertEqual(self.echo.connections, [])
 
@@ -522,12 +529,39 @@ class TakeoverTests(L7RWireMixin, unittest.TestCase):
         self.assertEqual(self.query("SELECT user_cmd FROM vm_runtimes"), [{"user_cmd": "abort"}])
 
     @d
+    async def test_takeover_while_connecting(self):
+        """A client still waiting for its VM is aborted (503) when another client
+        takes the session over; the other one gets the VM."""
+        self.hkd.enabled = False
+        first = await self.client()
+        first.send(self.connect_request())
+        await first.wait(lambda: b"Waiting for VM" in first.buffer, what="the first waiting")
+        self.hkd.enabled = True
+        second, _, infos = await self.connected()
+        self.assertIn(f"Aborting contending session for VM_ID: {self.vm_id}", infos)
+        status, _, body, _ = await first.final_response()
+        self.assertEqual((status, body.decode()), (503, (
+            "The requested virtual machine is not available: Aborted by contending session VM"
+            " VM_ID: %d, retry later" % self.vm_id)))
+        await self.echo_through(second)
+
+    @d
     async def test_dead_l7r_claim(self):
         """A claim left by a dead L7R process of this node expires at once."""
         self.query("UPDATE vm_runtimes SET user_state = 'connecting', l7r_host_id = %s,"
                    " l7r_pid = %s, l7r_session = 'gone'", (self.host_id, dead_pid()))
         c, _, infos = await self.connected()
         self.assertEqual(infos[0], f"Session acquired for VM_ID: {self.vm_id}")
+
+    @d
+    async def test_reset_at_start(self):
+        """An L7R starting resets the sessions of this node left by dead L7R processes."""
+        self.query("UPDATE vm_runtimes SET user_state = 'connected', l7r_host_id = %s,"
+                   " l7r_pid = %s, l7r_session = 'gone', host_id = %s, vm_state = 'running'",
+                   (self.host_id, dead_pid(), self.host_id))
+        await self.start_l7r()
+        self.assertEqual(self.query("SELECT user_state, l7r_pid FROM vm_runtimes"),
+                         [{"user_state": "disconnected", "l7r_pid": None}])
 
     @d
     async def test_old_claim(self):
@@ -568,6 +602,70 @@ def dead_pid():
         except PermissionError:
             pass
         pid -= 1
+
+
+def make_pki(directory):
+    """
+    A CA, a good and a revoked client certificate, a CRL revoking the latter,
+    and a certificate of another CA; PEM files in C{directory}.
+    """
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    os.makedirs(directory)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    day = datetime.timedelta(days=1)
+    files = {}
+
+    def name(cn):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def save(label, data):
+        path = files[label] = os.path.join(directory, label + ".pem")
+        with open(path, "wb") as f:
+            f.write(data)
+
+    def pem_key(key):
+        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption())
+
+    def ca(cn):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(name(cn))
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - day).not_valid_after(now + day)
+                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                .sign(key, hashes.SHA256()))
+        return key, cert
+
+    def leaf(label, cn, ca_key, ca_cert):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(ca_cert.subject)
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - day).not_valid_after(now + day)
+                .sign(ca_key, hashes.SHA256()))
+        save(label, cert.public_bytes(serialization.Encoding.PEM))
+        save(label + "_key", pem_key(key))
+        return cert
+
+    ca_key, ca_cert = ca("qvd test CA")
+    save("ca", ca_cert.public_bytes(serialization.Encoding.PEM))
+    leaf("good", "ana", ca_key, ca_cert)
+    revoked = leaf("revoked", "bob", ca_key, ca_cert)
+    other_key, other_cert = ca("another CA")
+    leaf("stranger", "eve", other_key, other_cert)
+    crl = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject)
+           .last_update(now - day).next_update(now + day)
+           .add_revoked_certificate(x509.RevokedCertificateBuilder()
+                                    .serial_number(revoked.serial_number)
+                                    .revocation_date(now - day).build())
+           .sign(ca_key, hashes.SHA256()))
+    save("crl", crl.public_bytes(serialization.Encoding.PEM))
+    return files
 
 
 class TLSTests(L7RWireMixin, unittest.TestCase):
@@ -611,6 +709,37 @@ class TLSTests(L7RWireMixin, unittest.TestCase):
         e = await self.assertFailure(defer.ensureDeferred(svc.start()), tls.TLSConfigError)
         self.assertEqual(str(e), f"the L7R's private key {key} is accessible by every user "
                                  f"(mode 0644); run: chmod 600 {key}")
+
+    def _client_handshake(self, cert=None, key=None):
+        ctx = stdlib_ssl.SSLContext(stdlib_ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = stdlib_ssl.CERT_NONE
+        if cert:
+            ctx.load_cert_chain(cert, key)
+        with socket.create_connection(("127.0.0.1", self.svc.port.getHost().port), 5) as s:
+            with ctx.wrap_socket(s) as t:
+                t.sendall(b"GET /qvd/ping HTTP/1.1\n\n")
+                return t.recv(100)
+
+    @d
+    async def test_client_certificates(self):
+        """With l7r.client.cert.require, only clients with a certificate of the CA
+        that the CRL does not revoke get through."""
+        ca_dir = os.path.join(self.tmp, "pki")
+        files = make_pki(ca_dir)
+        shutil.copy(files["ca"], os.path.join(self.ssl_dir, "ca.pem"))
+        shutil.copy(files["crl"], os.path.join(self.ssl_dir, "crl.pem"))
+        await self.svc.stop()
+        self.svc = await self.start_l7r(**{"l7r.client.cert.require": "1"})
+        answer = await threads.deferToThread(self._client_handshake, files["good"], files["good_key"])
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 OK"), answer)
+        for cert, key in ((None, None), (files["revoked"], files["revoked_key"]),
+                          (files["stranger"], files["stranger_key"])):
+            try:
+                answer = await threads.deferToThread(self._client_handshake, cert, key)
+            except (stdlib_ssl.SSLError, OSError):
+                continue
+            self.assertEqual(answer, b"", cert)
 
     def _peer_cert(self):
         port = self.svc.port.getHost().port

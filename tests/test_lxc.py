@@ -260,7 +260,11 @@ class DriverTests(unittest.TestCase):
         self.root = tempfile.mkdtemp()
         self.addCleanup(lambda: __import__("shutil").rmtree(self.root, True))
         self.clock = task.Clock()
-        self.settings = settings(lxcpath=os.path.join(self.root, "lxc"))
+        # Unique names: cleanup() looks for (and kills) the container's real
+        # cgroups, which must never be another user's.
+        self.settings = settings(lxcpath=os.path.join(self.root, "lxc"),
+                                 name_prefix=f"qvdt-unit{os.getpid()}-",
+                                 veth_prefix=f"qtu{os.getpid() % 1000}v")
 
     def driver(self, answers):
         runner = FakeRunner(answers)
@@ -270,7 +274,7 @@ class DriverTests(unittest.TestCase):
         return driver, runner
 
     def container(self, vm_id):
-        path = os.path.join(self.settings.lxcpath, f"qvd-{vm_id}")
+        path = os.path.join(self.settings.lxcpath, self.settings.container_name(vm_id))
         os.makedirs(path)
         with open(os.path.join(path, "config"), "w") as f:
             f.write("lxc.uts.name = x\n")
@@ -297,7 +301,7 @@ class DriverTests(unittest.TestCase):
         os.makedirs(os.path.join(self.settings.lxcpath, "someone-else"))
 
         def info(argv):
-            if argv[2] == "qvd-1":
+            if argv[2] == self.settings.container_name(1):
                 return ProcessResult(tuple(argv), 0, "State: RUNNING\nPID: 4321\n")
             return ProcessResult(tuple(argv), 0, "State: STOPPED\n")
         driver, runner = self.driver({"lxc-info": info})
@@ -320,7 +324,7 @@ class DriverTests(unittest.TestCase):
         """
         path = self.container(5)
         with open(os.path.join(path, "lxc.log"), "w") as f:
-            f.write("lxc-start qvd-5 1 ERROR conf - conf.c:1 - Failed to mount rootfs\n")
+            f.write("lxc-start x-5 1 ERROR conf - conf.c:1 - Failed to mount rootfs\n")
         driver, _ = self.driver({
             "lxc-start": ProcessResult(("lxc-start",), 1),
             "lxc-info": ProcessResult(("lxc-info",), 0, "State: STOPPED\n")})
@@ -337,7 +341,8 @@ class DriverTests(unittest.TestCase):
             "lxc-info": ProcessResult(("lxc-info",), 0, "State: RUNNING\nPID: 77\n")})
         self.assertEqual(self.successResultOf(driver.start(spec(vm_id=6))), RunningVM(6, 77))
         self.assertEqual(runner.calls[0][:6],
-                         ["lxc-start", "-n", "qvd-6", "-P", self.settings.lxcpath, "-d"])
+                         ["lxc-start", "-n", self.settings.container_name(6),
+                          "-P", self.settings.lxcpath, "-d"])
 
     def test_missing_bridge_created(self):
         """
@@ -353,6 +358,18 @@ class DriverTests(unittest.TestCase):
         driver, runner = self.driver({"ip": ProcessResult(("ip",), 2, err="RTNETLINK")})
         failure = self.failureResultOf(driver.ensure_bridge("qvdnone0"), VirtError)
         self.assertIn("qvdnone0", str(failure.value))
+
+    def test_cleanup_of_vm_with_non_tarball_di(self):
+        """
+        prepare refuses a DI that is not a tarball; cleanup of that VM still
+        removes its container directory.
+        """
+        path = self.container(8)
+        driver, _ = self.driver({"lxc-info": ProcessResult(("lxc-info",), 0, "State: STOPPED\n")})
+        vm = spec(vm_id=8, di_path="/s/images/8-disk.qcow2")
+        self.failureResultOf(driver.prepare(vm), VirtError)
+        self.successResultOf(driver.cleanup(vm))
+        self.assertFalse(os.path.exists(path))
 
     def test_kill_gives_up_after_timeout(self):
         """
@@ -392,6 +409,29 @@ class WatchTests(unittest.TestCase):
         self.successResultOf(watch.ended)
 
 
+class PidfdWatchTests(unittest.TestCase):
+
+    def test_pidfd_reader_and_cancel(self):
+        """
+        The watch of a living process registers a pidfd reader; cancelling
+        it removes the reader and closes the fd; a readable pidfd (the
+        process ended) fires it.
+        """
+        from twisted.internet.testing import MemoryReactorClock
+        reactor = MemoryReactorClock()
+        watch = _ProcessWatch(reactor, os.getpid(), 1.0)
+        self.assertIn(watch, reactor.getReaders())
+        fd = watch.fileno()
+        watch.ended.cancel()
+        self.failureResultOf(watch.ended, defer.CancelledError)
+        self.assertNotIn(watch, reactor.getReaders())
+        self.assertRaises(OSError, os.fstat, fd)
+        watch = _ProcessWatch(reactor, os.getpid(), 1.0)
+        watch.doRead()
+        self.successResultOf(watch.ended)
+        self.assertNotIn(watch, reactor.getReaders())
+
+
 class FileSystemTests(unittest.TestCase):
 
     def test_corrupt_tarball_leaves_nothing(self):
@@ -410,3 +450,25 @@ class FileSystemTests(unittest.TestCase):
             _lxcfs.ensure_basefs(layout, bad, s.basefs)
         self.assertIn(bad, str(caught.exception))
         self.assertEqual(os.listdir(s.basefs), [".locks"])
+
+
+class ProcessTests(unittest.TestCase):
+
+    def test_result_and_timeout(self):
+        """
+        run() reports a command's exit status and output; a command running
+        past its timeout is killed and reported with code -9.
+        """
+        from twisted.internet import reactor
+        from qvd.virt._process import run
+
+        @defer.inlineCallbacks
+        def check():
+            result = yield run(reactor, ["sh", "-c", "echo out; echo err >&2; exit 3"])
+            self.assertEqual((result.code, result.out, result.err), (3, "out\n", "err\n"))
+            result = yield run(reactor, ["sleep", "30"], timeout=0.2)
+            self.assertEqual(result.code, -9)
+            self.assertIn("killed after 0.2 s", result.err)
+            with self.assertRaises(VirtError):
+                yield run(reactor, ["qvd-no-such-program"])
+        return check()

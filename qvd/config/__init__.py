@@ -192,11 +192,14 @@ class Config:
     @classmethod
     def load(cls, path=None, overrides=None, keys=None):
         """
-        Defaults < the node file C{path} (default L{DEFAULT_NODE_FILE} when it
-        exists) < C{overrides}. A missing explicit C{path} is an error.
+        Defaults < the node file C{path} (default: C{$QVD_CONFIG} when set,
+        else L{DEFAULT_NODE_FILE} when it exists) < C{overrides}. A missing
+        explicit C{path} is an error.
         """
         keys = declared_keys() if keys is None else keys
         node = {}
+        if path is None:
+            path = os.environ.get("QVD_CONFIG") or None
         if path is None and os.path.exists(DEFAULT_NODE_FILE):
             path = DEFAULT_NODE_FILE
         if path is not None:

@@ -21,6 +21,7 @@ import random
 
 import psycopg2
 from twisted.internet import defer, error, task
+from twisted.python import failure
 from twisted.logger import Logger
 from txpostgres import txpostgres
 
@@ -53,6 +54,33 @@ class Connection(txpostgres.Connection):
         txpostgres.Connection.connectionLost(self, reason)
         if self.lostCallback is not None:
             self.lostCallback(reason)
+
+    def _runInteraction(self, interaction, *args, **kwargs):
+        # txpostgres's own version logs a failed ROLLBACK as an unhandled
+        # error; on a connection PostgreSQL closed there is nothing to roll
+        # back, and the caller gets the original failure either way.
+        cursor = self.cursor()
+        d = cursor.execute("begin")
+        d.addCallback(interaction, *args, **kwargs)
+
+        def commit(result):
+            return cursor.execute("commit").addCallback(lambda _: result)
+
+        def rollback(reason):
+            if self.closed:
+                return reason
+            attempt = defer.maybeDeferred(cursor.execute, "rollback")
+
+            def failed(rollback_failure):
+                log.warn("ROLLBACK failed ({error}) after: {reason}",
+                         error=str(rollback_failure.value).strip(),
+                         reason=str(reason.value).strip())
+                return failure.Failure(txpostgres.RollbackFailed(self, reason))
+            attempt.addCallbacks(lambda _: reason, failed)
+            return attempt
+        d.addCallbacks(commit)
+        d.addErrback(rollback)
+        return d
 
 
 def _is_connection_error(failure_or_exc):

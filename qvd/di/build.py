@@ -19,6 +19,7 @@ import io
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
 import time
@@ -174,18 +175,31 @@ def build_image(recipe, output, qvd_source, cache_dir, progress, quiet=False,
     return add_code_layer(base, recipe, qvd_source, output, progress, vma_present)
 
 
-def register(path, osf, version, qvd_admin="qvd-admin"):
+def admin_command():
     """
-    Register the image with C{qvd-admin di add}; return its output.
+    How to run qvd-admin: the installed command, else this Python's module.
     """
-    argv = [qvd_admin, "di", "add", "--osf", osf, "--version", version, path]
-    if shutil.which(qvd_admin) is None and not os.path.exists(qvd_admin):
-        raise BuildError(f"cannot register: {qvd_admin} is not installed (command: {' '.join(argv)})")
-    result = subprocess.run(argv, capture_output=True, text=True)
+    found = shutil.which("qvd-admin")
+    return [found] if found else [sys.executable, "-m", "qvd.admin.cli"]
+
+
+def register(path, osf, version, config=None, admin=None):
+    """
+    Register the image with C{qvd-admin [--config FILE] di add FILE --osf OSF
+    --version V}; return its output.
+    """
+    argv = list(admin or admin_command())
+    if config:
+        argv += ["--config", config]
+    argv += ["di", "add", path, "--osf", osf, "--version", version]
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    except OSError as e:
+        raise BuildError(f"cannot run {argv[0]} to register the image: {e.strerror}")
     if result.returncode != 0:
         raise BuildError(
             f"'{' '.join(argv)}' failed (exit status {result.returncode}): "
-            f"{(result.stderr or result.stdout).strip()}")
+            f"{(result.stderr or result.stdout).strip()}; the image is at {path}")
     return result.stdout
 
 

@@ -1,7 +1,8 @@
 """
-C{qvd-di}: build LXC disk images.
+C{qvd-di}: build disk images: rootfs tarballs for LXC, bootable qcow2 for KVM.
 
     qvd-di build --desktop xfce -o xfce.tar
+    qvd-di build --desktop xfce --format qcow2 -o xfce.qcow2   # + .kernel, .initrd
     qvd-di build --desktop minimal --colour '#ff0000' -o test.tar
     qvd-di build --desktop mate -o mate.tar --register --osf desktops --version 1
     qvd-di show-key --desktop xfce          # the base layer's cache key
@@ -13,17 +14,23 @@ import sys
 
 import qvd
 from qvd.config import Config, ConfigError
+from qvd.di import qcow2
 from qvd.di.build import BuildError, Progress, build_image, register
 from qvd.di.recipe import DESKTOPS, Recipe, RecipeError
 
 
 def _parser():
-    parser = argparse.ArgumentParser(prog="qvd-di", description="Build qvd LXC disk images.")
+    parser = argparse.ArgumentParser(prog="qvd-di", description="Build qvd disk images.")
     parser.add_argument("--config", help="node configuration file (default /etc/qvd/node.conf)")
     sub = parser.add_subparsers(dest="command", required=True)
-    build = sub.add_parser("build", help="build a rootfs tarball")
+    build = sub.add_parser("build", help="build a rootfs tarball (LXC) or a qcow2 disk (KVM)")
     build.add_argument("--desktop", choices=DESKTOPS, default="xfce")
-    build.add_argument("-o", "--output", required=True, help="the tarball to write (.tar)")
+    build.add_argument("-o", "--output", required=True,
+                       help="the image to write (.tar for LXC, .qcow2 for KVM)")
+    build.add_argument("--format", choices=("tar", "qcow2"), default=None,
+                       help="tar: LXC rootfs tarball; qcow2: bootable KVM disk with its "
+                            "kernel and initramfs written beside it (default: from the "
+                            "output's extension)")
     build.add_argument("--colour", "--color", dest="colour",
                        help="root window colour of the minimal desktop")
     build.add_argument("--package", action="append", default=[],
@@ -47,8 +54,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         config = Config.load(args.config)
-        recipe = Recipe.from_config(config, args.desktop, getattr(args, "colour", None),
-                                    args.package)
+        fmt = getattr(args, "format", None)
+        if args.command == "build" and fmt is None:
+            fmt = "qcow2" if args.output.endswith(".qcow2") else "tar"
+        extra = list(args.package) + (list(qcow2.VM_PACKAGES) if fmt == "qcow2" else [])
+        recipe = Recipe.from_config(config, args.desktop, getattr(args, "colour", None), extra)
         if args.command == "show-key":
             print(recipe.base_name())
             return 0
@@ -57,15 +67,26 @@ def main(argv=None):
         if os.geteuid() != 0:
             raise BuildError("qvd-di build must run as root (mmdebstrap makes root-owned files)")
         output = os.path.abspath(args.output)
-        if not output.endswith(".tar"):
-            raise BuildError(f"the output {args.output!r} must end in .tar")
+        suffix = ".qcow2" if fmt == "qcow2" else ".tar"
+        if not output.endswith(suffix):
+            raise BuildError(f"the output {args.output!r} of a {fmt} image must end in {suffix}")
         progress = Progress(sys.stderr)
         progress.phase(f"building {recipe.desktop} image {output}")
-        build_image(recipe, output, args.source, args.cache or config.get("di.build.cache"),
+        tarball = output if fmt == "tar" else output[:-len(suffix)] + ".rootfs.tar"
+        build_image(recipe, tarball, args.source, args.cache or config.get("di.build.cache"),
                     progress, quiet=args.quiet)
+        if fmt == "qcow2":
+            progress.phase(f"making {tarball} bootable under KVM")
+            try:
+                image = qcow2.build_from_tarball(tarball, output)
+            except qcow2.ImageError as e:
+                raise BuildError(str(e))
+            finally:
+                os.unlink(tarball)
+            progress.phase(f"wrote {image.path}, {image.kernel}, {image.initrd}")
         if args.register:
             progress.phase(f"registering as OSF {args.osf}, version {args.version}")
-            sys.stdout.write(register(output, args.osf, args.version))
+            sys.stdout.write(register(output, args.osf, args.version, args.config))
         progress.phase("done")
         return 0
     except (ConfigError, RecipeError, BuildError) as e:

@@ -37,14 +37,15 @@ import shutil
 import struct
 import subprocess
 import sys
-import tarfile
 import tempfile
 
 import attrs
 
 #: Debian packages a rootfs needs to boot as a KVM guest (dbus: systemd-logind
-#: needs it to act on the ACPI power button, i.e. libvirt's shutdown).
-VM_PACKAGES = ("linux-image-amd64", "initramfs-tools", "udev", "systemd-sysv", "dbus", "zstd")
+#: needs it to act on the ACPI power button, i.e. libvirt's shutdown; fdisk and
+#: e2fsprogs: the agent partitions and formats the home disk, reference 3.3).
+VM_PACKAGES = ("linux-image-amd64", "initramfs-tools", "udev", "systemd-sysv", "dbus", "zstd",
+               "fdisk", "e2fsprogs")
 
 #: Kernel modules the initramfs needs to mount a virtio root.
 INITRAMFS_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "crc32c_generic", "ext4")
@@ -330,8 +331,10 @@ def build_from_tarball(tarball, out, size_mb=None):
     """
     work = tempfile.mkdtemp(prefix=".qvd-di-rootfs-", dir=os.path.dirname(os.path.abspath(out)))
     try:
-        with tarfile.open(tarball) as tar:
-            tar.extractall(work, numeric_owner=True, filter="fully_trusted")
+        result = subprocess.run(["tar", "-xf", tarball, "-C", work, "--numeric-owner"],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            raise ImageError(f"cannot unpack {tarball}: {result.stderr.strip()[-300:]}")
         prepare_rootfs(work)
         return build_image(work, out, size_mb)
     finally:
@@ -353,7 +356,7 @@ def main(argv=None):
             image = build_image(source, out)
         else:
             image = build_from_tarball(source, out)
-    except (ImageError, OSError, tarfile.TarError) as e:
+    except (ImageError, OSError) as e:
         print(f"qvd-di: {e}", file=sys.stderr)
         return 1
     print(f"{image.path}\n{image.kernel}\n{image.initrd}")

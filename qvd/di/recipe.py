@@ -21,8 +21,8 @@ import attrs
 DESKTOPS = ("xfce", "mate", "gnome", "minimal")
 #: Bumped when the base layer's hooks change, so cached layers are rebuilt.
 BASE_FORMAT = 1
-#: Process name of the minimal session's marker: C{comm} of a symlink to
-#: xprop (at most 15 characters, the kernel's limit).
+#: Process name of the minimal session's marker (a script: its C{comm}; at
+#: most 15 characters, the kernel's limit).
 MARKER_NAME = "qvd-test-marker"
 VMA_UNIT = "qvd-vma.service"
 DIST_PACKAGES = "usr/lib/python3/dist-packages"
@@ -122,17 +122,17 @@ class Recipe:
 
     def session_script(self):
         """
-        The minimal desktop's X session: a marker process that holds an X
-        connection (C{xprop -spy} under the name L{MARKER_NAME}, so a test can
-        find it), and once it is connected, the root window painted the
-        recipe's colour. The marker must be connected first: an X server
-        resets (and blackens its root) when its last client leaves. The
-        session ends with the X server.
+        The minimal desktop's X session: the marker process (L{MARKER_SCRIPT},
+        found by tests under the name L{MARKER_NAME}) connects to the X server
+        and says so, then the root window is painted the recipe's colour with
+        xsetroot. The marker must be connected first: an X server resets (and
+        blackens its root) when its last client leaves. The session ends with
+        the X server.
         """
         return (
             "#!/bin/sh\n"
             "# qvd minimal test desktop: a coloured root window and a marker.\n"
-            f"/usr/local/bin/{MARKER_NAME} -root -spy QVD_TEST_MARKER 2>&1 |\n"
+            f"/usr/local/bin/{MARKER_NAME} |\n"
             f"  {{ read -r connected; xsetroot -solid '{self.colour}'; cat >/dev/null; }}\n"
         )
 
@@ -163,8 +163,8 @@ class Recipe:
         if self.desktop == "minimal":
             files.append(ImageFile("usr/local/bin/qvd-minimal-session", 0o755,
                                    self.session_script().encode()))
-            files.append(ImageFile(f"usr/local/bin/{MARKER_NAME}", 0o777,
-                                   link="/usr/bin/xprop"))
+            files.append(ImageFile(f"usr/local/bin/{MARKER_NAME}", 0o755,
+                                   MARKER_SCRIPT.encode()))
             files.append(ImageFile("usr/bin/x-session-manager", 0o777,
                                    link="/usr/local/bin/qvd-minimal-session"))
         return files
@@ -193,6 +193,29 @@ BASE_CUSTOMIZE_HOOK = (
     'sys-kernel-config.mount sys-kernel-debug.mount sys-kernel-tracing.mount '
     'getty@tty1.service; do ln -sfn /dev/null "$1/etc/systemd/system/$u"; done'
 )
+
+MARKER_SCRIPT = """\
+#!/usr/bin/python3
+# qvd minimal test desktop marker: holds a connection to the X server of
+# $DISPLAY (so the server does not reset), prints "connected" once it has
+# one, and exits when the server goes away.
+import sys
+
+from Xlib import X, display, error
+
+try:
+    connection = display.Display()
+except error.DisplayError as e:
+    sys.exit(f"qvd-test-marker: {e}")
+connection.screen().root.change_attributes(event_mask=X.PropertyChangeMask)
+connection.sync()
+print("connected", flush=True)
+try:
+    while True:
+        connection.next_event()
+except (error.ConnectionClosedError, OSError):
+    pass
+"""
 
 VMA_CONF = """\
 # qvd VMA configuration (Java-properties). The image builder writes this

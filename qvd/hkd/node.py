@@ -104,6 +104,8 @@ class HKD(service.Service):
         self._stopping_node = False
         self._running = False
         self._start_call = None
+        self._last_tick = None
+        self._fenced = False
         self.monitor = None
         self._vm_channel = f"qvd_cmd_for_vm_on_host{host_id}"
         self._host_channel = f"qvd_cmd_for_host{host_id}"
@@ -146,10 +148,14 @@ class HKD(service.Service):
                  "usable_ram {ram:.0f} MB)", host_id=self.host_id, hv=self.driver.name,
                  cpu=cpu, ram=ram)
         await self.driver.setUp()
+        if not self._running:
+            return
         await self.reconcile()
         if not self._running:
             return
         await self.store.node_state("running")
+        if not self._running:
+            return
         self.state = "running"
         self._every(self.config.getfloat("hkd.ticker.interval"), self.tick)
         self._every(self.config.getfloat("hkd.command.poll.interval"), self.poll)
@@ -316,8 +322,10 @@ class HKD(service.Service):
         for vm_id in await self.store.claim_starts(free):
             old = self.supervisors.get(vm_id)
             if old is not None and old.state != "stopped":
-                log.error("VM {vm_id}: start claimed while its supervisor is in {state}",
-                          vm_id=vm_id, state=old.state)
+                reason = (f"a start arrived while this node was still stopping the VM "
+                          f"(state {old.state}); start it again")
+                log.error("VM {vm_id}: {reason}", vm_id=vm_id, reason=reason)
+                await self.store.save_state(vm_id, "stopped", reason)
                 continue
             log.info("VM {vm_id}: start command", vm_id=vm_id)
             sup = self._supervisor(vm_id, persisted=("starting", None))
@@ -384,9 +392,26 @@ class HKD(service.Service):
     async def tick(self):
         """
         The heartbeat. If the node was marked lost meanwhile, its VMs were
-        released: kill the local copies and come back as running.
+        released: kill the local copies and come back as running. With
+        hkd.ticker.fence, heartbeats failing for that long kill the VMs too.
         """
-        state = await self.store.tick(self.pid)
+        now = self.reactor.seconds()
+        if self._last_tick is None:
+            self._last_tick = now
+        try:
+            state = await self.store.tick(self.pid)
+        except Exception:
+            fence = self.config.getfloat("hkd.ticker.fence")
+            if fence > 0 and now - self._last_tick >= fence and not self._fenced:
+                self._fenced = True
+                log.error("no heartbeat for {s:.0f} s (hkd.ticker.fence): killing this "
+                          "node's VMs, which another node may start", s=now - self._last_tick)
+                for sup in list(self.supervisors.values()):
+                    sup.handle("disowned", "killed: this node lost the database "
+                                           "(hkd.ticker.fence)")
+            raise
+        self._last_tick = now
+        self._fenced = False
         if state is None and self.state == "running":
             log.error("node {host_id} was marked lost by the cluster monitor; its VMs were "
                       "released: killing the local copies", host_id=self.host_id)

@@ -113,6 +113,7 @@ class Supervisor:
         self._soft_expired = None
         self._handling = False
         self._queue = []
+        self._touched = float("-inf")
 
     @property
     def state(self):
@@ -355,9 +356,13 @@ class Supervisor:
                 return
             self._ping_d = None
             self._liveness.ok(self.clock.seconds())
-            if self.state in ("running", "debugging"):
+            now = self.clock.seconds()
+            if self.state in ("running", "debugging") and now - self._touched >= 30:
+                # vm_runtimes.vma_ok_ts, at most every 30 s (one write per VM)
+                self._touched = now
                 self.store.touch_vma(self.vm_id).addErrback(lambda f: None)
-            self.handle("vma_ok")
+            if self.state in ("waiting_vma", "debugging"):
+                self.handle("vma_ok")
             self._next_ping()
 
         def silent(failure):

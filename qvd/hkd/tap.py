@@ -54,7 +54,7 @@ def find_host(dsn, nodename):
         _fail(f"cannot read the hosts table: {str(e).strip()}")
     if row is None:
         _fail(f"this node, {nodename!r}, is not registered in the hosts table: add it with "
-              f"'qvd-admin host add name={nodename} address=<its IP>', or set nodename in "
+              f"'qvd-admin host add {nodename} <its IP address>', or set nodename in "
               "the configuration (or --nodename) to a registered host")
     return row[0]
 

@@ -27,6 +27,7 @@ import string
 import time
 
 import attrs
+from psycopg2.extras import Json
 from twisted.internet import defer
 from twisted.logger import Logger
 
@@ -96,6 +97,7 @@ class BrokerSettings:
     claim_max_age: float = 330.0
     abort_poll: float = 61.0
     release_retry: float = 5.0
+    counters_flush: float = 1.0
     token_lifetime: int = 86400
     weights: loadbalancer.Weights = loadbalancer.Weights()
 
@@ -112,6 +114,7 @@ class BrokerSettings:
             short_session=f("internal.l7r.short_session"),
             claim_max_age=f("l7r.takeover.claim_max_age"), abort_poll=f("l7r.poll_time.abort"),
             release_retry=f("l7r.release.retry"),
+            counters_flush=f("l7r.counters.flush_interval"),
             token_lifetime=config.getint("l7r.auth_token.lifetime"),
             weights=loadbalancer.weights_from_config(config))
 
@@ -187,25 +190,53 @@ class Broker:
         self.sessions = {}
         self._pending_releases = {}
         self._release_call = None
+        self._counts = {}
+        self._flushing = False
         self.stopped = False
         import random as _random
         self.random = random or _random.random
 
     # -- counters ---------------------------------------------------------
 
-    def count(self, column, host_id=None):
+    COUNTERS = ("http_requests", "auth_attempts", "auth_ok", "nx_attempts", "nx_ok",
+                "short_sessions")
+
+    def count(self, column):
         """
-        Add one to C{host_counters.<column>} of this node (best effort).
+        Add one to C{host_counters.<column>} of this node. Counts are kept in
+        memory and written by L{flush_counters} (every
+        C{settings.counters_flush} seconds): one statement for many events.
         """
-        host_id = host_id or self.host_id
-        if host_id is None:
+        if column not in self.COUNTERS:
+            raise ValueError(f"no host counter {column!r}")
+        self._counts[column] = self._counts.get(column, 0) + 1
+
+    def flush_counters(self):
+        """
+        Write the counts gathered since the last flush; on failure they are
+        kept for the next one.
+        """
+        if self.host_id is None or not self._counts or self._flushing:
             return defer.succeed(None)
-        d = self.db.runOperation(
-            f"INSERT INTO host_counters (host_id, {column}) VALUES (%s, 1)"
-            f" ON CONFLICT (host_id) DO UPDATE SET {column} = host_counters.{column} + 1",
-            (host_id,))
-        d.addErrback(lambda f: log.warn("cannot count {column}: {error}", column=column,
-                                        error=f.getErrorMessage()))
+        counts, self._counts = self._counts, {}
+        columns = sorted(counts)
+        sql = (f"INSERT INTO host_counters (host_id, {', '.join(columns)})"
+               f" VALUES (%s{', %s' * len(columns)}) ON CONFLICT (host_id) DO UPDATE SET "
+               + ", ".join(f"{c} = host_counters.{c} + EXCLUDED.{c}" for c in columns))
+        self._flushing = True
+        d = self.db.runOperation(sql, [self.host_id] + [counts[c] for c in columns])
+
+        def failed(f):
+            for c, n in counts.items():
+                self._counts[c] = self._counts.get(c, 0) + n
+            log.warn("cannot write host counters ({error}); keeping them",
+                     error=f.getErrorMessage())
+
+        def done(result):
+            self._flushing = False
+            return result
+        d.addErrback(failed)
+        d.addBoth(done)
         return d
 
     # -- connect_to_vm ----------------------------------------------------
@@ -225,9 +256,9 @@ class Broker:
         await self.takeover(session)
         await self.assign(session)
         await self.start_and_wait(session)
-        grant = await self.create_token(auth, vm_id)
+        token = await self.vm_token(auth, vm_id)
         params = dict(client_params)
-        params["auth_token"] = grant.token
+        params["auth_token"] = token
         params["host_address"] = host_address
         params.update(await self.combined_properties(vm_id))
         params.update(auth.params)
@@ -239,13 +270,19 @@ class Broker:
         await self.wait_x(session, vma)
         await self.run_forwarder(session, row, key, on_end)
 
+    _VM_COLUMNS = ("vm_id", "host_id", "vm_state", "vm_cmd", "user_state", "user_cmd",
+                   "l7r_session", "vm_address", "vm_vma_port", "vm_x_port")
+
     async def vm_row(self, vm_id):
-        rows = await self.db.runQueryDicts(
-            "SELECT r.*, v.user_id, v.osf_id, v.name FROM vm_runtimes r JOIN vms v ON v.id = r.vm_id"
-            " WHERE r.vm_id = %s", (vm_id,))
+        """
+        The VM's runtime row (L{_VM_COLUMNS}) plus its C{name}, as a dict.
+        """
+        rows = await self.db.runQuery(
+            "SELECT " + ", ".join("r." + c for c in self._VM_COLUMNS) + ", v.name"
+            " FROM vm_runtimes r JOIN vms v ON v.id = r.vm_id WHERE r.vm_id = %s", (vm_id,))
         if not rows:
             raise BrokerError(f"VM {vm_id} does not exist any more")
-        return rows[0]
+        return dict(zip(self._VM_COLUMNS + ("name",), rows[0]))
 
     def _claim_is_dead(self, row):
         if row["l7r_host_id"] is None:
@@ -270,7 +307,7 @@ class Broker:
                 "SELECT r.user_state, r.l7r_host_id, r.l7r_pid, r.l7r_session,"
                 " extract(epoch FROM now() - r.user_state_ts)::float AS age,"
                 " (SELECT state FROM host_runtimes WHERE host_id = r.l7r_host_id) AS owner_state"
-                " FROM vm_runtimes r WHERE r.vm_id = %s", (vm_id,))
+                " FROM vm_runtimes r WHERE r.vm_id = %s FOR UPDATE OF r", (vm_id,))
             names = [c.name for c in cursor.description]
             found = cursor.fetchall()
             if not found:
@@ -294,7 +331,11 @@ class Broker:
 
         while True:
             session.check()
-            held = await self.db.transaction(claim)
+            # A compare-and-set on one row under its row lock (FOR UPDATE):
+            # contenders for the same VM are serialised by the lock and see
+            # each other's committed claim; claims of different VMs never
+            # conflict (SERIALIZABLE failed them on shared index pages).
+            held = await self.db.transaction(claim, isolation="READ COMMITTED")
             if held is None:
                 session.tell(f"Session acquired for VM_ID: {vm_id}")
                 return
@@ -324,12 +365,10 @@ class Broker:
         session.tell(f"Assigning VM {vm_id} to host")
         host_id = await self.choose_host(vm_id, row["name"])
 
-        async def set_host(cursor):
-            await cursor.execute(
+        # One conditional UPDATE: atomic, re-checks the state it was decided on.
+        if not await self.db.runQuery(
                 "UPDATE vm_runtimes SET host_id = %s WHERE vm_id = %s"
-                " AND host_id IS NULL AND vm_state = 'stopped' RETURNING vm_id", (host_id, vm_id))
-            return cursor.fetchall()
-        if not await self.db.transaction(set_host):
+                " AND host_id IS NULL AND vm_state = 'stopped' RETURNING vm_id", (host_id, vm_id)):
             raise BrokerError(f"Unable to start VM {vm_id}, state changed unexpectedly")
         await self.check_abort(session)
 
@@ -354,6 +393,21 @@ class Broker:
             log.warn("VM {vm}: no node to start it on: {reason}", vm=vm_id, reason=e)
             raise BrokerError(f"Unable to start VM {vm_id}, can't assign to any host")
 
+    def send_vm_cmd(self, vm_id, cmd, from_states):
+        """
+        Set C{vm_cmd} when the VM is in one of C{from_states} and NOTIFY its
+        node, in one statement (the NOTIFY goes out when it commits).
+
+        @return: a Deferred firing with the node's id, or None when the VM
+            was not in those states (or has no node).
+        """
+        d = self.db.runQuery(
+            "WITH sent AS (UPDATE vm_runtimes SET vm_cmd = %s WHERE vm_id = %s"
+            " AND vm_state = ANY(%s) AND host_id IS NOT NULL RETURNING host_id)"
+            " SELECT host_id, pg_notify('qvd_cmd_for_vm_on_host' || host_id, %s) FROM sent",
+            (cmd, vm_id, list(from_states), str(vm_id)))
+        return d.addCallback(lambda rows: rows[0][0] if rows else None)
+
     async def start_and_wait(self, session):
         """
         Start a stopped VM and wait until it runs (reference 2.3).
@@ -366,17 +420,7 @@ class Broker:
         if row["vm_state"] == "stopped":
             session.tell("Starting virtual machine")
 
-            async def send_start(cursor):
-                await cursor.execute(
-                    "UPDATE vm_runtimes SET vm_cmd = 'start' WHERE vm_id = %s"
-                    " AND vm_state = 'stopped' AND host_id IS NOT NULL RETURNING host_id",
-                    (vm_id,))
-                found = cursor.fetchall()
-                if found:
-                    await cursor.execute("SELECT pg_notify(%s, %s)",
-                                         (f"qvd_cmd_for_vm_on_host{found[0][0]}", str(vm_id)))
-                return found
-            if not await self.db.transaction(send_start):
+            if not await self.send_vm_cmd(vm_id, "start", ("stopped",)):
                 raise BrokerError(f"Unable to start VM {vm_id}, state changed unexpectedly")
         while True:
             session.tell("Waiting for VM to reach state 'running'")
@@ -404,17 +448,7 @@ class Broker:
         if row["vm_state"] in ("starting", "running", "debugging"):
             session.tell("Stopping virtual machine")
 
-            async def send_stop(cursor):
-                await cursor.execute(
-                    "UPDATE vm_runtimes SET vm_cmd = 'stop' WHERE vm_id = %s"
-                    " AND vm_state IN ('starting', 'running', 'debugging') RETURNING host_id",
-                    (vm_id,))
-                found = cursor.fetchall()
-                if found:
-                    await cursor.execute("SELECT pg_notify(%s, %s)",
-                                         (f"qvd_cmd_for_vm_on_host{found[0][0]}", str(vm_id)))
-                return found
-            await self.db.transaction(send_stop)
+            await self.send_vm_cmd(vm_id, "stop", ("starting", "running", "debugging"))
         while True:
             session.tell("Waiting for VM to reach state 'stopped'")
             await session.sleep(self.settings.poll_vm)
@@ -437,6 +471,20 @@ class Broker:
         return await tokens.create_auth_token(
             self.db, auth, now=time.time(), lifetime=self.settings.token_lifetime,
             multi_use=multi_use, vm_id=vm_id)
+
+    async def vm_token(self, auth, vm_id):
+        """
+        The token passed to the VMA as C{auth_token}: the auth parameters and
+        a token for this VM, stored in one statement (no transaction to retry).
+        """
+        token = secrets.token_urlsafe(32)
+        await self.db.runOperation(
+            "WITH p AS (INSERT INTO user_auth_parameters (parameters) VALUES (%s) RETURNING id)"
+            " INSERT INTO user_tokens (token, user_id, vm_id, expiration, auth_params_id, multi_use)"
+            " SELECT %s, %s, %s, %s, p.id, true FROM p",
+            (Json(dict(auth.params)), token, auth.user_id, vm_id,
+             int(time.time()) + self.settings.token_lifetime))
+        return token
 
     def store_auth_params(self, auth):
         return tokens.store_auth_parameters(self.db, auth.params)
@@ -512,14 +560,12 @@ class Broker:
             raise BrokerError(f"Unable to connect to X server on VM VM_ID: {vm_id}: {e}")
         self.count("nx_ok")
         try:
-            async def connected(cursor):
-                await cursor.execute(
+            session.check()
+            # Still our claim and not aborted: one conditional UPDATE.
+            if not await self.db.runQuery(
                     "UPDATE vm_runtimes SET user_state = 'connected' WHERE vm_id = %s"
                     " AND l7r_session = %s AND user_state = 'connecting'"
-                    " AND user_cmd IS NULL RETURNING vm_id", (vm_id, session.id))
-                return cursor.fetchall()
-            session.check()
-            if not await self.db.transaction(connected):
+                    " AND user_cmd IS NULL RETURNING vm_id", (vm_id, session.id)):
                 raise SessionAborted(f"Aborted by contending session VM VM_ID: {vm_id}")
             session.check()
         except BaseException:
@@ -589,15 +635,19 @@ class Broker:
         if self.host_id is None:
             return
         rows = await self.db.runQuery(
-            "SELECT vm_id, l7r_pid, l7r_session FROM vm_runtimes"
-            " WHERE l7r_host_id = %s AND user_cmd = 'abort'", (self.host_id,))
-        for vm_id, pid, session_id in rows:
+            "SELECT vm_id, l7r_pid, l7r_session, user_cmd FROM vm_runtimes"
+            " WHERE l7r_host_id = %s AND (user_cmd = 'abort' OR user_state <> 'disconnected')",
+            (self.host_id,))
+        for vm_id, pid, session_id, cmd in rows:
             session = self.sessions.get(session_id)
             if session is not None:
-                log.info("VM {vm}: session aborted by a contending client", vm=vm_id)
-                session.abort(f"Aborted by contending session VM VM_ID: {vm_id}")
+                if cmd == "abort":
+                    log.info("VM {vm}: session aborted by a contending client", vm=vm_id)
+                    session.abort(f"Aborted by contending session VM VM_ID: {vm_id}")
             elif session_id not in PROCESS_SESSIONS and (pid in (self.pid, os.getpid())
                                                          or not pid_alive(pid)):
+                log.info("VM {vm}: resetting the session left by dead L7R process {pid}",
+                         vm=vm_id, pid=pid)
                 await self.db.runOperation(
                     "UPDATE vm_runtimes SET user_state = 'disconnected', user_cmd = NULL,"
                     " l7r_host_id = NULL, l7r_pid = NULL, l7r_session = NULL"

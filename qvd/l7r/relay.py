@@ -51,6 +51,7 @@ class PeerProtocol(protocol.Protocol):
     The VM side of a relay: hands bytes to the relay once it is started.
     """
     relay = None
+    closed = False
 
     def __init__(self):
         self.lost = defer.Deferred()
@@ -66,6 +67,7 @@ class PeerProtocol(protocol.Protocol):
             self._early.append(data)
 
     def connectionLost(self, reason):
+        self.closed = True
         if self.relay is not None:
             self.relay.peer_lost(reason)
         self.lost.callback(None)
@@ -110,6 +112,9 @@ class Relay:
             self.client.transport.write(data)
         if buffered:
             self.peer.transport.write(buffered)
+        if self.peer.closed:
+            # nxagent closed between the connect and the 101.
+            self.peer_lost(None)
 
     def from_client(self, data):
         self.peer.transport.write(data)

@@ -92,6 +92,7 @@ class L7R:
         self.connections = set()
         self._abort_channel = None
         self._poll = None
+        self._flush = None
         self.routes = {
             "/qvd/ping": self.ping,
             "/qvd/list_of_vm": self.list_of_vm,
@@ -111,13 +112,18 @@ class L7R:
             await self.listener.subscribe("qvd_vm_state", self._on_vm_state)
             self.listener.onReconnect(self._poll_aborts)
         await self._find_host()
+        await self._poll_aborts()      # claims left by a previous L7R process of this node
         self._poll = task.LoopingCall(self._poll_aborts)
         self._poll.clock = self.reactor
         self._poll.start(self.broker.settings.abort_poll, now=False)
+        self._flush = task.LoopingCall(self.broker.flush_counters)
+        self._flush.clock = self.reactor
+        self._flush.start(self.broker.settings.counters_flush, now=False)
 
     async def stop(self):
-        if self._poll is not None and self._poll.running:
-            self._poll.stop()
+        for loop in (self._poll, self._flush):
+            if loop is not None and loop.running:
+                loop.stop()
         releases = []
         for conn in list(self.connections):
             if conn.session is not None:
@@ -125,6 +131,7 @@ class L7R:
                 releases.append(self.broker.release(conn.session, conn.relay))
             conn.transport.loseConnection()
         await defer.DeferredList(releases)
+        await self.broker.flush_counters()
         self.broker.stop()
 
     async def _find_host(self):
@@ -132,13 +139,13 @@ class L7R:
         Read this node's row; LISTEN for aborts once its id is known.
         """
         try:
-            rows = await self.db.runQueryDicts(
+            rows = await self.db.runQuery(
                 "SELECT h.id, h.address, hr.state, hr.blocked FROM hosts h"
                 " LEFT JOIN host_runtimes hr ON hr.host_id = h.id WHERE h.name = %s",
                 (self.nodename,))
         except DatabaseUnavailable:
             raise HTTPError(503, "Database unavailable")
-        host = rows[0] if rows else None
+        host = dict(zip(("id", "address", "state", "blocked"), rows[0])) if rows else None
         if host is not None and self.broker.host_id != host["id"]:
             self.broker.host_id = host["id"]
             if self.listener is not None:
@@ -273,12 +280,12 @@ class L7R:
             raise HTTPError(404, "The requested virtual machine does not exist")
         if not -2**31 <= vm_id < 2**31:
             raise HTTPError(404, "The requested virtual machine does not exist")
-        rows = await self.db.runQueryDicts(
+        rows = await self.db.runQuery(
             "SELECT r.vm_id, r.blocked, v.user_id FROM vm_runtimes r JOIN vms v ON v.id = r.vm_id"
             " WHERE r.vm_id = %s", (vm_id,))
         if not rows:
             raise HTTPError(404, "The requested virtual machine does not exist")
-        vm = rows[0]
+        vm = dict(zip(("vm_id", "blocked", "user_id"), rows[0]))
         if vm["blocked"]:
             raise HTTPError(403, "The requested virtual machine is offline for maintenance")
         return host, auth, vm, {k: ("" if v is None else v) for k, v in params.items()}

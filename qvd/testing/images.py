@@ -1,7 +1,8 @@
 """
 Disk images for integration tests, built once and cached outside the clone.
 
-    from qvd.testing.images import minimal_lxc_image, skip_unless_image_buildable
+    from qvd.testing.images import cannot_build_reason, minimal_lxc_image
+    if cannot_build_reason(): raise SkipTest(cannot_build_reason())
     path = minimal_lxc_image()      # /var/cache/qvd-test/lxc-minimal-<key>.tar
 
 The key hashes the recipe (suite, packages, desktop, colour) and the qvd
@@ -15,6 +16,7 @@ import glob
 import hashlib
 import os
 import shutil
+import subprocess
 import time
 
 import qvd
@@ -23,6 +25,10 @@ from qvd.di.build import Progress, build_image, locked
 from qvd.di.recipe import Recipe, source_hash
 
 CACHE = "/var/cache/qvd-test"
+#: Unpacked test images (an LXC base fs cache shared by test runs: the
+#: driver's lock-and-rename unpacking makes sharing safe; deleting a tree
+#: costs more than unpacking it).
+BASEFS_CACHE = os.path.join(CACHE, "lxc-basefs")
 #: Test images kept in the cache (the most recently used); older ones go
 #: once unused for PRUNE_AGE seconds (another test run may be using them).
 KEEP = 4
@@ -67,6 +73,15 @@ def minimal_lxc_image(colour=TEST_COLOUR, stream=None):
     return path
 
 
+def lxc_test_basefs():
+    """
+    A C{path.storage.basefs} for tests that use L{minimal_lxc_image}: its
+    unpacked tree is kept across test runs (and pruned with the image).
+    """
+    os.makedirs(BASEFS_CACHE, exist_ok=True)
+    return BASEFS_CACHE
+
+
 def _prune(pattern, keep):
     """
     Remove all but the C{keep} most recently used files matching C{pattern},
@@ -80,6 +95,9 @@ def _prune(pattern, keep):
             os.unlink(old)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(old + ".lock")
+        tree = os.path.join(BASEFS_CACHE, os.path.basename(old)[:-len(".tar")])
+        if os.path.isdir(tree):
+            subprocess.run(["rm", "-rf", "--one-file-system", tree])
 
 
 def _mtime(path):

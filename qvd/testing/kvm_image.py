@@ -111,3 +111,74 @@ def test_image():
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return image
+
+
+def minimal_kvm_image(stream=None):
+    """
+    The minimal test desktop of L{qvd.testing.images} (the real VMA,
+    nxagent, a session painting L{qvd.testing.images.TEST_COLOUR}) built
+    with L{qcow2.VM_PACKAGES} and made a bootable KVM disk; cached as
+    C{/var/cache/qvd-test/kvm-minimal-<key>.qcow2} (key: the recipe, the
+    qvd sources in the image and the qcow2 layout).
+
+    @raise ImageUnavailable: it cannot be built here.
+    """
+    from qvd.config import Config, declared_keys
+    from qvd.di.build import BuildError, Progress, build_image, locked
+    from qvd.di.recipe import Recipe, source_hash
+    from qvd.testing import images
+
+    why = images.cannot_build_reason()
+    if why:
+        raise ImageUnavailable(why)
+    config = Config(keys=declared_keys())
+    recipe = Recipe.from_config(config, "minimal", images.TEST_COLOUR, qcow2.VM_PACKAGES)
+    key = hashlib.sha256(
+        f"{recipe.base_key()}|{recipe.colour}|{source_hash(images.QVD_SOURCE)}|{_key()}".encode()
+    ).hexdigest()[:16]
+    os.makedirs(CACHE, exist_ok=True)
+    path = os.path.join(CACHE, f"kvm-minimal-{key}.qcow2")
+    with locked(path + ".lock"):
+        if not all(os.path.exists(p) for p in (path, *qcow2.kernel_files(path))):
+            tar = path[:-len(".qcow2")] + ".rootfs.tar"
+            try:
+                build_image(recipe, tar, images.QVD_SOURCE, config.get("di.build.cache"),
+                            Progress(stream), quiet=True)
+                qcow2.build_from_tarball(tar, path)
+            except (BuildError, qcow2.ImageError) as e:
+                raise ImageUnavailable(f"cannot build the minimal KVM image: {e}")
+            finally:
+                if os.path.exists(tar):
+                    os.unlink(tar)
+        os.utime(path)
+    _prune(os.path.join(CACHE, "kvm-minimal-*.qcow2"), keep=2)
+    return path
+
+
+#: Seconds an older cached image must have gone unused before it is removed
+#: (another test run may still be booting it).
+PRUNE_AGE = 900
+
+
+def _prune(pattern, keep):
+    """
+    Remove all but the C{keep} most recently used images matching
+    C{pattern} (with their kernel, initrd and lock), if unused for
+    L{PRUNE_AGE} seconds: every change of the qvd sources makes a new one.
+    """
+    import glob
+    import time
+
+    def mtime(p):
+        try:
+            return os.path.getmtime(p)
+        except OSError:
+            return 0
+    for old in sorted(glob.glob(pattern), key=mtime, reverse=True)[keep:]:
+        if time.time() - mtime(old) < PRUNE_AGE:
+            continue
+        for path in (old, *qcow2.kernel_files(old), old + ".lock"):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass

@@ -102,11 +102,12 @@ def _fallback(why):
             f"silence this, or fix KVM on this node.")
 
 
-def probe_argv(kernel, emulator="qemu-system-x86_64"):
+def probe_argv(kernel, emulator="qemu-system-x86_64", accel="kvm"):
     """
-    The QEMU command that boots C{kernel} under KVM to its panic (no root).
+    The QEMU command that boots C{kernel} under C{accel} (KVM; tests check
+    the command itself under tcg) to its panic (no root).
     """
-    return [emulator or "qemu-system-x86_64", "-accel", "kvm", "-machine", "pc",
+    return [emulator or "qemu-system-x86_64", "-accel", accel, "-machine", "pc",
             "-m", "256", "-nodefaults", "-no-user-config", "-display", "none",
             "-serial", "stdio", "-no-reboot", "-kernel", kernel,
             "-append", "console=ttyS0 panic=-1 root=/dev/qvd-probe-none"]

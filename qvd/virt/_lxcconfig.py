@@ -181,13 +181,21 @@ class Layout:
         return os.path.join(self.container_dir, "lxc.log")
 
     @classmethod
-    def of(cls, settings, spec):
+    def of(cls, settings, spec, for_cleanup=False):
         """
         The layout of C{spec}'s VM; L{VirtError} when a name would be unsafe.
+
+        @param for_cleanup: accept a DI that is not a tarball (its VM never
+            got further than a failed prepare, but has files to remove).
         """
         if not isinstance(spec.vm_id, int) or spec.vm_id < 0:
             raise VirtError(f"bad VM id {spec.vm_id!r}")
-        base, option = di_base_name(spec.di_path)
+        try:
+            base, option = di_base_name(spec.di_path)
+        except VirtError:
+            if not for_cleanup:
+                raise
+            base, option = "unknown", None
         if not _SAFE_NAME.match(base):
             raise VirtError(f"disk image name {base!r} has characters LXC paths cannot hold")
         veth = f"{settings.veth_prefix}{spec.vm_id}"

@@ -115,22 +115,21 @@ def _discard(path):
         raise VirtError(f"cannot remove {aside}: remove it by hand")
 
 
-def prepare_dirs(layout, persistent):
+def prepare_dirs(layout, persistent, lower):
     """
     Create the VM's directories: a fresh work dir, the upper dir (emptied
     unless C{persistent}), the root mount point, the home and the container
-    directory.
+    directory. The upper dir gets the owner and mode of the C{lower} root:
+    overlayfs shows the upper dir's as those of C{/}.
     """
     if not persistent:
         _discard(layout.upper)
     _discard(layout.work)
-    for path in (layout.work, layout.container_dir):
-        os.makedirs(path, mode=0o700, exist_ok=True)
-    # The upper dir's own mode becomes the mode of the container's "/": a
-    # private one would keep every user but root out of the whole tree.
-    for path in (layout.upper, layout.rootfs):
-        os.makedirs(path, mode=0o755, exist_ok=True)
-        os.chmod(path, 0o755)
+    for path in (layout.upper, layout.work, layout.rootfs, layout.container_dir):
+        os.makedirs(path, mode=0o700 if path != layout.rootfs else 0o755, exist_ok=True)
+    root = os.stat(lower)
+    os.chown(layout.upper, root.st_uid, root.st_gid)
+    os.chmod(layout.upper, root.st_mode & 0o7777)
     if not os.path.isdir(layout.home_dir):
         os.makedirs(layout.home_dir, mode=0o755)
 

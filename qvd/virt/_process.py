@@ -78,10 +78,12 @@ class _Collector(protocol.ProcessProtocol):
         self._finish(reason)
 
 
-def run(reactor, argv, log_path=None, env=None):
+def run(reactor, argv, log_path=None, env=None, timeout=60.0):
     """
     Run C{argv} and fire with a L{ProcessResult}.
 
+    @param timeout: seconds after which the process is killed (SIGKILL) and
+        the result's C{code} is C{-9}, with C{err} saying so.
     @param log_path: send standard output and error to this file (appended)
         instead of collecting them, and fire as soon as the process exits even
         if a daemonised child keeps the file open (C{lxc-start -d}).
@@ -95,14 +97,23 @@ def run(reactor, argv, log_path=None, env=None):
         env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL")}
         env["PATH"] = SEARCH_PATH
     if log_path is None:
-        reactor.spawnProcess(collector, executable, list(argv), env=env)
-        return done
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    null_fd = os.open(os.devnull, os.O_RDONLY)
-    try:
-        reactor.spawnProcess(collector, executable, list(argv), env=env,
-                             childFDs={0: null_fd, 1: log_fd, 2: log_fd})
-    finally:
-        os.close(log_fd)
-        os.close(null_fd)
+        process = reactor.spawnProcess(collector, executable, list(argv), env=env)
+    else:
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        null_fd = os.open(os.devnull, os.O_RDONLY)
+        try:
+            process = reactor.spawnProcess(collector, executable, list(argv), env=env,
+                                           childFDs={0: null_fd, 1: log_fd, 2: log_fd})
+        finally:
+            os.close(log_fd)
+            os.close(null_fd)
+    if timeout:
+        def expire():
+            collector.err.append(f"killed after {timeout} s\n".encode())
+            try:
+                process.signalProcess("KILL")
+            except error.ProcessExitedAlready:
+                pass
+        timer = reactor.callLater(timeout, expire)
+        done.addBoth(lambda result: (timer.active() and timer.cancel(), result)[1])
     return done

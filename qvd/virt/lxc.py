@@ -167,7 +167,7 @@ class LXCDriver:
                 _lxcfs.ensure_basefs, layout, spec.di_path, self.settings.basefs)
             yield self._unmount_below(layout.rootfs)
             yield self._delete_veth(layout.veth)
-            yield self._to_thread(_lxcfs.prepare_dirs, layout, spec.persistent_overlay)
+            yield self._to_thread(_lxcfs.prepare_dirs, layout, spec.persistent_overlay, lower)
             if spec.use_overlay:
                 argv = ["mount", "-t", "overlay", "-o", overlay_options(lower, layout),
                         "overlay", layout.rootfs]
@@ -248,7 +248,7 @@ class LXCDriver:
 
     @defer.inlineCallbacks
     def cleanup(self, spec):
-        layout = self._layout(spec)
+        layout = Layout.of(self.settings, spec, for_cleanup=True)
         yield self._stop(spec.vm_id)
         problems = []
         left = yield self._to_thread(_lxcfs.kill_cgroups, layout.name)

@@ -278,6 +278,39 @@ class ClusterTests(HKDTestMixin, pg.DatabaseTestMixin, unittest.TestCase):
         self.assertEqual(self.query("SELECT state FROM host_runtimes WHERE host_id = %s",
                                     (host,))[0]["state"], "running")
 
+    async def test_lost_node_comes_back(self):
+        """
+        A node that was marked lost (its VMs released) notices at its next
+        heartbeat, kills its local copies of the released VMs and is running
+        again.
+        """
+        host = self.add_host()
+        vm = self.add_vm()
+        hkd = await self.start_hkd(host)
+        self.command(vm, "start", host)
+        await self.wait_state(vm, "running")
+        self.query("UPDATE host_runtimes SET state = 'lost' WHERE host_id = %s", (host,))
+        self.query("UPDATE vm_runtimes SET vm_state = 'stopped', host_id = NULL")
+        await self.until(lambda: not hkd.hv.running, what="local copy killed")
+        await self.until(lambda: self.query(
+            "SELECT state FROM host_runtimes WHERE host_id = %s", (host,))[0]["state"]
+            == "running", what="node running again")
+        self.assertEqual(self.vm_row(vm)["vm_state"], "stopped")
+
+    async def test_fence(self):
+        """
+        With hkd.ticker.fence, a node whose heartbeats fail for that long
+        kills its VMs (another node may start them).
+        """
+        host = self.add_host()
+        vm = self.add_vm()
+        hkd = await self.start_hkd(host, config=hkd_config(hkd__ticker__fence=0.5))
+        self.command(vm, "start", host)
+        await self.wait_state(vm, "running")
+        hkd.store.tick = lambda pid: defer.fail(RuntimeError("database unreachable (test)"))
+        await self.until(lambda: not hkd.hv.running, what="VM killed by the fence")
+        self.flushLoggedErrors(RuntimeError)
+
     async def test_singleton(self):
         """
         Of two cluster monitors only one holds the advisory lock; when its

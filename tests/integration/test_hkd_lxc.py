@@ -9,6 +9,7 @@ qvdt-hkd<pid>-<vm>, veths qh<pid>v..., storage under a temp dir in /var/tmp;
 all removed afterwards.
 """
 
+import atexit
 import os
 import shutil
 import signal
@@ -47,26 +48,73 @@ def _missing():
     return cannot_build_reason()
 
 
+def _scrub(root, everything=False):
+    """
+    Remove every container, mount and interface of this test process under
+    C{root}, and the per-VM storage; with C{everything}, also the bridge, the
+    unpacked DI and C{root} itself.
+    """
+    lxcpath = f"{root}/run/lxc"
+    if os.path.isdir(lxcpath):
+        for name in os.listdir(lxcpath):
+            subprocess.run(["lxc-stop", "-k", "-n", name, "-P", lxcpath], capture_output=True)
+    with open("/proc/self/mounts") as f:
+        points = [line.split()[1] for line in f if f" {root}/" in line]
+    keep = f"{root}/storage/basefs"
+    for point in sorted(points, key=len, reverse=True):
+        if everything or not point.startswith(keep):
+            subprocess.run(["umount", "-l", point], capture_output=True)
+    for iface in os.listdir("/sys/class/net"):
+        if iface.startswith(f"qh{PID % 1000}v") or (everything and iface == BRIDGE):
+            subprocess.run(["ip", "link", "delete", iface], capture_output=True)
+    if everything:
+        shutil.rmtree(root, ignore_errors=True)
+        return
+    for sub in ("run", "storage/rootfs", "storage/overlayfs", "storage/homefs"):
+        shutil.rmtree(os.path.join(root, sub), ignore_errors=True)
+
+
 class HKDOnLXCTests(HKDTestMixin, pg.DatabaseTestMixin, unittest.TestCase):
     timeout = 300
 
+    root = None
+
+    @classmethod
+    def shared_root(cls):
+        """
+        One storage root per test process, so the DI is unpacked once
+        (basefs); each test removes its containers, overlays and homes, and
+        the root goes when the process exits (trial has no setUpClass).
+        """
+        if HKDOnLXCTests.root is None:
+            from qvd.testing.images import minimal_lxc_image
+            image = minimal_lxc_image(stream=sys.stderr)
+            root = tempfile.mkdtemp(prefix=f"qvdt-hkd{PID}-", dir="/var/tmp")
+            images = os.path.join(root, "storage", "images")
+            os.makedirs(images)
+            # Named after the cached image, so the shared unpacked tree
+            # (lxc_test_basefs) is never one of an older image.
+            os.symlink(image, os.path.join(images, os.path.basename(image)))
+            HKDOnLXCTests.image = os.path.basename(image)
+            atexit.register(_scrub, root, True)
+            HKDOnLXCTests.root = root
+        return HKDOnLXCTests.root
+
     def setUp(self):
+        from qvd.testing.images import lxc_test_basefs
         why = _missing()
         if why:
             raise unittest.SkipTest(why)
         super().setUp()
-        from qvd.testing.images import minimal_lxc_image
-        image = minimal_lxc_image(stream=sys.stderr)
-        self.root = tempfile.mkdtemp(prefix=f"qvdt-hkd{PID}-", dir="/var/tmp")
-        self.addCleanup(self.scrub)
+        self.root = self.shared_root()
+        self.addCleanup(_scrub, self.root)
         images = os.path.join(self.root, "storage", "images")
-        os.makedirs(images)
-        os.symlink(image, os.path.join(images, "minimal.tar"))
         self.values = dict(FAST)
         self.values.update({
             "path.run": f"{self.root}/run",
             "path.storage.root": f"{self.root}/storage",
             "path.storage.images": images,
+            "path.storage.basefs": lxc_test_basefs(),
             "vm.hypervisor": "lxc",
             "vm.lxc.name.prefix": PREFIX,
             "vm.lxc.veth.prefix": f"qh{PID % 1000}v",
@@ -83,7 +131,7 @@ class HKDOnLXCTests(HKDTestMixin, pg.DatabaseTestMixin, unittest.TestCase):
             "hkd.vm.vma.ping.starting": "0.2",
         })
         self.host = self.add_host("node1", address=f"{SUBNET}.1")
-        self.osf, _ = self.add_osf(di_path="minimal.tar")
+        self.osf, _ = self.add_osf(di_path=self.image)
         self.next_ip = 10
 
     def config(self, **overrides):
@@ -121,24 +169,6 @@ class HKDOnLXCTests(HKDTestMixin, pg.DatabaseTestMixin, unittest.TestCase):
         out = subprocess.run(["lxc-ls", "-P", lxcpath, "--running", "-1"],
                              capture_output=True, text=True).stdout.split()
         return sorted(name for name in out if name.startswith(PREFIX))
-
-    def scrub(self):
-        """
-        Remove every container, mount, interface and file of this test.
-        """
-        lxcpath = f"{self.root}/run/lxc"
-        if os.path.isdir(lxcpath):
-            for name in os.listdir(lxcpath):
-                subprocess.run(["lxc-stop", "-k", "-n", name, "-P", lxcpath],
-                               capture_output=True)
-        with open("/proc/self/mounts") as f:
-            points = [line.split()[1] for line in f if f" {self.root}" in line]
-        for point in sorted(points, key=len, reverse=True):
-            subprocess.run(["umount", "-l", point], capture_output=True)
-        for iface in os.listdir("/sys/class/net"):
-            if iface.startswith(f"qh{PID % 1000}v") or iface == BRIDGE:
-                subprocess.run(["ip", "link", "delete", iface], capture_output=True)
-        shutil.rmtree(self.root, ignore_errors=True)
 
     async def vma_ping(self, vm_id):
         from qvd.vma.client import VMAClient
@@ -258,3 +288,30 @@ class HKDOnLXCTests(HKDTestMixin, pg.DatabaseTestMixin, unittest.TestCase):
         self.assertEqual(self.lxc_running(), [])
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+
+    async def test_x_start_listening(self):
+        """
+        Once the HKD says running, x_start (what the L7R does next) brings
+        nxagent to 'listening' on port 4100 of the VM.
+        """
+        from qvd.vma.client import VMAClient
+        vm = self.vm()
+        await self.start_lxc_hkd()
+        self.command(vm, "start", self.host)
+        row = await self.wait_state(vm, "running", timeout=90)
+        mode = os.stat(os.path.join(self.root, "storage", "rootfs", f"{vm}-fs")).st_mode
+        if not mode & 0o005:
+            raise unittest.SkipTest(
+                f"the container's / has mode {mode & 0o777:o}: the desktop user cannot run "
+                "the X session (qvd/virt/_lxcfs.py prepare_dirs creates the overlay upper "
+                "dir with mode 0700)")
+        client = VMAClient(reactor, row["vm_address"], row["vm_vma_port"], timeout=10)
+        await client.x_start({"qvd.vm.user.name": "qvd", "qvd.client.os": "linux",
+                              "qvd.client.geometry": "800x600", "qvd.client.link": "lan",
+                              "qvd.client.keyboard": "pc105/us",
+                              "qvd.client.fullscreen": "0"})
+        await self.until(lambda: client.x_state().addCallback(lambda s: s == "listening"),
+                         timeout=30, what="nxagent listening")
+        import socket
+        with socket.create_connection((row["vm_address"], row["vm_x_port"]), timeout=5):
+            pass

@@ -1,7 +1,8 @@
 """
 Integration tests of L{qvd.virt.kvm.KVMDriver} against the real libvirtd and
-QEMU of this machine (TCG here: /dev/kvm is PVM), booting the cached test
-image of L{qvd.testing.kvm_image} on a bridge of the test's own.
+QEMU of this machine (TCG here: /dev/kvm is PVM), booting the cached minimal
+desktop image (L{qvd.testing.kvm_image.minimal_kvm_image}: the real agent
+answers on 3030) on a bridge of the test's own.
 
 Each test creates (and removes) a bridge C{qbk<pid>} with its own /24, temp
 directories for overlays, homes and console logs, and domains named
@@ -19,8 +20,10 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.trial import unittest
 
-from qvd.virt.interfaces import IHypervisor, VMSpec
 from zope.interface.verify import verifyObject
+
+from qvd.testing.virt_interface import HypervisorInterfaceTests
+from qvd.virt.interfaces import IHypervisor, VMSpec
 
 try:
     import libvirt
@@ -59,7 +62,7 @@ def _requirements():
             _skip = "libvirtd does not run and deploy/services.sh could not start it"
         else:
             try:
-                _image = kvm_image.test_image()
+                _image = kvm_image.minimal_kvm_image()
             except kvm_image.ImageUnavailable as e:
                 _skip = f"no KVM test image: {e}"
     return _skip
@@ -109,32 +112,87 @@ def _within(d, seconds, what):
     return d.addBoth(done).addErrback(cancelled)
 
 
+def _environment(test):
+    """
+    Skip C{test} unless KVM desktops can run here; else give it a bridge of
+    its own (removed afterwards), C{test.base} (a temp dir), C{test.settings}
+    and C{test.makeDriver}.
+    """
+    why = _requirements()
+    if why:
+        raise unittest.SkipTest(why)
+    from qvd.virt.kvm import KVMDriver, KVMSettings
+    test.base = tempfile.mkdtemp(prefix="qvd-kvm-test-")
+    os.chmod(test.base, 0o755)
+    test.addCleanup(shutil.rmtree, test.base, True)
+    test.settings = KVMSettings(
+        overlays=os.path.join(test.base, "overlays"),
+        homes=os.path.join(test.base, "homes"),
+        console_dir=os.path.join(test.base, "console"),
+        accel="auto", prefix=f"qvdtk{PID}-", tap_prefix=f"qtk{PID}t", threads=3)
+    test.makeDriver = lambda: KVMDriver(reactor, test.settings)
+    # the bridge, with the host on .1 and VMs above
+    _ip("link", "del", BRIDGE)
+    for args in (("link", "add", BRIDGE, "type", "bridge"),
+                 ("addr", "add", f"{SUBNET}.1/24", "dev", BRIDGE),
+                 ("link", "set", BRIDGE, "up")):
+        result = _ip(*args)
+        if result.returncode != 0:
+            raise AssertionError(f"ip {' '.join(args)}: {result.stderr}")
+    test.addCleanup(_ip, "link", "del", BRIDGE)
+
+
+def _spec(vm_id, **kw):
+    return VMSpec(vm_id=vm_id, name=f"test-{vm_id}", login="ana", memory=384, di_id=1,
+                  di_path=_image, ip=f"{SUBNET}.{10 + vm_id % 200}",
+                  mac=f"54:52:00:fc:{PID % 250:02x}:{vm_id % 256:02x}",
+                  netmask="255.255.255.0", bridge=BRIDGE, gateway=f"{SUBNET}.1", **kw)
+
+
+class AccelProbeTests(unittest.TestCase):
+    """
+    The auto acceleration probe with a real kernel.
+    """
+
+    def test_probeCommandBootsKernel(self):
+        """
+        The probe command boots the DI's kernel to its panic and QEMU exits:
+        run under TCG here (KVM cannot run it on this machine), it succeeds,
+        so on a real KVM host only KVM itself can make it fail.
+        """
+        why = _requirements()
+        if why:
+            raise unittest.SkipTest(why)
+        from qvd.virt import _accel
+        argv = _accel.probe_argv(_image + ".kernel", accel="tcg")
+        self.assertEqual(_accel.run_probe(argv, 60), (True, ""))
+
+
+class KVMInterfaceTests(HypervisorInterfaceTests, unittest.TestCase):
+    """
+    The behaviour every driver shows (qvd.testing.virt_interface), on KVM.
+    """
+    timeout = 120
+
+    def setUp(self):
+        _environment(self)
+
+    @defer.inlineCallbacks
+    def makeHypervisor(self):
+        driver = self.makeDriver()
+        self.addCleanup(driver.tearDown)
+        yield driver.setUp()
+        return driver
+
+    def makeSpec(self, vm_id):
+        return _spec(vm_id)
+
+
 class KVMDriverTests(unittest.TestCase):
     timeout = 300
 
     def setUp(self):
-        why = _requirements()
-        if why:
-            raise unittest.SkipTest(why)
-        from qvd.virt.kvm import KVMDriver, KVMSettings
-        self.base = tempfile.mkdtemp(prefix="qvd-kvm-test-")
-        os.chmod(self.base, 0o755)
-        self.addCleanup(shutil.rmtree, self.base, True)
-        self.settings = KVMSettings(
-            overlays=os.path.join(self.base, "overlays"),
-            homes=os.path.join(self.base, "homes"),
-            console_dir=os.path.join(self.base, "console"),
-            accel="auto", prefix=f"qvdtk{PID}-", tap_prefix=f"qtk{PID}t", threads=3)
-        self.makeDriver = lambda: KVMDriver(reactor, self.settings)
-        # the bridge, with the host on .1 and VMs above
-        _ip("link", "del", BRIDGE)
-        for args in (("link", "add", BRIDGE, "type", "bridge"),
-                     ("addr", "add", f"{SUBNET}.1/24", "dev", BRIDGE),
-                     ("link", "set", BRIDGE, "up")):
-            result = _ip(*args)
-            if result.returncode != 0:
-                raise AssertionError(f"ip {' '.join(args)}: {result.stderr}")
-        self.addCleanup(_ip, "link", "del", BRIDGE)
+        _environment(self)
         self.driver = self.makeDriver()
         self.addCleanup(self.driver.tearDown)
         self.specs = []
@@ -150,9 +208,7 @@ class KVMDriverTests(unittest.TestCase):
                 pass
 
     def spec(self, vm_id, **kw):
-        spec = VMSpec(vm_id=vm_id, name=f"test-{vm_id}", login="ana", memory=384, di_id=1,
-                      di_path=_image, ip=f"{SUBNET}.{10 + vm_id}", mac=f"54:52:00:fc:{PID % 250:02x}:{vm_id:02x}",
-                      netmask="255.255.255.0", bridge=BRIDGE, gateway=f"{SUBNET}.1", **kw)
+        spec = _spec(vm_id, **kw)
         self.specs.append(spec)
         return spec
 

@@ -5,7 +5,6 @@ a bridge and subnet of this test process, removed afterwards.
 Timings are printed to stderr ("lxc-timing: ...").
 """
 
-import atexit
 import errno
 import os
 import shutil
@@ -18,7 +17,9 @@ import time
 from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
+import qvd
 from qvd.config import Config, declared_keys
+from qvd.testing.virt_interface import HypervisorInterfaceTests
 from qvd.virt._lxcconfig import mounts_below
 from qvd.virt._lxcfs import cgroup_dirs
 from qvd.virt._process import run
@@ -30,6 +31,9 @@ SUBNET = f"10.213.{PID % 200}"
 BRIDGE = f"qbl{PID % 1000}"
 VETH_PREFIX = f"qtl{PID % 1000}v"
 NAME_PREFIX = f"qvdt-lxc{PID}-"
+#: The image runs the VMA (python3 -m qvd.vma) when this tree has it.
+VMA_IN_IMAGE = os.path.exists(
+    os.path.join(os.path.dirname(qvd.__file__), "vma", "__main__.py"))
 
 
 def _skip_reason():
@@ -53,35 +57,9 @@ class LXCDriverIntegrationTests(unittest.TestCase):
     skip = _skip_reason()
     timeout = 180
 
-    image = root = config = None
-
-    @classmethod
-    def _fixture(cls):
-        """
-        Once per process: the test image, a storage root and a config; removed
-        at exit (trial has no per-class teardown).
-        """
-        if cls.config is not None:
-            return
-        from qvd.testing.images import minimal_lxc_image
-        start = time.monotonic()
-        cls.image = minimal_lxc_image(stream=sys.stderr)
-        _timing(f"test image ready in {time.monotonic() - start:.1f} s")
-        cls.root = tempfile.mkdtemp(prefix="qvdt-lxc-", dir="/var/tmp")
-        atexit.register(_remove_fixture, cls.root)
-        cls.config = Config(keys=declared_keys(), node={
-            "path.run": os.path.join(cls.root, "run"),
-            "path.storage.root": os.path.join(cls.root, "storage"),
-            "vm.lxc.name.prefix": NAME_PREFIX,
-            "vm.lxc.veth.prefix": VETH_PREFIX,
-            "vm.network.bridge": BRIDGE,
-            "vm.lxc.bridge.address": f"{SUBNET}.1/24",
-            "vm.network.ip.start": f"{SUBNET}.2",
-            "vm.network.netmask": "255.255.255.0",
-        })
-
     def setUp(self):
-        self._fixture()
+        self.image, self.root, self.config = _fixture()
+        self.addCleanup(_remove_fixture, self.root)
         self.driver = LXCDriver(self.config, reactor)
         self.specs = []
         return self.driver.setUp()
@@ -143,7 +121,8 @@ class LXCDriverIntegrationTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_container_runs_with_address_home_and_memory_limit(self):
         """
-        A started VM runs, answers on its IP, has the memory limit of its
+        A started VM runs, its VMA answers on its IP (or the port refuses
+        when the image has no VMA), has the memory limit of its
         spec, keeps files in /home across stop and start, loses files
         elsewhere (non-persistent overlay); after cleanup nothing remains.
         """
@@ -157,15 +136,18 @@ class LXCDriverIntegrationTests(unittest.TestCase):
         self.assertEqual(int(limit), 192 * 1024 * 1024)
 
         t0 = time.monotonic()
-        outcome = yield threads.deferToThread(_probe, spec.ip, 3030, 20)
-        _timing(f"VM 1: TCP {spec.ip}:3030 {outcome} after {time.monotonic() - t0:.2f} s")
-        self.assertIn(outcome, ("open", "refused"))
+        outcome = yield threads.deferToThread(_probe, spec.ip, 3030, 30, VMA_IN_IMAGE)
+        _timing(f"VM 1: VMA port {spec.ip}:3030 {outcome} {time.monotonic() - t0:.2f} s "
+                f"after RUNNING")
+        self.assertIn(outcome, ("open",) if VMA_IN_IMAGE else ("open", "refused"))
         address = yield self.attach(spec, "ip -4 -o addr show eth0")
         self.assertIn(f"{spec.ip}/24", address.out)
         # Users other than root can walk the tree (the overlay's root is 0755).
         modes = yield self.attach(spec, "stat -c %a / /home")
         self.assertEqual(modes.out.split(), ["755", "755"], modes.describe())
 
+        result = yield self.attach(spec, "stat -c %a /")
+        self.assertEqual(result.out.strip(), "755", "the overlay's root must be 0755")
         result = yield self.attach(spec, "echo kept > /home/probe; echo lost > /root/probe")
         self.assertEqual(result.code, 0, result.describe())
         self.assertTrue(os.path.exists(os.path.join(layout.home_dir, "probe")))
@@ -207,22 +189,32 @@ class LXCDriverIntegrationTests(unittest.TestCase):
         self.assertNothingLeft(spec, running.pid)
 
     @defer.inlineCallbacks
-    def test_persistent_overlay_and_shared_base(self):
+    def test_concurrent_prepares_share_one_base(self):
         """
-        Two VMs of one DI prepared at once share one unpacked base fs; with
-        persistent_overlay a file outside /home survives cleanup and a new
-        boot, and cleanup keeps the upper dir.
+        Two VMs of one DI prepared at once share one unpacked base fs and no
+        temporary tree remains.
         """
-        image = os.path.join(self.root, f"shared-{PID}.tar")
-        if not os.path.exists(image):
-            os.link(self.image, image)
-        first = self.spec(5, di_path=image, persistent_overlay=True)
-        second = self.spec(6, di_path=image)
-        yield defer.gatherResults([self.driver.prepare(first), self.driver.prepare(second)])
+        image = _tiny_image(self.root, f"tiny-{PID}")
         basefs = self.driver.settings.basefs
-        self.assertEqual(sorted(n for n in os.listdir(basefs) if n.startswith("shared-")),
-                         [f"shared-{PID}"])
-        self.assertEqual([n for n in os.listdir(basefs) if n.startswith("untar-")], [])
+        self.addCleanup(_remove_base, basefs, f"tiny-{PID}")
+        first, second = self.spec(5, di_path=image), self.spec(6, di_path=image)
+        yield defer.gatherResults([self.driver.prepare(first), self.driver.prepare(second)])
+        self.assertEqual([n for n in os.listdir(basefs) if n.startswith(f"tiny-{PID}")],
+                         [f"tiny-{PID}"])
+        self.assertEqual([n for n in os.listdir(basefs) if n.startswith(f"untar-{os.getpid()}-")],
+                         [])
+        for spec in (first, second):
+            self.assertTrue(os.path.exists(os.path.join(
+                self.layout(spec).rootfs, "etc", "os-release")))
+
+    @defer.inlineCallbacks
+    def test_persistent_overlay(self):
+        """
+        With persistent_overlay a file outside /home survives cleanup and a
+        new boot, and cleanup keeps the upper dir.
+        """
+        first = self.spec(8, persistent_overlay=True)
+        yield self.driver.prepare(first)
         yield self.driver.start(first)
         result = yield self.attach(first, "echo kept > /root/probe")
         self.assertEqual(result.code, 0, result.describe())
@@ -268,7 +260,8 @@ class LXCDriverIntegrationTests(unittest.TestCase):
         self.assertIn(bad, str(caught.exception))
         basefs = self.driver.settings.basefs
         self.assertEqual([n for n in os.listdir(basefs)
-                          if n.startswith(("untar-", f"corrupt-{PID}"))], [])
+                          if n.startswith((f"untar-{os.getpid()}-", f"corrupt-{PID}"))], [])
+        _remove_base(basefs, f"corrupt-{PID}")
         self.assertNothingLeft(spec)
 
     @defer.inlineCallbacks
@@ -283,27 +276,109 @@ class LXCDriverIntegrationTests(unittest.TestCase):
         yield self.driver.cleanup(spec)
 
 
+def _tiny_image(directory, name):
+    """
+    A DI holding just enough to count as a root filesystem (not bootable).
+    """
+    tree = os.path.join(directory, name + ".tree")
+    for sub in ("etc", "sbin"):
+        os.makedirs(os.path.join(tree, sub), exist_ok=True)
+    with open(os.path.join(tree, "etc", "os-release"), "w") as f:
+        f.write("ID=tiny\n")
+    path = os.path.join(directory, name + ".tar")
+    subprocess.run(["tar", "-c", "-f", path, "-C", tree, "."], check=True)
+    return path
+
+
+def _remove_base(basefs, name):
+    """
+    Remove a test DI's base fs and lock from the shared base fs cache.
+    """
+    subprocess.run(["rm", "-rf", "--one-file-system", os.path.join(basefs, name)])
+    for path in (os.path.join(basefs, ".locks", name + ".lock"),):
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+def _fixture():
+    """
+    Per test: the test image (built once, cached), a storage root and a
+    config using the shared base fs cache (so nothing big is unpacked or
+    deleted per test). Removed by L{_remove_fixture}.
+    """
+    from qvd.testing.images import lxc_test_basefs, minimal_lxc_image
+    start = time.monotonic()
+    image = minimal_lxc_image(stream=sys.stderr)
+    if time.monotonic() - start > 1:
+        _timing(f"test image ready in {time.monotonic() - start:.1f} s")
+    root = tempfile.mkdtemp(prefix="qvdt-lxc-", dir="/var/tmp")
+    config = Config(keys=declared_keys(), node={
+        "path.run": os.path.join(root, "run"),
+        "path.storage.root": os.path.join(root, "storage"),
+        "path.storage.basefs": lxc_test_basefs(),
+        "vm.lxc.name.prefix": NAME_PREFIX,
+        "vm.lxc.veth.prefix": VETH_PREFIX,
+        "vm.network.bridge": BRIDGE,
+        "vm.lxc.bridge.address": f"{SUBNET}.1/24",
+        "vm.network.ip.start": f"{SUBNET}.2",
+        "vm.network.netmask": "255.255.255.0",
+    })
+    return image, root, config
+
+
 def _remove_fixture(root):
+    start = time.monotonic()
     subprocess.run(["ip", "link", "delete", BRIDGE], stderr=subprocess.DEVNULL)
     for point in mounts_below(open("/proc/self/mounts").read(), root):
         subprocess.run(["umount", "-l", point])
-    shutil.rmtree(root, ignore_errors=True)
+    subprocess.run(["rm", "-rf", "--one-file-system", root])
+    if time.monotonic() - start > 1:
+        _timing(f"storage removed in {time.monotonic() - start:.1f} s")
 
 
-def _probe(ip, port, timeout):
+def _probe(ip, port, timeout, wait_for_open=False):
     """
-    Connect to ip:port until it answers or refuses (both prove the address
-    is up): 'open', 'refused' or the last error.
+    Connect to ip:port until it answers an HTTP GET /vma/ping ('open') or,
+    unless C{wait_for_open}, refuses ('refused': the address is up, nothing
+    listens); else the last error.
     """
     deadline = time.monotonic() + timeout
     last = "timeout"
     while time.monotonic() < deadline:
         try:
-            with socket.create_connection((ip, port), timeout=1):
-                return "open"
+            with socket.create_connection((ip, port), timeout=1) as s:
+                s.sendall(b"GET /vma/ping HTTP/1.0\r\nHost: vm\r\n\r\n")
+                if s.recv(64).startswith(b"HTTP/"):
+                    return "open"
+                last = "no HTTP answer"
         except ConnectionRefusedError:
-            return "refused"
+            if not wait_for_open:
+                return "refused"
+            last = "refused"
         except OSError as e:
             last = errno.errorcode.get(e.errno, str(e))
-            time.sleep(0.05)
+        time.sleep(0.05)
     return last
+
+
+class LXCInterfaceTests(HypervisorInterfaceTests, unittest.TestCase):
+    """
+    The behaviour every IHypervisor shows (qvd.testing.virt_interface), on
+    real LXC with the minimal image.
+    """
+
+    skip = _skip_reason()
+    timeout = 120
+
+    def makeHypervisor(self):
+        self.image, self.root, self.config = _fixture()
+        self.addCleanup(_remove_fixture, self.root)
+        driver = LXCDriver(self.config, reactor)
+        return driver.setUp().addCallback(lambda _: driver)
+
+    def makeSpec(self, vm_id):
+        return VMSpec(
+            vm_id=vm_id, name=f"desk{vm_id}", login="bob", memory=192, di_id=7,
+            di_path=self.image, ip=f"{SUBNET}.{vm_id % 100 + 100}",
+            mac=f"54:52:00:d5:{PID % 200:02x}:{vm_id % 100 + 100:02x}",
+            netmask="255.255.255.0", bridge=BRIDGE)
