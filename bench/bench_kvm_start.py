@@ -9,8 +9,8 @@ For each run, alternately:
   qvd:  KVMDriver.prepare + start (overlay, home disk, libvirt domain) until
         the guest accepts TCP on --port (the VMA's 3030);
   bare: qemu-img overlay + qemu-system-x86_64 with the same kernel, initrd,
-        command line, memory, vCPUs, accel, virtio disk and virtio NIC on the
-        same bridge, until the same port answers.
+        command line, memory, vCPUs, accel, virtio root and home disks and
+        virtio NIC on the same bridge, until the same port answers.
 Prints every run, the medians and their ratio (qvd / bare; target <= 1.15).
 The image defaults to the cached minimal desktop with the real VMA
 (qvd.testing.kvm_image.minimal_kvm_image); --image test uses the smaller
@@ -31,7 +31,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 
 from qvd.virt._accel import HostFacts, choose
-from qvd.virt._domain import DomainSettings, kernel_cmdline
+from qvd.virt._domain import kernel_cmdline
 from qvd.virt.interfaces import VMSpec
 from qvd.virt.kvm import KVMDriver, KVMSettings
 
@@ -86,6 +86,10 @@ def run_bare(reactor, spec, image, settings, domain_type, base, port, timeout):
             os.unlink(overlay)
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", image, "-F", "qcow2", overlay],
                        check=True)
+        home = os.path.join(base, "bare-home.qcow2")
+        if not os.path.exists(home):  # like qvd's home disk: created once
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", home,
+                            f"{spec.user_storage_size}M"], check=True)
         argv = [
             "qemu-system-x86_64", "-accel", "kvm" if domain_type == "kvm" else "tcg",
             "-machine", settings.machine, "-m", str(spec.memory), "-smp", str(settings.cpus),
@@ -93,6 +97,7 @@ def run_bare(reactor, spec, image, settings, domain_type, base, port, timeout):
             "-kernel", image + ".kernel", "-initrd", image + ".initrd",
             "-append", kernel_cmdline(spec, settings),
             "-drive", f"file={overlay},if=virtio,format=qcow2",
+            "-drive", f"file={home},if=virtio,format=qcow2",
             "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
             "-device", f"virtio-net-pci,netdev=n0,mac={spec.mac}",
             "-serial", f"file:{os.path.join(base, 'bare-console.log')}",

@@ -25,7 +25,6 @@ Prints p50/p95 of each and the ratio qvd / bare for "agent answering"
 import os
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile

@@ -16,7 +16,6 @@ import argparse
 import base64
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ def serve(n):
     """Child: start everything, print the ports as JSON, run until stdin closes."""
     import tempfile
 
-    from twisted.internet import defer, protocol, reactor, ssl, stdio
+    from twisted.internet import defer, reactor, ssl, stdio
     from twisted.protocols import basic
 
     from qvd.config import Config
@@ -109,7 +108,7 @@ def percentile(values, p):
 
 
 def run_clients(ports, n, rounds, size, mode, concurrency):
-    from twisted.internet import defer, endpoints, protocol, reactor, ssl, task
+    from twisted.internet import defer, endpoints, protocol, reactor, ssl
 
     payload = os.urandom(size)
     latencies, setups, spans = [], [], []
@@ -198,7 +197,6 @@ def run_clients(ports, n, rounds, size, mode, concurrency):
         endpoint = endpoints.SSL4ClientEndpoint(reactor, "127.0.0.1", port,
                                                 ssl.CertificateOptions(), timeout=60)
         client = Client(vms[i % len(vms)], i % len(vms))
-        t0 = time.perf_counter()
         try:
             await endpoints.connectProtocol(endpoint, client)
         except Exception as e:

@@ -103,6 +103,14 @@ class DomainXMLTests(unittest.TestCase):
         self.assertEqual(root.findtext("memory"), "512")
         self.assertEqual(root.findtext("vcpu"), "2")
 
+    def test_cpuShares(self):
+        """
+        The domain's cgroup weighs like one task per vCPU (1024 shares each),
+        not like a single task for all of them.
+        """
+        self.assertEqual(parse().findtext("cputune/shares"), "2048")
+        self.assertEqual(parse(settings=DomainSettings(cpus=1)).findtext("cputune/shares"), "1024")
+
     def test_kvmType(self):
         """
         Under KVM the domain type is kvm and the host CPU is passed through.

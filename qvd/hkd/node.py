@@ -32,6 +32,7 @@ from twisted.python.failure import Failure
 from qvd.hkd.cluster import ClusterMonitor
 from qvd.hkd.store import Store, StoreSettings
 from qvd.hkd.supervisor import Supervisor, SupervisorSettings
+from qvd._pids import pid_alive
 
 log = Logger()
 
@@ -59,16 +60,6 @@ def usable_resources(cpuinfo="/proc/cpuinfo", meminfo="/proc/meminfo"):
     except (OSError, ValueError):
         pass
     return bogomips * 0.80, ram
-
-
-def pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class HKD(service.Service):

@@ -36,6 +36,7 @@ from qvd.l7r.auth import tokens
 from qvd.vma.client import VMAError, VMAUnreachable
 from qvd.l7r.relay import Relay, connect_peer
 from qvd.protocols import http
+from qvd._pids import pid_alive
 
 log = Logger()
 
@@ -64,18 +65,6 @@ def slave_key():
     A random 64-character [A-Za-z0-9] key for the 101's X-QVD-Slave-Key.
     """
     return "".join(secrets.choice(_ALNUM) for _ in range(64))
-
-
-def pid_alive(pid):
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 #: first x_state poll after x_start (seconds); doubles up to poll_x

@@ -14,7 +14,6 @@ other is closed and C{on_end(relay)} is called once. Nothing here touches the
 database: a PostgreSQL outage does not affect running relays.
 """
 
-import socket
 import time
 
 from twisted.internet import defer, endpoints, protocol

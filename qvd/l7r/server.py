@@ -16,7 +16,6 @@ within C{request_timeout} seconds or it stays idle for C{idle_timeout}.
 """
 
 import json
-import secrets
 import string
 
 import attrs

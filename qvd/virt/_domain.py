@@ -160,6 +160,9 @@ def domain_xml(spec, settings, boot, disks):
         f"  <title>{escape(f'qvd/{spec.vm_id}/{spec.name}')}</title>",
         f"  <memory unit='MiB'>{int(spec.memory)}</memory>",
         f"  <vcpu>{int(settings.cpus)}</vcpu>",
+        # libvirt puts the domain in a cgroup of its own, which by default
+        # weighs like one task: give it one task's weight per vCPU.
+        f"  <cputune><shares>{1024 * int(settings.cpus)}</shares></cputune>",
         "  <os>",
         f"    <type arch='x86_64' machine={a(settings.machine)}>hvm</type>",
         f"    <kernel>{escape(boot.kernel)}</kernel>",

@@ -5,7 +5,7 @@ tests (qvd.testing.slapd), with the real PostgreSQL behind the chain.
 
 import time
 
-from twisted.internet import defer, protocol, reactor, task
+from twisted.internet import defer, protocol, reactor
 from twisted.trial import unittest
 
 from qvd.config import Config, declared_keys

@@ -86,7 +86,7 @@ class CommandTests(HKDTestMixin, pg.DatabaseTestMixin, unittest.TestCase):
         vms = [self.add_vm(f"u{i}") for i in range(3)]
         hv = FakeHypervisor(reactor)
         hv.delay["prepare"] = 0.3
-        hkd = await self.start_hkd(host, hv=hv, config=hkd_config(hkd__vm__starting__max=1))
+        await self.start_hkd(host, hv=hv, config=hkd_config(hkd__vm__starting__max=1))
         for vm in vms:
             self.command(vm, "start", host)
         await task.deferLater(reactor, 0.2, lambda: None)

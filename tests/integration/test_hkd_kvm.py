@@ -26,7 +26,6 @@ import time
 from twisted.internet import reactor, task
 from twisted.trial import unittest
 
-from qvd.config import Config, declared_keys
 from qvd.testing import pg
 from qvd.testing.hkd import FAST, HKDTestMixin
 

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import reactor, task
 from twisted.trial import unittest
 
 from qvd.config import Config, declared_keys

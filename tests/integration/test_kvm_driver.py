@@ -11,7 +11,6 @@ C{qvdtk<pid>-<n>}. Only one test waits for a full guest boot.
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 

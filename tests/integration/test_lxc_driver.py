@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 
-from twisted.internet import defer, reactor, task, threads
+from twisted.internet import defer, reactor, threads
 from twisted.trial import unittest
 
 import qvd
