@@ -304,6 +304,7 @@ class Stack:
         from qvd.l7r import tls
         from qvd.testing.images import minimal_lxc_image
         image = minimal_lxc_image(stream=stream)
+        pg.cluster()  # started (and its exit hook registered) before ours: ours runs first
         self.root = tempfile.mkdtemp(prefix=f"qvdt-{self.tag}{os.getpid()}-", dir="/var/tmp")
         os.chmod(self.root, 0o755)
         atexit.register(self.stop)
