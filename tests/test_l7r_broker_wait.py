@@ -1,11 +1,13 @@
 """
-The broker's wait for the X session (L{qvd.l7r.broker.Broker.wait_x}),
-on a fake clock and a fake agent.
+The broker's wait for the X session (L{qvd.l7r.broker.Broker.wait_x}) and
+its connection to nxagent (L{qvd.l7r.broker.Broker.connect_x}), on a fake
+clock and a fake agent.
 """
 
-from twisted.internet import defer, task
+from twisted.internet import defer, error, task
 from twisted.trial import unittest
 
+from qvd.l7r import broker as broker_module
 from qvd.l7r.broker import Broker, BrokerError, BrokerSettings, Session
 
 
@@ -66,3 +68,42 @@ class WaitXTests(unittest.TestCase):
         """
         d, vma = self.wait(["starting"], poll_x=1.0, x_start=3.0)
         self.assertIn("timed out", str(self.failureResultOf(d, BrokerError).value))
+
+
+class ConnectXTests(unittest.TestCase):
+
+    def connect(self, refusals, nx_connect=10.0):
+        clock = task.Clock()
+        attempts = []
+
+        def connect_peer(reactor, host, port, timeout):
+            attempts.append(clock.seconds())
+            if len(attempts) <= refusals:
+                return defer.fail(error.ConnectionRefusedError("111: Connection refused"))
+            return defer.succeed("peer")
+        self.patch(broker_module, "connect_peer", connect_peer)
+        broker = Broker(clock, None, BrokerSettings(nx_connect=nx_connect), None)
+        d = defer.ensureDeferred(broker.connect_x(Session(clock, 7, _Conn()), "10.0.0.2", 4100))
+        for _ in range(200):
+            if d.called or not clock.getDelayedCalls():
+                break
+            clock.advance(min(c.getTime() for c in clock.getDelayedCalls()) - clock.seconds())
+        return d, attempts
+
+    def test_refused_is_retried(self):
+        """
+        A refused connection (nxagent not listening again yet after a
+        resume) is tried again after 50 ms, doubling, until it connects.
+        """
+        d, attempts = self.connect(refusals=3)
+        self.assertEqual(self.successResultOf(d), "peer")
+        gaps = [round(b - a, 2) for a, b in zip(attempts, attempts[1:])]
+        self.assertEqual(gaps, [0.05, 0.1, 0.2])
+
+    def test_refused_until_the_limit(self):
+        """
+        Refused for longer than nx_connect seconds: the refusal is the error.
+        """
+        d, attempts = self.connect(refusals=1000, nx_connect=2.0)
+        self.failureResultOf(d, error.ConnectionRefusedError)
+        self.assertLessEqual(attempts[-1], 2.0)

@@ -28,7 +28,7 @@ import time
 
 import attrs
 from psycopg2.extras import Json
-from twisted.internet import defer
+from twisted.internet import defer, error as net_error
 from twisted.logger import Logger
 
 from qvd import loadbalancer
@@ -538,13 +538,32 @@ class Broker:
             await session.sleep(delay)
             delay = min(delay * 2, self.settings.poll_x)
 
+    async def connect_x(self, session, address, port):
+        """
+        Connect to nxagent's port. A refused connection is tried again
+        (after 50 ms, doubling up to 0.5 s) until C{nx_connect} seconds
+        passed: after a resume the agent says C{listening} as soon as
+        nxagent prints "Resuming", a moment before nxagent listens again.
+        """
+        deadline = self.reactor.seconds() + self.settings.nx_connect
+        delay = X_POLL_FIRST
+        while True:
+            try:
+                return await connect_peer(self.reactor, address, port, self.settings.nx_connect)
+            except net_error.ConnectionRefusedError:
+                if self.reactor.seconds() + delay > deadline:
+                    raise
+            await session.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
     async def run_forwarder(self, session, row, key, on_end):
         vm_id = session.vm_id
         session.tell(f"Connecting X session for VM_ID: {vm_id}")
         self.count("nx_attempts")
         try:
-            peer = await connect_peer(self.reactor, row["vm_address"], row["vm_x_port"],
-                                      self.settings.nx_connect)
+            peer = await self.connect_x(session, row["vm_address"], row["vm_x_port"])
+        except SessionAborted:
+            raise
         except Exception as e:
             raise BrokerError(f"Unable to connect to X server on VM VM_ID: {vm_id}: {e}")
         self.count("nx_ok")

@@ -31,6 +31,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zlib
 
@@ -184,21 +185,48 @@ class Client:
         else:
             argv += ["--display", display]
         self.began = time.monotonic()
-        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=err, env=dict(
+        self.lines = []     # (seconds since spawn, stderr line), as they came
+        with open(self.out_path, "wb") as out:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.PIPE, env=dict(
                 env(), HOME=self.home), cwd=self.home, start_new_session=True)
         stack.processes.append(self.proc)
+        self._reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._reader.start()
+
+    def _read_stderr(self):
+        with self.proc.stderr, open(self.err_path, "wb") as err:
+            for raw in self.proc.stderr:
+                self.lines.append((time.monotonic() - self.began,
+                                   raw.decode(errors="replace").rstrip("\n")))
+                err.write(raw)
+                err.flush()
 
     def stderr(self):
-        with open(self.err_path, errors="replace") as f:
-            return f.read()
+        return "".join(line + "\n" for _, line in list(self.lines))
+
+    def said(self, pattern):
+        """
+        (seconds since spawn, match) of the first stderr line matching
+        C{pattern}, or None.
+        """
+        for t, line in list(self.lines):
+            found = re.search(pattern, line)
+            if found:
+                return t, found
+        return None
+
+    def timeline(self):
+        """
+        The client's progress lines with their time since its spawn.
+        """
+        return "\n".join(f"  {t:6.2f} s  {line}" for t, line in self.lines)
 
     def display(self):
         """
         The headless client's own Xvfb display, once it has said it.
         """
-        found = re.search(r"headless: Xvfb on display (:\d+)", self.stderr())
-        return found and found.group(1)
+        found = self.said(r"headless: Xvfb on display (:\d+)")
+        return found and found[1].group(1)
 
     def wait_for_colour(self, display=None, timeout=120, fraction=0.5):
         """
@@ -217,7 +245,9 @@ class Client:
 
     def wait(self, timeout=60):
         try:
-            return self.proc.wait(timeout)
+            code = self.proc.wait(timeout)
+            self._reader.join(5)
+            return code
         except subprocess.TimeoutExpired:
             raise AssertionError(f"qvd-client still runs after {timeout} s:\n" + self.stderr())
 
@@ -274,6 +304,7 @@ class Stack:
         from qvd.l7r import tls
         from qvd.testing.images import minimal_lxc_image
         image = minimal_lxc_image(stream=stream)
+        pg.cluster()  # started (and its exit hook registered) before ours: ours runs first
         self.root = tempfile.mkdtemp(prefix=f"qvdt-{self.tag}{os.getpid()}-", dir="/var/tmp")
         os.chmod(self.root, 0o755)
         atexit.register(self.stop)

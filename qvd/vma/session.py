@@ -112,10 +112,11 @@ class Timeouts:
     stopping: float = 20.0
     #: not a state: after a resume HUP, HUP again every this many seconds
     #: while nxagent has not said "Resuming" (it drops the first HUP after a
-    #: suspend caused by a broken link; measured on nx-libs 3.5.99.26); not
-    #: shorter than the ~1 s nxagent may take to act on a HUP, since a HUP
-    #: during a resume aborts it
-    resume_retry: float = 2.5
+    #: suspend caused by a broken link; a second HUP 1 s later is taken:
+    #: measured on nx-libs 3.5.99.26). nxagent says "Resuming" as soon as it
+    #: acts on a HUP, and a HUP after that would abort the resume: the
+    #: retries stop at that line
+    resume_retry: float = 1.0
 
 
 class ISessionEffects(Interface):
