@@ -26,7 +26,6 @@ Both sides first do one untimed warm-up (it unpacks the DI's base tree).
 import os
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
