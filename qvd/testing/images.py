@@ -69,7 +69,7 @@ def minimal_lxc_image(colour=TEST_COLOUR, stream=None):
             build_image(recipe, path, QVD_SOURCE, config.get("di.build.cache"),
                         Progress(stream), quiet=True)
         os.utime(path)
-        _prune(os.path.join(CACHE, "lxc-minimal-*.tar"), KEEP)
+        prune(os.path.join(CACHE, "lxc-minimal-*.tar"), KEEP, companions=_unpacked)
     return path
 
 
@@ -82,22 +82,26 @@ def lxc_test_basefs():
     return BASEFS_CACHE
 
 
-def _prune(pattern, keep):
+def prune(pattern, keep, age=PRUNE_AGE, companions=lambda path: ()):
     """
     Remove all but the C{keep} most recently used files matching C{pattern},
-    if unused for L{PRUNE_AGE} seconds.
+    with their lock file and C{companions(path)} (files or trees), if unused
+    for C{age} seconds (another test run may still be using them).
     """
     paths = sorted(glob.glob(pattern), key=_mtime, reverse=True)
     for old in paths[keep:]:
-        if time.time() - _mtime(old) < PRUNE_AGE:
+        if time.time() - _mtime(old) < age:
             continue
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(old)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(old + ".lock")
-        tree = os.path.join(BASEFS_CACHE, os.path.basename(old)[:-len(".tar")])
-        if os.path.isdir(tree):
-            subprocess.run(["rm", "-rf", "--one-file-system", tree])
+        for path in (old, old + ".lock", *companions(old)):
+            if os.path.isdir(path):
+                subprocess.run(["rm", "-rf", "--one-file-system", path])
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+
+
+def _unpacked(image):
+    return [os.path.join(BASEFS_CACHE, os.path.basename(image)[:-len(".tar")])]
 
 
 def _mtime(path):

@@ -151,34 +151,11 @@ def minimal_kvm_image(stream=None):
                 if os.path.exists(tar):
                     os.unlink(tar)
         os.utime(path)
-    _prune(os.path.join(CACHE, "kvm-minimal-*.qcow2"), keep=2)
+    images.prune(os.path.join(CACHE, "kvm-minimal-*.qcow2"), keep=2, age=PRUNE_AGE,
+                 companions=qcow2.kernel_files)
     return path
 
 
 #: Seconds an older cached image must have gone unused before it is removed
 #: (another test run may still be booting it).
 PRUNE_AGE = 900
-
-
-def _prune(pattern, keep):
-    """
-    Remove all but the C{keep} most recently used images matching
-    C{pattern} (with their kernel, initrd and lock), if unused for
-    L{PRUNE_AGE} seconds: every change of the qvd sources makes a new one.
-    """
-    import glob
-    import time
-
-    def mtime(p):
-        try:
-            return os.path.getmtime(p)
-        except OSError:
-            return 0
-    for old in sorted(glob.glob(pattern), key=mtime, reverse=True)[keep:]:
-        if time.time() - mtime(old) < PRUNE_AGE:
-            continue
-        for path in (old, *qcow2.kernel_files(old), old + ".lock"):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
