@@ -21,7 +21,7 @@ reloads it.
 """
 
 from twisted.internet import defer
-from twisted.logger import Logger
+from qvd.logs import Logger
 
 from qvd.config import GLOBAL_TENANT, ConfigError
 

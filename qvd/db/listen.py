@@ -19,7 +19,7 @@ of the architecture does the same).
 import re
 
 from twisted.internet import defer, task
-from twisted.logger import Logger
+from qvd.logs import Logger
 
 from qvd.db.pool import Connection
 

@@ -22,7 +22,7 @@ import random
 import psycopg2
 from twisted.internet import defer, error, task
 from twisted.python import failure
-from twisted.logger import Logger
+from qvd.logs import Logger
 from txpostgres import txpostgres
 
 from qvd.db import RETRYABLE_SQLSTATES, DatabaseError

@@ -24,7 +24,7 @@ Each check, in one transaction:
 """
 
 from twisted.internet import defer, task
-from twisted.logger import Logger
+from qvd.logs import Logger
 
 from qvd.db.pool import Connection, fetch_dicts
 

@@ -26,7 +26,7 @@ import os
 
 from twisted.application import service
 from twisted.internet import defer, task
-from twisted.logger import Logger
+from qvd.logs import Logger
 from twisted.python.failure import Failure
 
 from qvd.hkd.cluster import ClusterMonitor

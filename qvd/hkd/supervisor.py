@@ -16,7 +16,7 @@ writes of the state are retried until PostgreSQL answers, newest state wins.
 
 import attrs
 from twisted.internet import defer
-from twisted.logger import Logger
+from qvd.logs import Logger
 from twisted.python.failure import Failure
 
 from qvd.hkd.machine import PERSISTED, PINGING, Liveness, VMMachine

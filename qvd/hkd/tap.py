@@ -16,6 +16,7 @@ from twisted.application import service
 from twisted.python import usage
 from zope.interface.verify import verifyObject
 
+from qvd import logs
 from qvd.config import Config, ConfigError
 from qvd.virt.interfaces import IHypervisor
 
@@ -124,7 +125,8 @@ def makeService(options):
         overrides["nodename"] = options["nodename"]
     try:
         config = Config.load(options["config"], overrides=overrides)
-    except ConfigError as e:
+        logs.set_level(config.get("log.level"))
+    except (ConfigError, ValueError) as e:
         _fail(str(e))
     nodename = config.get("nodename")
     lock = NodeLock(config.get("hkd.lock.path"))

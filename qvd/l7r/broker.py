@@ -29,7 +29,7 @@ import time
 import attrs
 from psycopg2.extras import Json
 from twisted.internet import defer, error as net_error
-from twisted.logger import Logger
+from qvd.logs import Logger
 
 from qvd import loadbalancer
 from qvd.l7r.auth import tokens

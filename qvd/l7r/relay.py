@@ -17,7 +17,7 @@ database: a PostgreSQL outage does not affect running relays.
 import time
 
 from twisted.internet import defer, endpoints, protocol
-from twisted.logger import Logger
+from qvd.logs import Logger
 
 log = Logger()
 

@@ -20,7 +20,7 @@ import string
 
 import attrs
 from twisted.internet import defer, protocol
-from twisted.logger import Logger
+from qvd.logs import Logger
 
 from qvd.db.pool import DatabaseUnavailable
 from qvd.l7r.auth.interfaces import AuthFailed

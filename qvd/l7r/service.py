@@ -16,7 +16,7 @@ one kept.
 
 from twisted.application import service
 from twisted.internet import defer, endpoints, task
-from twisted.logger import Logger
+from qvd.logs import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from qvd.db.listen import Listener

@@ -15,6 +15,7 @@ import sys
 
 from twisted.python import usage
 
+from qvd import logs
 from qvd.config import Config, ConfigError
 
 
@@ -35,7 +36,8 @@ def makeService(options):
     from qvd.l7r.service import L7RService, default_endpoint
     try:
         config = Config.load(options["config"])
-    except ConfigError as e:
+        logs.set_level(config.get("log.level"))
+    except (ConfigError, ValueError) as e:
         raise SystemExit(f"qvd-l7r: {e}")
     listen = options["listen"] or default_endpoint(config)
     if options["self-signed"]:

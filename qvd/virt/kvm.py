@@ -36,7 +36,7 @@ import threading
 import attrs
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
+from qvd.logs import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 

@@ -32,7 +32,7 @@ import os
 import shutil
 
 from twisted.internet import defer, task, threads
-from twisted.logger import Logger
+from qvd.logs import Logger
 from zope.interface import implementer
 
 from qvd.virt import _lxcfs

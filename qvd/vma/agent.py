@@ -21,7 +21,7 @@ import time
 
 import attrs
 from twisted.internet import defer, protocol
-from twisted.logger import Logger
+from qvd.logs import Logger
 from zope.interface import implementer
 
 from qvd.vma.options import (

@@ -13,7 +13,8 @@ C{Agent}); C{timeout} bounds the connection and the whole call.
 
 from twisted.internet import defer
 from twisted.internet.error import TimeoutError as _TxTimeoutError
-from twisted.web.client import Agent, readBody
+from twisted.web import client as _webclient
+from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 
 from qvd.protocols.simplerpc import (
@@ -56,7 +57,7 @@ class VMAClient:
         self.host = host
         self.port = int(port)
         self.timeout = timeout
-        self._agent = Agent(reactor, connectTimeout=timeout)
+        self._agent = Agent(reactor, connectTimeout=timeout, pool=_quiet_pool(reactor))
 
     def _address(self):
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -172,3 +173,15 @@ class _Discard:
 
     def connectionLost(self, reason):
         pass
+
+
+class _QuietFactory(_webclient._HTTP11ClientFactory):
+    # One connection per call: the default factory logs two lines for each
+    # (a node pings every agent every few seconds).
+    noisy = False
+
+
+def _quiet_pool(reactor):
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    pool._factory = _QuietFactory
+    return pool

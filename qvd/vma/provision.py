@@ -23,7 +23,7 @@ an L{IHost}, so tests never touch the host's users.
 
 import attrs
 from twisted.internet import defer
-from twisted.logger import Logger
+from qvd.logs import Logger
 
 from qvd.vma.options import hook_arguments
 

@@ -14,7 +14,7 @@ seconds is closed.
 
 from twisted.internet import defer
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import Logger
+from qvd.logs import Logger
 from twisted.protocols.policies import TimeoutMixin
 
 from qvd.protocols.simplerpc import (

@@ -9,7 +9,7 @@ both build it here.
 """
 
 from twisted.application import service
-from twisted.logger import Logger
+from qvd.logs import Logger
 
 from qvd.vma.agent import VMA, VMASettings
 from qvd.vma.rpcserver import SimpleRPCServerFactory
@@ -64,6 +64,9 @@ def make_service(cfg, reactor):
     The VMA service of configuration C{cfg} (a L{qvd.config.Config}).
     """
     import os
+
+    from qvd import logs
+    logs.set_level(cfg.get("log.level"))
     settings = VMASettings.from_config(cfg)
     hooks_log = os.path.join(settings.log_path, "qvd-hooks.log")
     try:

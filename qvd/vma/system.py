@@ -17,7 +17,7 @@ import signal
 
 import attrs
 from twisted.internet import defer, protocol
-from twisted.logger import Logger
+from qvd.logs import Logger
 from zope.interface import Interface, implementer
 
 log = Logger()

@@ -16,7 +16,7 @@ Everything happens in one serializable transaction, retried on conflicts, so
 two simultaneous first logins create one user and one VM.
 """
 
-from twisted.logger import Logger
+from qvd.logs import Logger
 
 from qvd.admin.addresses import AddressError, VMRange, mac_for_ip
 from qvd.db.pool import fetch_dicts

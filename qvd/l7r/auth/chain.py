@@ -29,7 +29,7 @@ credential is checked, with the same answer whether the user exists or not.
 """
 
 from twisted.internet import defer, threads
-from twisted.logger import Logger
+from qvd.logs import Logger
 
 from qvd.l7r.auth import credentials, tokens
 from qvd.l7r.auth.auto import AutoPlugin

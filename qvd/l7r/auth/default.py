@@ -13,7 +13,7 @@ bearer tokens (reference 2.1).
 - authenticate_bearer: C{user_tokens} through L{qvd.l7r.auth.tokens}.
 """
 
-from twisted.logger import Logger
+from qvd.logs import Logger
 
 from qvd import passwords
 from qvd.l7r.auth import tokens

@@ -30,7 +30,7 @@ from ldaptor.protocols.ldap.ldapclient import LDAPClient
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.ssl import optionsForClientTLS
-from twisted.logger import Logger
+from qvd.logs import Logger
 
 from qvd.l7r.auth.credentials import escape_dn_value, escape_filter_value
 from qvd.l7r.auth.plugin import AuthConfigError, Plugin

@@ -13,7 +13,7 @@ that step or an earlier one is refused.
 Typical chain: C{l7r.auth.plugins.head = totp}.
 """
 
-from twisted.logger import Logger
+from qvd.logs import Logger
 
 from qvd.l7r.auth import otp
 from qvd.l7r.auth.plugin import Plugin
