@@ -77,7 +77,9 @@ def connect_peer(reactor, host, port, timeout):
     Connect to C{host}:C{port}; fire with a L{PeerProtocol}.
     """
     endpoint = endpoints.HostnameEndpoint(reactor, host, port, timeout=timeout)
-    return endpoints.connectProtocol(endpoint, PeerProtocol())
+    factory = protocol.Factory.forProtocol(PeerProtocol)
+    factory.noisy = False       # no two log lines for every session
+    return endpoint.connect(factory)
 
 
 class Relay:

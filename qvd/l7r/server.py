@@ -307,11 +307,18 @@ class L7R:
                 "UPDATE vm_runtimes SET real_user_id = %s WHERE vm_id = %s",
                 (auth.user_id, vm["vm_id"]))
 
+            began = self.reactor.seconds()
+
             def ended(relay):
                 conn.session = None
+                log.info("VM {vm}: session of {login} from {ip} ended after {seconds:.0f} s",
+                         vm=vm["vm_id"], login=auth.login, ip=conn.peer_ip,
+                         seconds=self.reactor.seconds() - began)
                 broker.release(session, relay)
             await broker.connect(session, vm, params, auth, host["address"], ended)
             relayed = True
+            log.info("VM {vm}: {login} connected from {ip}", vm=vm["vm_id"],
+                     login=auth.login, ip=conn.peer_ip)
         except Exception as e:
             if session.aborted is not None and conn.lost:
                 log.info("VM {vm}: client left during connect", vm=vm["vm_id"])
