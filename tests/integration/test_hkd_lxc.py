@@ -209,6 +209,29 @@ class HKDOnLXCTests(HKDTestMixin, pg.DatabaseTestMixin, unittest.TestCase):
         self.assertIn("agent did not answer within 5", row["vm_state_reason"])
         self.assertEqual(self.lxc_running(), [])
 
+    async def test_broken_image(self):
+        """
+        A DI that fails to unpack leaves the VM stopped with the reason in its
+        row, and no container, mount or interface of it.
+        """
+        images = os.path.join(self.root, "storage", "images")
+        with open(os.path.join(images, f"broken-{PID}.tar"), "wb") as f:
+            f.write(b"this is not a tar archive\n" * 100)
+        osf, _ = self.add_osf(name="broken", di_path=f"broken-{PID}.tar")
+        self.next_ip += 1
+        vm = self.add_vm("bob", osf=osf, ip=f"{SUBNET}.{self.next_ip}")
+        await self.start_lxc_hkd()
+        self.command(vm, "start", self.host)
+        await self.until(lambda: self.vm_row(vm)["vm_state_reason"], timeout=90,
+                         what="a reason")
+        row = await self.wait_state(vm, "stopped", timeout=60)
+        self.assertIn(f"broken-{PID}.tar", row["vm_state_reason"])
+        self.assertEqual(self.lxc_running(), [])
+        with open("/proc/self/mounts") as f:
+            self.assertEqual([l for l in f if f"{self.root}/storage/rootfs" in l], [])
+        self.assertEqual([i for i in os.listdir("/sys/class/net")
+                          if i.startswith(f"qh{PID % 1000}v")], [])
+
     async def test_home_survives_restart(self):
         """
         A file written in /home survives a stop and a start of the VM.
