@@ -12,6 +12,8 @@ database (qvd.testing.pg).
 """
 
 import os
+import subprocess
+import sys
 import tempfile
 
 from twisted.internet import defer, reactor, task
@@ -20,6 +22,7 @@ from qvd.config import Config, declared_keys
 from qvd.db.listen import Listener
 from qvd.db.pool import Database
 from qvd.hkd.node import HKD
+from qvd.testing import pg
 from qvd.testing.fakevirt import FakeHypervisor, FakeVMA
 
 #: fast settings for tests; any key may be overridden per test
@@ -51,6 +54,10 @@ def hkd_config(**overrides):
     config = Config(keys=declared_keys(), node=values)
     config.validate(values, "the test")
     return config
+
+
+_TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+_TREE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class HKDTestMixin:
@@ -104,6 +111,31 @@ class HKDTestMixin:
 
     def vm_row(self, vm_id):
         return self.query("SELECT * FROM vm_runtimes WHERE vm_id = %s", (vm_id,))[0]
+
+    def twistd(self):
+        """
+        Run C{twistd -n qvd-hkd} as a process on the node values C{self.values},
+        as node1, against this test's database; its log is C{self.root}/hkd.log.
+        Killed at cleanup if still running. Needs L{pg.DatabaseTestMixin}.
+        """
+        cluster = pg.cluster()
+        conf = os.path.join(self.root, "node.conf")
+        with open(conf, "w") as f:
+            for key, value in self.values.items():
+                f.write(f"{key} = {value}\n")
+            f.write(f"nodename = node1\ndatabase.host = {cluster.socketdir}\n"
+                    f"database.user = {cluster.superuser}\ndatabase.name = {self.dbname}\n")
+        env = dict(os.environ, PYTHONPATH=_TREE + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        proc = subprocess.Popen(
+            [_TWISTD, "-n", "--pidfile=", "-l", os.path.join(self.root, "hkd.log"),
+             "qvd-hkd", "--config", conf], env=env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        return proc
+
+    def node_state(self):
+        rows = self.query("SELECT state FROM host_runtimes WHERE host_id = %s", (self.host,))
+        return rows[0]["state"] if rows else None
 
     async def start_hkd(self, host_id, hv=None, vma=None, config=None, **kw):
         """

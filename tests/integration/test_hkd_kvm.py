@@ -39,7 +39,6 @@ SUBNET = f"10.217.{PID % 200}"
 BRIDGE = f"qbhk{PID % 1000}"
 PREFIX = f"qvdt-hkdk{PID % 100000}-"
 TAPS = f"qhk{PID % 1000}t"
-TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SERVICES = os.path.join(ROOT, "deploy", "services.sh")
 COLOUR = (0x2A, 0x7F, 0xD4)
@@ -137,26 +136,6 @@ class HKDOnKVMTests(HKDTestMixin, pg.DatabaseTestMixin, unittest.TestCase):
             return sorted(d.name() for d in conn.listAllDomains() if d.name().startswith(PREFIX))
         finally:
             conn.close()
-
-    def twistd(self):
-        cluster = pg.cluster()
-        conf = os.path.join(self.root, "node.conf")
-        with open(conf, "w") as f:
-            for key, value in self.values.items():
-                f.write(f"{key} = {value}\n")
-            f.write(f"nodename = node1\ndatabase.host = {cluster.socketdir}\n"
-                    f"database.user = {cluster.superuser}\ndatabase.name = {self.dbname}\n")
-        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        proc = subprocess.Popen(
-            [TWISTD, "-n", "--pidfile=", "-l", os.path.join(self.root, "hkd.log"),
-             "qvd-hkd", "--config", conf], env=env,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.addCleanup(lambda: proc.poll() is None and proc.kill())
-        return proc
-
-    def node_state(self):
-        rows = self.query("SELECT state FROM host_runtimes WHERE host_id = %s", (self.host,))
-        return rows[0]["state"] if rows else None
 
     def hkd_log(self):
         try:

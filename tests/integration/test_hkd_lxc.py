@@ -28,8 +28,6 @@ PID = os.getpid()
 SUBNET = f"10.216.{PID % 200}"
 BRIDGE = f"qbh{PID % 1000}"
 PREFIX = f"qvdt-hkd{PID % 100000}-"
-TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _missing():
@@ -249,26 +247,6 @@ class HKDOnLXCTests(HKDTestMixin, pg.DatabaseTestMixin, unittest.TestCase):
         await self.wait_state(vm, "running", timeout=90)
         read = self.attach(vm, "cat /home/qvd-hkd-marker")
         self.assertEqual(read.stdout.strip(), "kept", read.stderr)
-
-    def twistd(self):
-        cluster = pg.cluster()
-        conf = os.path.join(self.root, "node.conf")
-        with open(conf, "w") as f:
-            for key, value in self.values.items():
-                f.write(f"{key} = {value}\n")
-            f.write(f"nodename = node1\ndatabase.host = {cluster.socketdir}\n"
-                    f"database.user = {cluster.superuser}\ndatabase.name = {self.dbname}\n")
-        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        proc = subprocess.Popen(
-            [TWISTD, "-n", "--pidfile=", "-l", os.path.join(self.root, "hkd.log"),
-             "qvd-hkd", "--config", conf], env=env,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.addCleanup(lambda: proc.poll() is None and proc.kill())
-        return proc
-
-    def node_state(self):
-        rows = self.query("SELECT state FROM host_runtimes WHERE host_id = %s", (self.host,))
-        return rows[0]["state"] if rows else None
 
     async def test_kill_9_adoption(self):
         """
