@@ -14,7 +14,6 @@ test image helper, never for a daemon).
 """
 
 import contextlib
-import fcntl
 import io
 import os
 import shutil
@@ -23,6 +22,8 @@ import sys
 import tarfile
 import tempfile
 import time
+
+from qvd._locks import locked
 
 
 class BuildError(Exception):
@@ -51,19 +52,6 @@ class Progress:
 
     def elapsed(self):
         return self._clock() - self._start
-
-
-@contextlib.contextmanager
-def locked(path):
-    """
-    Hold an exclusive flock on C{path} (created if missing).
-    """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def build_base(recipe, cache_dir, progress, quiet=False):

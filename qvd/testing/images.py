@@ -21,7 +21,8 @@ import time
 
 import qvd
 from qvd.config import Config, declared_keys
-from qvd.di.build import Progress, build_image, locked
+from qvd._locks import locked
+from qvd.di.build import Progress, build_image
 from qvd.di.recipe import Recipe, source_hash
 
 CACHE = "/var/cache/qvd-test"

@@ -124,7 +124,8 @@ def minimal_kvm_image(stream=None):
     @raise ImageUnavailable: it cannot be built here.
     """
     from qvd.config import Config, declared_keys
-    from qvd.di.build import BuildError, Progress, build_image, locked
+    from qvd._locks import locked
+    from qvd.di.build import BuildError, Progress, build_image
     from qvd.di.recipe import Recipe, source_hash
     from qvd.testing import images
 

@@ -9,7 +9,6 @@ a thread (never on the reactor thread).
 """
 
 import contextlib
-import fcntl
 import glob
 import os
 import shutil
@@ -17,20 +16,10 @@ import signal
 import subprocess
 import time
 
+from qvd._locks import locked
 from qvd.virt.interfaces import VirtError
 
 CGROUP_ROOT = "/sys/fs/cgroup"
-
-
-@contextlib.contextmanager
-def _flock(path):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def _lower_of(tree):
@@ -58,7 +47,7 @@ def ensure_basefs(layout, di_path, basefs_root):
     the DI cannot be unpacked.
     """
     name = os.path.basename(layout.basefs)
-    with _flock(os.path.join(basefs_root, ".locks", name + ".lock")):
+    with locked(os.path.join(basefs_root, ".locks", name + ".lock"), mode=0o600):
         if not os.path.isdir(layout.basefs):
             if not os.path.isfile(di_path):
                 raise VirtError(
