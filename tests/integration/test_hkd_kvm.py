@@ -28,6 +28,7 @@ from twisted.trial import unittest
 
 from qvd.testing import pg
 from qvd.testing.hkd import FAST, HKDTestMixin
+from qvd.testing.screen import colour_fraction
 
 try:
     import libvirt
@@ -42,7 +43,6 @@ TAPS = f"qhk{PID % 1000}t"
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SERVICES = os.path.join(ROOT, "deploy", "services.sh")
 COLOUR = (0x2A, 0x7F, 0xD4)
-CONVERT = "/usr/bin/convert"
 
 
 def _missing():
@@ -153,13 +153,7 @@ class HKDOnKVMTests(HKDTestMixin, pg.DatabaseTestMixin, unittest.TestCase):
             return ""
 
     def colour_seen(self, display):
-        xwd = subprocess.run(["xwd", "-root", "-display", f":{display}"],
-                             capture_output=True, timeout=20).stdout
-        rgb = subprocess.run([CONVERT, "xwd:-", "-depth", "8", "rgb:-"], input=xwd,
-                             capture_output=True, timeout=20).stdout
-        target = bytes(COLOUR)
-        hits = sum(1 for i in range(0, len(rgb) - 2, 3) if rgb[i:i + 3] == target)
-        return hits > len(rgb) // 3 // 20
+        return colour_fraction(display, COLOUR) > 0.05
 
     def home_entries(self, home_disk):
         """

@@ -22,6 +22,7 @@ from twisted.trial import unittest
 from qvd.config import Config, declared_keys
 from qvd.di.recipe import MARKER_NAME
 from qvd.virt._lxcconfig import mounts_below
+from qvd.testing.screen import CONVERT, colour_fraction
 from qvd.virt.interfaces import VMSpec
 from qvd.virt.lxc import LXCDriver
 
@@ -29,7 +30,6 @@ PID = os.getpid()
 SUBNET = f"10.215.{PID % 200}"
 BRIDGE = f"qbd{PID % 1000}"
 COLOUR = (0x2A, 0x7F, 0xD4)
-CONVERT = "/usr/bin/convert"
 
 
 def _skip_reason():
@@ -104,15 +104,7 @@ class LXCDesktopTests(unittest.TestCase):
         return p
 
     def colour_fraction(self, display):
-        xwd = subprocess.run(["xwd", "-root", "-display", f":{display}"],
-                             capture_output=True, timeout=20)
-        if xwd.returncode != 0:
-            return 0.0
-        rgb = subprocess.run([CONVERT, "xwd:-", "-depth", "8", "rgb:-"], input=xwd.stdout,
-                             capture_output=True, timeout=20).stdout
-        pixels = len(rgb) // 3
-        hits = sum(1 for i in range(0, pixels * 3, 3) if rgb[i:i + 3] == bytes(COLOUR))
-        return hits / max(pixels, 1)
+        return colour_fraction(display, COLOUR)
 
     @defer.inlineCallbacks
     def until(self, what, check, seconds):

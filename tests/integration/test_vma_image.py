@@ -27,7 +27,8 @@ from twisted.trial import unittest
 
 import qvd
 from qvd.vma.client import VMAClient
-from tests.integration.test_vma_nx import CONVERT, COLOUR, _free_displays, _sleep
+from qvd.testing.screen import colour_fraction
+from tests.integration.test_vma_nx import COLOUR, _free_displays, _sleep
 
 TREE = os.path.dirname(os.path.dirname(os.path.abspath(qvd.__file__)))
 
@@ -161,13 +162,7 @@ class VMAInImage(unittest.TestCase):
         self.fail(f"x_state stayed {state!r}, wanted {wanted!r}\n{self.log('vma')}")
 
     def colour_seen(self, display):
-        xwd = subprocess.run(["xwd", "-root", "-display", f":{display}"],
-                             capture_output=True, timeout=20).stdout
-        rgb = subprocess.run([CONVERT, "xwd:-", "-depth", "8", "rgb:-"], input=xwd,
-                             capture_output=True, timeout=20).stdout
-        target = bytes(COLOUR)
-        hits = sum(1 for i in range(0, len(rgb) - 2, 3) if rgb[i:i + 3] == target)
-        return hits > len(rgb) // 3 // 20
+        return colour_fraction(display, COLOUR) > 0.05
 
     @defer.inlineCallbacks
     def test_provision_and_run_as_user(self):

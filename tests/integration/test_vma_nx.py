@@ -17,12 +17,12 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 import qvd
+from qvd.testing.screen import CONVERT, colour_fraction
 from qvd.vma.client import VMAClient, VMAError
 
 TREE = os.path.dirname(os.path.dirname(os.path.abspath(qvd.__file__)))
 COLOUR = (0x2A, 0x7F, 0xD4)
 TOOLS = ["nxagent", "nxproxy", "Xvfb", "xinit", "xsetroot", "xwd", "setsid"]
-CONVERT = "/usr/bin/convert"
 
 
 def _debian_python():
@@ -150,16 +150,7 @@ class VMAWithNX(unittest.TestCase):
                           "nxproxy", env=env)
 
     def colour_fraction(self):
-        xwd = subprocess.run(["xwd", "-root", "-display", f":{self.xvfb_display}"],
-                             capture_output=True, timeout=20)
-        if xwd.returncode != 0:
-            return 0.0
-        rgb = subprocess.run([CONVERT, "xwd:-", "-depth", "8", "rgb:-"], input=xwd.stdout,
-                             capture_output=True, timeout=20).stdout
-        pixels = len(rgb) // 3
-        target = bytes(COLOUR)
-        hits = sum(1 for i in range(0, pixels * 3, 3) if rgb[i:i + 3] == target)
-        return hits / max(pixels, 1)
+        return colour_fraction(self.xvfb_display, COLOUR)
 
     @defer.inlineCallbacks
     def wait_state(self, client, wanted, seconds=30):
