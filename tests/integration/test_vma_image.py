@@ -27,6 +27,7 @@ from twisted.trial import unittest
 
 import qvd
 from qvd.vma.client import VMAClient
+from qvd.testing.processes import ProcessesMixin
 from qvd.testing.screen import colour_fraction
 from tests.integration.test_vma_nx import COLOUR, _free_displays, _sleep
 
@@ -74,7 +75,7 @@ wait
 """
 
 
-class VMAInImage(unittest.TestCase):
+class VMAInImage(ProcessesMixin, unittest.TestCase):
 
     timeout = 180
 
@@ -100,8 +101,7 @@ class VMAInImage(unittest.TestCase):
         for d in (self.root, self.upper, os.path.join(self.tmp, "work")):
             os.makedirs(d)
         self.addCleanup(self.remove_tree)
-        self.processes = []
-        self.addCleanup(self.stop_all)
+        self.start_processes()
 
     def remove_tree(self):
         # The mounts live in the test's private namespace, gone with it; never
@@ -109,24 +109,6 @@ class VMAInImage(unittest.TestCase):
         if os.path.ismount(self.root):
             raise RuntimeError(f"{self.root} is still mounted: not removing {self.tmp}")
         shutil.rmtree(self.tmp, ignore_errors=True)
-
-    def popen(self, argv, name, **kw):
-        out = open(os.path.join(self.tmp, f"{name}.log"), "ab")
-        p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL, **kw)
-        out.close()
-        self.processes.append(p)
-        return p
-
-    def stop_all(self):
-        for p in reversed(self.processes):
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(5)
 
     def write(self, path, text, mode=0o644):
         full = os.path.join(self.upper, path.lstrip("/"))

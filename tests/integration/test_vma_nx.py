@@ -17,6 +17,7 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 import qvd
+from qvd.testing.processes import ProcessesMixin
 from qvd.testing.screen import CONVERT, colour_fraction
 from qvd.vma.client import VMAClient, VMAError
 
@@ -63,7 +64,7 @@ def _sleep(seconds):
     return task.deferLater(reactor, seconds, lambda: None)
 
 
-class VMAWithNX(unittest.TestCase):
+class VMAWithNX(ProcessesMixin, unittest.TestCase):
 
     timeout = 180
 
@@ -80,26 +81,11 @@ class VMAWithNX(unittest.TestCase):
         self.home = os.path.join(self.tmp, "home")
         os.makedirs(self.home)
         self.agent_display, self.xvfb_display, self.proxy_display = _free_displays(3, 150)
-        self.processes = []
-        self.addCleanup(self.stop_all)
+        self.start_processes()
 
-    def popen(self, argv, name, **kw):
-        out = open(os.path.join(self.tmp, f"{name}.log"), "ab")
-        p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL, cwd=self.tmp, **kw)
-        out.close()
-        self.processes.append(p)
-        return p
-
-    def stop_all(self):
-        for p in reversed(self.processes):
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(8)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(5)
+    @property
+    def process_cwd(self):
+        return self.tmp
 
     def write_config(self, port_file):
         session = os.path.join(self.tmp, "session.sh")
