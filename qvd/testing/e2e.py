@@ -509,6 +509,27 @@ class Stack:
         return subprocess.run(["lxc-attach", "-P", self.lxcpath, "-n", self.container(vm_id),
                                "--", *argv], capture_output=True, text=True, timeout=30)
 
+    def attach_as(self, vm_id, user, *argv, timeout=30):
+        """
+        Run C{argv} inside the VM's container as C{user} (a login the VMA
+        provisioned, or C{root}): what that user can do from a shell of the
+        desktop. A C{subprocess.CompletedProcess} (text).
+        """
+        if user == "root":
+            return self.attach(vm_id, *argv)
+        return subprocess.run(
+            ["lxc-attach", "-P", self.lxcpath, "-n", self.container(vm_id), "--",
+             "setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups",
+             "--reset-env", "--", *argv],
+            capture_output=True, text=True, timeout=timeout)
+
+    def python_as(self, vm_id, user, code, timeout=30):
+        """
+        Run Python C{code} with the desktop's python3 as C{user} (see
+        L{attach_as}): the attacks of tests/security are small scripts.
+        """
+        return self.attach_as(vm_id, user, "python3", "-c", code, timeout=timeout)
+
     def marker_pids(self, vm_id):
         """
         The PIDs (inside the container) of the minimal session's marker.
