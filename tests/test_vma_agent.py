@@ -14,7 +14,7 @@ from zope.interface.verify import verifyObject
 
 from qvd.config import Config, ConfigError
 from qvd.testing.vma import FakeHost, FakeProcessControl, FakeProcessReactor, FakeRunner
-from qvd.vma.agent import VMA, VMASettings
+from qvd.vma.agent import VMA, VMASettings, write_xauthority
 from qvd.vma.options import OptionsError, SessionSettings, fill_props, nxagent_options
 from qvd.vma.provision import ProvisioningSettings
 from qvd.vma.rpcserver import RPCError
@@ -132,12 +132,14 @@ class AgentTests(AgentTestCase):
              "-G", "qvduser", "alice"]])
         self.assertEqual(states, ["starting", "provisioning", "starting"])
         conf = self.settings.nxagent_config
+        xauth = os.path.join(self.tmp, "run", "xauthority-alice")
         self.assertEqual(p.argv, [
             "/usr/bin/setsid", "--wait", "/usr/bin/xinit", "/etc/X11/Xsession", "--",
-            "/usr/bin/nxagent", ":100", "-ac", "-name", "QVD",
+            "/usr/bin/nxagent", ":100", "-nolisten", "tcp", "-auth", xauth, "-name", "QVD",
             "-display", f"nx/nx,options={conf}:100"])
         self.assertEqual((p.kwargs["uid"], p.kwargs["gid"]), (1234, 1234))
         env = p.kwargs["env"]
+        self.assertEqual(env["XAUTHORITY"], xauth)
         self.assertEqual((env["HOME"], env["USER"], env["LOGNAME"]),
                          ("/home/alice", "alice", "alice"))
         self.assertIn("LANG", env)
@@ -147,6 +149,45 @@ class AgentTests(AgentTestCase):
         self.assertEqual(self.read("slave.conf"), "s3cret")
         self.assertEqual(self.vma.machine.state, "starting")
         self.assertTrue(self.read("nxagent.state").startswith("starting:"))
+
+    @defer.inlineCallbacks
+    def test_xauthority_private(self):
+        """
+        The session's X cookie is a fresh 16-byte MIT-MAGIC-COOKIE-1 in a file
+        only the session user can read; each session gets another cookie.
+        """
+        p = yield self.start()
+        path = p.kwargs["env"]["XAUTHORITY"]
+        st = os.stat(path)
+        self.assertEqual((st.st_mode & 0o777, st.st_uid, st.st_gid), (0o600, 1234, 1234))
+        with open(path, "rb") as f:
+            first = f.read()
+        self.assertEqual(first[:4], b"\xff\xff\x00\x00")
+        self.assertIn(b"\x00\x03100\x00\x12MIT-MAGIC-COOKIE-1\x00\x10", first)
+        self.assertEqual(len(first), 4 + 5 + 20 + 18)
+        write_xauthority(path, 100, b"x" * 16)
+        with open(path, "rb") as f:
+            self.assertNotEqual(f.read(), first)
+
+    @defer.inlineCallbacks
+    def test_privileged_user_refused(self):
+        """
+        x_start refuses root, uids and gids below 1000, privileged groups and an
+        existing system account, whatever the caller sends; nothing is run.
+        """
+        self.host.users["daemon"] = (1, 1, "/usr/sbin")
+        for params in ({"qvd.vm.user.name": "root"},
+                       {"qvd.vm.user.name": "daemon"},
+                       {"qvd.vm.user.uid": "0"},
+                       {"qvd.vm.user.gid": "0"},
+                       {"qvd.vm.user.group": "root"},
+                       {"qvd.vm.user.groups": "shadow,disk,sudo"},
+                       {"qvd.vm.user.groups": "qvduser, disk"}):
+            e = yield self.assertFailure(self.vma.x_start(dict(PARAMS, **params)), RPCError)
+            self.assertTrue(any(w in e.message for w in ("root", "ordinary", "privileged")),
+                            e.message)
+        self.assertEqual((self.runner.commands, self.reactor.spawned), ([], []))
+        self.assertEqual(self.vma.machine.state, "stopped")
 
     @defer.inlineCallbacks
     def test_existing_user_not_provisioned(self):

@@ -15,8 +15,11 @@ options and HUPs nxagent (resume); on C{connected} it HUPs (suspend) and fails
 with "retry later"; in any other state it fails.
 """
 
+import contextlib
 import os
+import secrets
 import shlex
+import struct
 import time
 
 import attrs
@@ -75,6 +78,9 @@ class VMASettings:
         defaults = family("vma.default.")
         hook_timeout = cfg.getfloat("vma.hook.timeout")
         session = SessionSettings(
+            uid_min=cfg.getint("vma.user.uid.min"),
+            denied_groups=frozenset(
+                g.strip() for g in cfg.get("vma.user.groups.denied").split(",") if g.strip()),
             display=cfg.getint("vma.display"),
             default_user=cfg.get("vma.user.default.name"),
             default_groups=cfg.get("vma.user.default.groups"),
@@ -158,6 +164,35 @@ def read_env_file(path, owner_uid=None):
             value = value[1:-1]
         env[key] = value
     return env
+
+
+def xauthority_entry(display, cookie):
+    """
+    One Xauthority file entry: an MIT-MAGIC-COOKIE-1 for display number
+    C{display} on any host (family C{FamilyWild}), as C{xauth add} writes it.
+    """
+    def counted(data):
+        return struct.pack(">H", len(data)) + data
+    return (struct.pack(">H", 0xFFFF) + counted(b"") + counted(str(display).encode())
+            + counted(b"MIT-MAGIC-COOKIE-1") + counted(cookie))
+
+
+def write_xauthority(path, display, cookie, uid=None, gid=None):
+    """
+    Write the session's Xauthority file (mode 0600, owned by C{uid}:C{gid}
+    when given) anew: nxagent reads it with C{-auth}, the session's clients
+    through C{XAUTHORITY}; nobody else can read the cookie.
+    """
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        if uid is not None:
+            os.fchown(f.fileno(), uid, gid if gid is not None else -1)
+        f.write(xauthority_entry(display, cookie))
+    os.replace(tmp, path)
 
 
 class _SessionProtocol(protocol.ProcessProtocol):
@@ -250,6 +285,8 @@ class VMA:
         try:
             props = fill_props(params, self.settings.session)
             options = nxagent_options(props, self.settings.session)
+            if self.settings.provisioning_enabled:
+                self._check_account(props["qvd.vm.user.name"])
         except OptionsError as e:
             raise RPCError(str(e))
         self._busy = True
@@ -276,6 +313,20 @@ class VMA:
         finally:
             self._busy = False
         return "starting"
+
+    def _check_account(self, user):
+        """
+        Refuse an existing account that is not an ordinary user (uid or gid
+        below C{vma.user.uid.min}: root, daemon, bin, ...).
+
+        @raise OptionsError: naming the user and its ids.
+        """
+        entry = self._host.user(user)
+        uid_min = self.settings.session.uid_min
+        if entry is not None and (entry[0] < uid_min or entry[1] < uid_min):
+            raise OptionsError(
+                f"user {user!r} exists with uid {entry[0]}, gid {entry[1]}: a session "
+                f"runs only as an ordinary user (ids from {uid_min} up, vma.user.uid.min)")
 
     @defer.inlineCallbacks
     def x_suspend(self, params):
@@ -454,12 +505,17 @@ class VMA:
             self.last_error = message
             self.machine.exited()
 
-    def session_argv(self):
-        """The command line of a session (reference 3.3, step 4)."""
+    def session_argv(self, xauthority):
+        """
+        The command line of a session (reference 3.3, step 4), without the
+        original's C{-ac}: X listens on no TCP port and its local clients
+        need the cookie in C{xauthority}.
+        """
         s = self.settings
         display = s.session.display
         argv = [s.xinit, s.x_session, *s.x_session_extra, "--",
-                s.nxagent, f":{display}", "-ac", "-name", "QVD",
+                s.nxagent, f":{display}", "-nolisten", "tcp", "-auth", xauthority,
+                "-name", "QVD",
                 "-display", f"nx/nx,options={s.nxagent_config}:{display}", *s.nxagent_extra]
         if s.setsid:
             argv = [s.setsid, "--wait"] + argv
@@ -490,10 +546,9 @@ class VMA:
             entry = self._host.user(user)
             if entry is None:
                 raise ProvisioningError(f"user {user!r} does not exist after provisioning")
+            self._check_account(user)
             uid, gid, home = entry
             home = home or props["qvd.vm.user.home"]
-            if uid == os.geteuid():
-                uid = gid = None
         else:
             import pwd
             entry = pwd.getpwuid(os.geteuid())
@@ -501,7 +556,10 @@ class VMA:
             home = os.environ.get("HOME") or entry.pw_dir
             uid = gid = None
         env = self.session_env(user, home, uid if uid is not None else os.geteuid())
-        argv = self.session_argv()
+        xauthority = self._path(f"xauthority-{user}")
+        write_xauthority(xauthority, s.session.display, secrets.token_bytes(16), uid, gid)
+        env["XAUTHORITY"] = xauthority
+        argv = self.session_argv(xauthority)
         log_file = None
         try:
             os.makedirs(s.log_path, exist_ok=True)

@@ -8,6 +8,11 @@ them (reference 3.3), as pure functions.
 Every value that goes into the options line must match C{^[\\w/\\-\\+]+$}
 (the original's rule; nxagent splits on C{,} C{=} and C{:}); anything else is
 refused with an L{OptionsError} that names the property.
+
+The session user is never privileged, whatever the caller asks: L{fill_props}
+refuses the name C{root}, a uid or gid below C{settings.uid_min} and any group
+of C{settings.denied_groups} (C{root}, C{shadow}, C{disk}, C{sudo}, ...), and
+the agent refuses an existing account whose uid is below C{uid_min}.
 """
 
 import re
@@ -30,6 +35,15 @@ PROPS_TO_NX = (
 _TRUE = {"1", "true", "yes", "on"}
 
 
+#: Groups a session user never gets (vma.user.groups.denied): each gives
+#: root, raw disks, password hashes, the kernel's memory or its log.
+DENIED_GROUPS = frozenset((
+    "root", "wheel", "sudo", "adm", "admin", "shadow", "disk", "kmem", "tty", "mem",
+    "sys", "bin", "daemon", "staff", "systemd-journal", "lxd", "docker", "libvirt",
+    "kvm", "lp", "dialout", "video", "input", "render", "netdev", "operator",
+))
+
+
 class OptionsError(ValueError):
     """A session property cannot be used; the message names it and its value."""
 
@@ -47,6 +61,8 @@ class SessionSettings:
     slave: bool = False
     printing: bool = False
     defaults: dict = attrs.field(factory=dict)   # property -> default (vma.default.*)
+    uid_min: int = 1000
+    denied_groups: frozenset = DENIED_GROUPS
 
     @property
     def nx_port(self):
@@ -68,7 +84,8 @@ def fill_props(params, settings):
     C{settings.default_user}), groups and home (always
     C{<home_path>/<user>}) filled in, as the original's C{_fill_props}.
 
-    @raise OptionsError: the user name is not a valid login.
+    @raise OptionsError: the user name is not a valid login, or the user,
+        its ids or groups would be privileged.
     """
     props = dict(params)
     user = props.get("qvd.vm.user.name") or settings.default_user
@@ -76,9 +93,28 @@ def fill_props(params, settings):
         raise OptionsError(
             f"qvd.vm.user.name {user!r} is not a valid user name "
             "(letters, digits, '_', '.', '-'; starting with a letter or '_')")
+    if user == "root":
+        raise OptionsError("qvd.vm.user.name 'root': a session never runs as root")
     props["qvd.vm.user.name"] = user
     if not props.get("qvd.vm.user.groups"):
         props["qvd.vm.user.groups"] = settings.default_groups
+    for key in ("qvd.vm.user.uid", "qvd.vm.user.gid"):
+        value = props.get(key)
+        if value in (None, ""):
+            continue
+        if not str(value).isdigit() or int(value) < settings.uid_min:
+            raise OptionsError(
+                f"{key} {value!r} is not an ordinary id (a number from "
+                f"{settings.uid_min} up, vma.user.uid.min)")
+    group = props.get("qvd.vm.user.group") or user
+    groups = [g for g in "".join(str(props["qvd.vm.user.groups"]).split()).split(",") if g]
+    for name in [group] + groups:
+        if not _USER.match(name) or len(name) > 32:
+            raise OptionsError(f"group {name!r} of the session user is not a valid group name")
+        if name in settings.denied_groups:
+            raise OptionsError(
+                f"group {name!r} is privileged: a session user never gets it "
+                "(vma.user.groups.denied)")
     props["qvd.vm.user.home"] = f"{settings.home_path.rstrip('/')}/{user}"
     return props
 
