@@ -12,7 +12,11 @@ L{L7RProtocol} only adapts bytes: it feeds a L{RequestParser}, hands each
 complete request to L{L7R.handle} (one at a time; the next is parsed when the
 previous one was answered), and, after a C{101}, passes bytes to the relay.
 A connection is cut (with a C{408}) when a started request is not complete
-within C{request_timeout} seconds or it stays idle for C{idle_timeout}.
+within C{request_timeout} seconds or it stays idle for C{idle_timeout}; a TLS
+connection whose handshake is not done within C{handshake_timeout} is
+aborted. A connection being closed that is still open C{close_timeout}
+seconds later (a peer that never reads, or never finishes the TLS shutdown)
+is aborted: every timeout frees its descriptor.
 """
 
 import json
@@ -20,6 +24,9 @@ import string
 
 import attrs
 from twisted.internet import defer, protocol
+from twisted.internet.interfaces import IHandshakeListener, ISSLTransport
+from zope.interface import implementer
+
 from qvd.logs import Logger
 
 from qvd.db.pool import DatabaseUnavailable
@@ -36,6 +43,8 @@ _ALNUM = string.ascii_letters + string.digits
 class ServerSettings:
     request_timeout: float = 30.0
     idle_timeout: float = 600.0
+    handshake_timeout: float = 10.0
+    close_timeout: float = 5.0
     limits: http.Limits = http.Limits()
 
     @classmethod
@@ -43,6 +52,8 @@ class ServerSettings:
         return cls(
             request_timeout=config.getfloat("l7r.timeout.request"),
             idle_timeout=config.getfloat("l7r.timeout.idle"),
+            handshake_timeout=config.getfloat("l7r.timeout.handshake"),
+            close_timeout=config.getfloat("l7r.timeout.close"),
             limits=http.Limits(max_line=config.getint("l7r.http.max_line"),
                                max_headers=config.getint("l7r.http.max_headers"),
                                max_request=config.getint("l7r.http.max_request")))
@@ -361,6 +372,7 @@ class L7R:
             {"auth_params_id": grant.auth_params_id, "auth_token": grant.auth_token})))
 
 
+@implementer(IHandshakeListener)
 class L7RProtocol(protocol.Protocol):
     """
     One client connection.
@@ -381,6 +393,8 @@ class L7RProtocol(protocol.Protocol):
         self.lost = False
         self.peer_ip = ""
         self._timer = None
+        self._handshake = None
+        self._closing = None
         self._paused = False
 
     def connectionMade(self):
@@ -389,6 +403,33 @@ class L7RProtocol(protocol.Protocol):
         self.peer_ip = getattr(peer, "host", "")
         self.l7r.connections.add(self)
         self._arm(self.settings.idle_timeout)
+        if ISSLTransport.providedBy(self.transport) and self.settings.handshake_timeout > 0:
+            self._handshake = self.l7r.reactor.callLater(
+                self.settings.handshake_timeout, self._handshake_timed_out)
+
+    def handshakeCompleted(self):
+        if self._handshake is not None and self._handshake.active():
+            self._handshake.cancel()
+        self._handshake = None
+
+    def _handshake_timed_out(self):
+        self._handshake = None
+        log.debug("client {ip}: no TLS handshake within {t:g} s: aborted",
+                  ip=self.peer_ip, t=self.settings.handshake_timeout)
+        self.state = "closed"
+        self.transport.abortConnection()
+
+    def close(self):
+        """
+        Close the connection once what was written is sent; abort it if it
+        is still open C{close_timeout} seconds later.
+        """
+        self.state = "closed"
+        self._disarm()
+        self.transport.loseConnection()
+        if self._closing is None and not self.lost:
+            self._closing = self.l7r.reactor.callLater(
+                self.settings.close_timeout, self.transport.abortConnection)
 
     # timers: idle while no byte of the next request came; request once it started
     def _arm(self, seconds):
@@ -405,8 +446,7 @@ class L7RProtocol(protocol.Protocol):
         if self.state == "reading":
             log.info("client {ip} too slow: cut", ip=self.peer_ip)
             self.transport.write(http.error_response(408))
-            self.state = "closed"
-            self.transport.loseConnection()
+            self.close()
 
     def write(self, data):
         if not self.lost:
@@ -435,9 +475,7 @@ class L7RProtocol(protocol.Protocol):
             except http.HTTPParseError as e:
                 log.info("bad request from {ip}: {error}", ip=self.peer_ip, error=e)
                 self.transport.write(http.error_response(e.status, e.message))
-                self.state = "closed"
-                self._disarm()
-                self.transport.loseConnection()
+                self.close()
                 return
             if request is None:
                 return
@@ -474,6 +512,10 @@ class L7RProtocol(protocol.Protocol):
     def connectionLost(self, reason):
         self.lost = True
         self._disarm()
+        for call in (self._handshake, self._closing):
+            if call is not None and call.active():
+                call.cancel()
+        self._handshake = self._closing = None
         self.l7r.connections.discard(self)
         previous, self.state = self.state, "closed"
         if previous == "relaying" and self.relay is not None:

@@ -24,6 +24,7 @@ from qvd.db.pool import Database, DatabaseUnavailable
 from qvd.l7r import tls
 from qvd.l7r.auth.interfaces import IAuthenticator
 from qvd.l7r.broker import BrokerSettings
+from qvd.l7r.limits import CappedFactory, ConnectionCaps
 from qvd.l7r.server import L7R, L7RFactory, ServerSettings
 
 log = Logger()
@@ -122,6 +123,9 @@ class L7RService(service.Service):
             self._reload_loop = task.LoopingCall(self._check_files)
             self._reload_loop.clock = self.reactor
             self._reload_loop.start(config.getfloat("l7r.ssl.reload_interval"), now=False)
+        self.caps = ConnectionCaps(config.getint("l7r.connections.per_address"),
+                                   config.getint("l7r.connections.max"))
+        factory = CappedFactory(factory, self.caps, self.reactor)
         endpoint = endpoints.serverFromString(self.reactor, description)
         self.port = await endpoint.listen(factory)
         log.info("L7R listening on {address} ({tls})", address=self.port.getHost(),
