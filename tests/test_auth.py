@@ -58,7 +58,8 @@ class AuthTestCase(DatabaseTestMixin, unittest.TestCase):
         self.clock = task.Clock()
         self.clock.advance(NOW)
         self.acme = self.query("INSERT INTO tenants (name) VALUES ('acme') RETURNING id")[0]["id"]
-        config = Config(keys=declared_keys(), node=dict(self.settings))
+        config = Config(keys=declared_keys(),
+                        node={"l7r.auth.failure.delay": "0", **self.settings})
         if self.tenant_settings:
             config = config.with_database({}, {self.acme: dict(self.tenant_settings)})
         self.config = config
@@ -140,12 +141,16 @@ class InterfaceTests(unittest.TestCase):
 
     def test_unknown_plugin(self):
         """
-        An unknown plugin name fails the request with an error that names it.
+        An unknown plugin name fails the request with an error that names it,
+        answered after l7r.auth.failure.delay like every refusal.
         """
         config = Config(keys=declared_keys(), node={"l7r.auth.plugins": "kerberos"})
-        auth = Authenticator(None, config, task.Clock())
-        failure = self.failureResultOf(auth.authenticate(basic("a", "b"), "192.0.2.1"),
-                                       AuthFailed)
+        clock = task.Clock()
+        auth = Authenticator(None, config, clock)
+        d = auth.authenticate(basic("a", "b"), "192.0.2.1")
+        self.assertNoResult(d)
+        clock.advance(1)
+        failure = self.failureResultOf(d, AuthFailed)
         self.assertIn("'kerberos'", failure.value.reason)
 
     def test_fake(self):
@@ -263,44 +268,82 @@ class RateLimitTests(AuthTestCase):
     @defer.inlineCallbacks
     def test_login_limit(self):
         """
-        After 3 failures of a login within 60 s even its right password is refused, until
-        the first failure is 60 s old.
+        After 3 failures of a login from one address within 60 s even its right
+        password is refused from that address, until the first failure is 60 s
+        old; the same login from another address is not affected.
         """
         self.add_user("alice", "pw")
-        for i in range(3):
-            yield self.assertRefused(self.login("alice", "bad", ip=f"192.0.2.{i}"))
+        for _ in range(3):
+            yield self.assertRefused(self.login("alice", "bad", ip="192.0.2.7"))
             self.clock.advance(10)
-        yield self.assertRefused(self.login("alice", "pw", ip="198.51.100.1"), TOO_MANY)
-        self.clock.advance(29)
-        yield self.assertRefused(self.login("ALICE ", "pw", ip="198.51.100.1"), TOO_MANY)
-        self.clock.advance(1)
+        yield self.assertRefused(self.login("alice", "pw", ip="192.0.2.7"), TOO_MANY)
         yield self.login("alice", "pw", ip="198.51.100.1")
+        self.clock.advance(29)
+        yield self.assertRefused(self.login("ALICE ", "pw", ip="192.0.2.7"), TOO_MANY)
+        self.clock.advance(1)
+        yield self.login("alice", "pw", ip="192.0.2.7")
 
     @defer.inlineCallbacks
-    def test_no_user_leak(self):
+    def test_spellings_share_one_count(self):
         """
-        A login that does not exist is limited exactly like one that does.
+        Spellings of one login (case, blanks, the tenant's case and blanks) are
+        one key: together they get the login's 3 guesses, not 3 each.
+        """
+        self.add_user("alice", "pw", tenant_id=self.acme)
+        for login in ("alice@acme", "ALICE@acme", "alice@ acme"):
+            yield self.assertRefused(self.login(login, "bad", ip="192.0.2.7"), "wrong")
+        for login in ("alice@acme", " Alice@ACME", "alice@acme "):
+            yield self.assertRefused(self.login(login, "pw", ip="192.0.2.7"), TOO_MANY)
+
+    @defer.inlineCallbacks
+    def test_parallel_guesses_bounded(self):
+        """
+        Attempts in flight count: of 40 parallel guesses at most 3 passwords
+        are checked, the others are refused unchecked.
         """
         self.add_user("alice", "pw")
-        for login in ("alice", "ghost"):
-            reasons = []
-            for _ in range(4):
-                f = yield self.assertRefused(self.login(login, "bad"))
-                reasons.append(f.reason)
-            self.assertEqual(reasons[-1], TOO_MANY)
-            self.clock.advance(100)
+        checked = []
+        original = self.auth._verify
+
+        def verify(ctx, password):
+            checked.append(password)
+            return original(ctx, password)
+        self.auth._verify = verify
+        results = yield defer.DeferredList(
+            [self.login("alice", f"guess{i}", ip="192.0.2.7") for i in range(40)],
+            consumeErrors=True)
+        self.assertEqual(len(checked), 3)
+        reasons = [r.value.reason for ok, r in results]
+        self.assertEqual(sum(TOO_MANY in r for r in reasons), 37)
+
+    @defer.inlineCallbacks
+    def test_global_backstop(self):
+        """
+        Failures of one login from many addresses stop it everywhere at the
+        slower global limit.
+        """
+        self.auth._config = Config(keys=declared_keys(), node={
+            "l7r.auth.failure.delay": "0", "l7r.auth.ratelimit.login_global.max": "6"})
+        self.add_user("alice", "pw")
+        for i in range(6):
+            yield self.assertRefused(self.login("alice", "bad", ip=f"192.0.2.{i}"), "wrong")
+        yield self.assertRefused(self.login("alice", "pw", ip="203.0.113.1"), TOO_MANY)
 
     @defer.inlineCallbacks
     def test_address_limit(self):
         """
-        After 5 failures from one address any login from it is refused; other addresses
-        are not affected, and a success does not reset the address.
+        After 5 failures from one address new logins from it are refused, but a
+        login that succeeded from that address before still gets in; other
+        addresses are not affected.
         """
         self.add_user("alice", "pw")
+        self.add_user("bob", "pw")
+        yield self.login("alice", "pw", ip="203.0.113.9")
         for i in range(5):
             yield self.assertRefused(self.login(f"user{i}", "bad", ip="203.0.113.9"))
-        yield self.assertRefused(self.login("alice", "pw", ip="203.0.113.9"), TOO_MANY)
-        yield self.login("alice", "pw", ip="203.0.113.10")
+        yield self.assertRefused(self.login("bob", "pw", ip="203.0.113.9"), TOO_MANY)
+        yield self.login("alice", "pw", ip="203.0.113.9")
+        yield self.login("bob", "pw", ip="203.0.113.10")
 
     @defer.inlineCallbacks
     def test_success_resets_login(self):
@@ -550,7 +593,7 @@ class BadInputTests(AuthTestCase):
         yield self.db.stop()
         for _ in range(10):
             yield self.assertFailure(self.login("alice", "pw"), DatabaseUnavailable)
-        self.assertEqual((len(self.auth.login_limiter), len(self.auth.address_limiter)), (0, 0))
+        self.assertEqual(len(self.auth.limits), 0)
 
 
 class PerTenantChainTests(AuthTestCase):

@@ -23,12 +23,14 @@ Bearer tokens: the first plugin of the global chain whose
 C{authenticate_bearer} accepts wins; the user and its tenant must not be
 blocked.
 
-Failed attempts are limited per login and per source address
-(L{qvd.l7r.auth.ratelimit}); over the limit a request is refused before any
-credential is checked, with the same answer whether the user exists or not.
+Attempts are limited per canonical (login, tenant) and source address, per
+login and per address (L{qvd.l7r.auth.ratelimit}, docs/l7r.md); over a limit
+a request is refused before any credential is checked. Every refusal (locked,
+unknown user, wrong password) is the same answer, given no earlier than
+C{l7r.auth.failure.delay} seconds after the request came in.
 """
 
-from twisted.internet import defer, threads
+from twisted.internet import defer, task, threads
 from qvd.logs import Logger
 
 from qvd.l7r.auth import credentials, tokens
@@ -37,7 +39,7 @@ from qvd.l7r.auth.default import DefaultPlugin
 from qvd.l7r.auth.interfaces import AuthFailed, AuthResult, IAuthenticator
 from qvd.l7r.auth.ldap import LdapPlugin
 from qvd.l7r.auth.plugin import AuthConfigError, AuthContext
-from qvd.l7r.auth.ratelimit import FailureLimiter
+from qvd.l7r.auth.ratelimit import LimitSettings, LoginLimits
 from qvd.l7r.auth.totp import TotpPlugin
 from zope.interface import implementer
 
@@ -94,13 +96,7 @@ class Authenticator:
         self.blocking = blocking or _thread_runner(reactor)
         self._classes = dict(PLUGINS, **(plugins or {}))
         self._instances = {}
-        cfg = self.config
-        self.login_limiter = FailureLimiter(
-            self.clock, cfg.getint("l7r.auth.ratelimit.login.max"),
-            cfg.getfloat("l7r.auth.ratelimit.login.window"))
-        self.address_limiter = FailureLimiter(
-            self.clock, cfg.getint("l7r.auth.ratelimit.address.max"),
-            cfg.getfloat("l7r.auth.ratelimit.address.window"))
+        self.limits = LoginLimits(self.clock, LimitSettings.from_config(self.config))
 
     @property
     def config(self):
@@ -145,44 +141,65 @@ class Authenticator:
         return defer.ensureDeferred(self._authenticate(request_headers, source_ip))
 
     async def _authenticate(self, headers, source_ip):
+        began = self.clock.seconds()
+        try:
+            return await self._limited(headers, source_ip)
+        except AuthFailed:
+            # Locked, unknown and wrong are answered alike, no earlier than
+            # l7r.auth.failure.delay after the request came in.
+            delay = began + self.config.getfloat("l7r.auth.failure.delay") - self.clock.seconds()
+            if delay > 0:
+                await task.deferLater(self.clock, delay, lambda: None)
+            raise
+
+    async def _limited(self, headers, source_ip):
         headers = {k.lower(): v for k, v in headers.items()}
         config = self.config
-        self._update_limits(config)
+        self.limits.configure(LimitSettings.from_config(config))
         creds = credentials.parse_authorization(headers.get("authorization"))
         ctx = AuthContext(config=config, source_ip=source_ip, headers=headers,
                           client_env=credentials.client_environment(headers))
-        address_key = ("address", source_ip)
         login_key = None
         if isinstance(creds, credentials.BasicCredentials):
-            login_key = ("login", credentials.normalize_login(
-                creds.login, config.getbool("model.user.login.case-sensitive")))
-        if self.address_limiter.blocked(address_key) or (
-                login_key is not None and self.login_limiter.blocked(login_key)):
+            try:
+                login_key = await self._identify(ctx, creds.login)
+            except _Refused as e:
+                # No login to count against: the address pays for it.
+                ticket = self.limits.begin(None, source_ip)
+                if ticket is None:
+                    raise AuthFailed(TOO_MANY)
+                self.limits.end(ticket, ok=False)
+                raise AuthFailed(e.reason)
+            except AuthConfigError as e:
+                log.error("authentication refused because of the configuration: {e}", e=e)
+                raise AuthFailed(f"configuration error: {e}")
+        ticket = self.limits.begin(login_key, source_ip)
+        if ticket is None:
             raise AuthFailed(TOO_MANY)
         try:
             if login_key is None:
                 result = await self._bearer(ctx, creds.token)
             else:
-                result = await self._basic(ctx, creds.login, creds.password)
+                result = await self._verify(ctx, creds.password)
         except AuthConfigError as e:
+            self.limits.abandon(ticket)
             log.error("authentication refused because of the configuration: {e}", e=e)
             raise AuthFailed(f"configuration error: {e}")
         except _Refused as e:
-            self.address_limiter.failed(address_key)
-            if login_key is not None:
-                self.login_limiter.failed(login_key)
+            self.limits.end(ticket, ok=False)
             raise AuthFailed(e.reason)
-        if login_key is not None:
-            self.login_limiter.succeeded(login_key)
+        except BaseException:
+            self.limits.abandon(ticket)
+            raise
+        self.limits.end(ticket, ok=True)
         return result
 
-    def _update_limits(self, config):
-        for limiter, which in ((self.login_limiter, "login"),
-                               (self.address_limiter, "address")):
-            limiter.max_failures = config.getint(f"l7r.auth.ratelimit.{which}.max")
-            limiter.window = config.getfloat(f"l7r.auth.ratelimit.{which}.window")
-
-    async def _basic(self, ctx, raw_login, password):
+    async def _identify(self, ctx, raw_login):
+        """
+        The canonical identity of a Basic login: (login, tenant id) after the
+        chain's tenant split and normalisation, as the limits count it.
+        Sets C{ctx.tenant_id} and C{ctx.login}.
+        """
         config = ctx.config
         if len(raw_login) > 2 * LOGIN_MAX + 1 or not _printable(raw_login):
             raise _Refused(f"login {raw_login[:80]!r} is too long or has control characters")
@@ -201,14 +218,19 @@ class Authenticator:
             raise _Refused(f"login {login[:80]!r} or tenant {tenant_name[:80]!r} is longer "
                            f"than {LOGIN_MAX} characters")
         ctx.tenant_id = await self._tenant_id(tenant_name, case_sensitive)
-
-        chain = self.chain(config, ctx.tenant_id)
-        for plugin in chain:
+        for plugin in self.chain(config, ctx.tenant_id):
             login = await defer.maybeDeferred(plugin.normalize_login, ctx, login)
         if not login or len(login) > LOGIN_MAX or not _printable(login):
             raise _Refused(f"empty, too long or unprintable login {login[:80]!r}")
         ctx.login = login
+        return (login, ctx.tenant_id)
 
+    async def _verify(self, ctx, password):
+        """
+        Check the password (and second factor) of the identified C{ctx.login}.
+        """
+        login = ctx.login
+        chain = self.chain(ctx.config, ctx.tenant_id)
         second = code = None
         for plugin in chain:
             split = await defer.maybeDeferred(plugin.split_second_factor, ctx, password)
