@@ -5,13 +5,17 @@ the real PostgreSQL, as tests/test_l7r_wire.py runs it. Raw sockets are
 driven from a thread (blocking calls never run in the reactor thread).
 """
 
+import base64
 import socket
 import ssl as stdlib_ssl
+import statistics
 import time
 
-from twisted.internet import threads
+from twisted.internet import defer, reactor, threads
 from twisted.trial import unittest
 
+from qvd.l7r.service import L7RService
+from tests.test_auth import argon2_hash
 from tests.test_l7r_wire import BASIC, L7RWireMixin, d, sleep
 
 
@@ -35,6 +39,113 @@ def _closed_by_peer(sock, within):
 
 def _silent_sockets(port, count):
     return [socket.create_connection(("127.0.0.1", port)) for _ in range(count)]
+
+
+def _login(port, login, password, source="127.0.0.1"):
+    """
+    (HTTP status, seconds) of one list_of_vm with Basic credentials, over a
+    new TLS connection from C{source} (any 127/8 address is this machine).
+    """
+    ctx = stdlib_ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, stdlib_ssl.CERT_NONE
+    raw = socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(source, 0))
+    with ctx.wrap_socket(raw) as s:
+        basic = base64.b64encode(f"{login}:{password}".encode()).decode()
+        began = time.monotonic()
+        s.sendall(f"GET /qvd/list_of_vm HTTP/1.1\r\nAuthorization: Basic {basic}\r\n"
+                  f"\r\n".encode())
+        head = b""
+        while b"\r\n" not in head:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+        return int(head.split(b" ", 2)[1]), time.monotonic() - began
+
+
+class LoginLimitTests(L7RWireMixin, unittest.TestCase):
+    """
+    The real authenticator (argon2id hashes) behind the real TLS listener.
+    """
+    overrides = {"l7r.auth.failure.delay": "0.6", "l7r.auth.ratelimit.login.max": "5"}
+
+    async def start_l7r(self, **extra):
+        svc = L7RService(self.config(**extra), "ssl:0:interface=127.0.0.1", reactor=reactor,
+                         dsn=self.dsn)
+        await svc.start()
+        self.addCleanup(lambda: defer.ensureDeferred(svc.stop()))
+        return svc
+
+    def setUp(self):
+        d = super().setUp()
+
+        def bob(_):
+            self.query("INSERT INTO tenants (name) VALUES ('sec')")
+            self.query("INSERT INTO users (tenant_id, login, password) SELECT id, 'bob', %s"
+                       " FROM tenants WHERE name = 'sec'", (argon2_hash("right"),))
+        return d.addCallback(bob)
+
+    def attempts(self, *calls):
+        port = self.svc.port.getHost().port
+        return threads.deferToThread(lambda: [_login(port, *c) for c in calls])
+
+    @d
+    async def test_attacker_elsewhere_cannot_lock_user_out(self):
+        """
+        Six wrong passwords for bob@sec from one address lock bob@sec out of
+        that address only: bob logs in from his own address at once.
+        """
+        wrong = await self.attempts(*[("bob@sec", f"guess{i}", "127.0.0.2") for i in range(6)])
+        self.assertEqual([s for s, _ in wrong], [401] * 6)
+        self.assertEqual((await self.attempts(("bob@sec", "right", "127.0.0.2")))[0][0], 401)
+        self.assertEqual((await self.attempts(("bob@sec", "right", "127.0.0.1")))[0][0], 200)
+
+    @d
+    async def test_spellings_share_one_count(self):
+        """
+        Five wrong guesses under five spellings of bob@sec use up bob@sec's
+        five: the right password is then refused from that address.
+        """
+        spellings = ["BOB@sec", "bob@ sec", " bob@SEC", "Bob@Sec ", "bob@sec"]
+        self.assertEqual([s for s, _ in await self.attempts(
+            *[(login, "x", "127.0.0.3") for login in spellings])], [401] * 5)
+        self.assertEqual((await self.attempts(("bob@sec", "right", "127.0.0.3")))[0][0], 401)
+        self.assertEqual((await self.attempts(("bob@sec", "right", "127.0.0.5")))[0][0], 200)
+
+    @d
+    async def test_parallel_guesses_bounded(self):
+        """
+        Of 40 parallel guesses from one address at most 5 passwords are
+        checked (attempts in flight count); all 40 are refused alike.
+        """
+        checked = []
+        original = self.svc.authenticator._verify
+
+        def verify(ctx, password):
+            checked.append(password)
+            return original(ctx, password)
+        self.svc.authenticator._verify = verify
+        port = self.svc.port.getHost().port
+        guesses = await defer.gatherResults([
+            threads.deferToThread(_login, port, "bob@sec", f"g{i}", "127.0.0.4")
+            for i in range(40)])
+        self.assertEqual({s for s, _ in guesses}, {401})
+        self.assertLessEqual(len(checked), 5)
+        self.assertGreater(len(checked), 0)
+
+    @d
+    async def test_locked_and_wrong_take_the_same_time(self):
+        """
+        A locked answer takes as long as a wrong password's (both no earlier
+        than l7r.auth.failure.delay, 0.6 s here): medians within 50 ms.
+        """
+        wrong = await self.attempts(*[("bob@sec", f"w{i}", "127.0.0.6") for i in range(5)])
+        locked = await self.attempts(*[("bob@sec", "right", "127.0.0.6") for _ in range(5)])
+        self.assertEqual({s for s, _ in wrong + locked}, {401})
+        w = statistics.median(t for _, t in wrong)
+        k = statistics.median(t for _, t in locked)
+        self.assertGreaterEqual(min(t for _, t in wrong + locked), 0.6)
+        self.assertLess(abs(w - k), 0.05, f"wrong {w:.3f} s, locked {k:.3f} s")
 
 
 class PipeliningTests(L7RWireMixin, unittest.TestCase):
