@@ -4,6 +4,7 @@ The VMA's functions, provisioning and session handling, with fakes only
 """
 
 import os
+import socket
 import tempfile
 
 from twisted.internet import defer
@@ -162,9 +163,12 @@ class AgentTests(AgentTestCase):
         self.assertEqual((st.st_mode & 0o777, st.st_uid, st.st_gid), (0o600, 1234, 1234))
         with open(path, "rb") as f:
             first = f.read()
-        self.assertEqual(first[:4], b"\xff\xff\x00\x00")
-        self.assertIn(b"\x00\x03100\x00\x12MIT-MAGIC-COOKIE-1\x00\x10", first)
-        self.assertEqual(len(first), 4 + 5 + 20 + 18)
+        host = socket.gethostname().encode()
+        local = b"\x01\x00" + len(host).to_bytes(2, "big") + host
+        self.assertTrue(first.startswith(local))
+        self.assertIn(b"\xff\xff\x00\x00\x00\x03100", first)
+        self.assertEqual(first.count(b"\x00\x03100\x00\x12MIT-MAGIC-COOKIE-1\x00\x10"), 2)
+        self.assertEqual(len(first), 2 * (4 + 5 + 20 + 18) + len(host))
         write_xauthority(path, 100, b"x" * 16)
         with open(path, "rb") as f:
             self.assertNotEqual(f.read(), first)

@@ -33,6 +33,8 @@ from qvd.hkd.cluster import ClusterMonitor
 from qvd.hkd.store import Store, StoreSettings
 from qvd.hkd.supervisor import Supervisor, SupervisorSettings
 from qvd._pids import pid_alive
+from qvd.virt._process import run as run_process
+from qvd.virt.firewall import FirewallSettings, NodeFirewall
 
 log = Logger()
 
@@ -98,6 +100,7 @@ class HKD(service.Service):
         self._last_tick = None
         self._fenced = False
         self.monitor = None
+        self.firewall = None
         self._vm_channel = f"qvd_cmd_for_vm_on_host{host_id}"
         self._host_channel = f"qvd_cmd_for_host{host_id}"
 
@@ -141,6 +144,7 @@ class HKD(service.Service):
         await self.driver.setUp()
         if not self._running:
             return
+        self.firewall = await self._make_firewall()
         await self.reconcile()
         if not self._running:
             return
@@ -218,6 +222,9 @@ class HKD(service.Service):
             sup = self._supervisor(vm_id, spec=spec, persisted=(vm_state, None))
             if vm_id in running:
                 sup.pid = running[vm_id].pid
+                if vm_state != "zombie":
+                    # Adoption re-checks the VM's filter before anything else.
+                    await sup.filter()
                 if vm_state == "stopping":
                     event = "adopt_stopping"
                 elif vm_state == "zombie":
@@ -230,12 +237,35 @@ class HKD(service.Service):
             else:
                 sup.handle("reap_dead", f"the VM was not running when the HKD started "
                                         f"(its state was {vm_state})")
+        if self.firewall is not None:
+            await self.firewall.keep_only(set(running) & set(rows))
         for vm_id in sorted(set(running) - set(rows)):
             if vm_id in self.supervisors:
                 continue
             log.warn("VM {vm_id}: runs on this node but the database does not assign it "
                      "here; killing it (zombie)", vm_id=vm_id)
             defer.ensureDeferred(self._kill_unowned(vm_id))
+
+    async def _make_firewall(self):
+        """
+        The node's packet filter for its desktops (None when the driver has no
+        bridge ports to filter): the node addresses are the bridge's own and
+        every host's.
+        """
+        if not hasattr(self.driver, "port_name"):
+            return None
+        addresses = await self.store.host_addresses()
+        bridge = self.config.get("vm.network.bridge")
+        result = await run_process(self.reactor, ["ip", "-4", "-o", "address", "show",
+                                                  "dev", bridge])
+        for line in result.out.splitlines():
+            fields = line.split()
+            if "inet" in fields:
+                addresses.insert(0, fields[fields.index("inet") + 1].split("/")[0])
+        settings = FirewallSettings.from_config(self.config, addresses)
+        if not settings.enabled:
+            log.warn("vm.network.firewall.enable is off: desktops are not isolated")
+        return NodeFirewall(settings, self.reactor)
 
     async def _kill_unowned(self, vm_id):
         try:
@@ -248,7 +278,7 @@ class HKD(service.Service):
     def _supervisor(self, vm_id, spec=None, persisted=None):
         sup = Supervisor(vm_id, self.reactor, self.store, self.driver, self.vma_factory,
                          self.settings, on_change=self._vm_changed, spec=spec,
-                         persisted=persisted)
+                         persisted=persisted, firewall=self.firewall)
         self.supervisors[vm_id] = sup
         return sup
 

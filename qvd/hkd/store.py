@@ -141,6 +141,11 @@ class Store:
             spec = None
         return spec or self.minimal_spec(vm_id)
 
+    async def host_addresses(self):
+        """The addresses of every node (hosts.address), as a list."""
+        rows = await self.db.runQuery("SELECT address FROM hosts ORDER BY id")
+        return [r[0] for r in rows]
+
     def minimal_spec(self, vm_id):
         s = self.settings
         return VMSpec(vm_id=vm_id, name=f"vm{vm_id}", login="", memory=0, di_id=0,

@@ -21,6 +21,8 @@ from twisted.python.failure import Failure
 
 from qvd.hkd.machine import PERSISTED, PINGING, Liveness, VMMachine
 from qvd.hkd.store import StartError
+from qvd.virt.firewall import VMPort
+from qvd.virt.interfaces import VirtError
 
 log = Logger()
 
@@ -84,7 +86,7 @@ class Supervisor:
     """
 
     def __init__(self, vm_id, clock, store, driver, vma_factory, settings,
-                 on_change=None, spec=None, persisted=None):
+                 on_change=None, spec=None, persisted=None, firewall=None):
         self.vm_id = vm_id
         self.clock = clock
         self.store = store
@@ -92,6 +94,7 @@ class Supervisor:
         self.vma_factory = vma_factory
         self.settings = settings
         self.on_change = on_change
+        self.firewall = firewall
         self.spec = spec
         self.machine = VMMachine(debug=settings.debug)
         self.history = []
@@ -275,8 +278,30 @@ class Supervisor:
 
     def _do_boot(self):
         def start():
-            return self.driver.start(self.spec).addCallback(self._started)
+            # Filtered before it starts: a desktop never runs unfiltered.
+            d = self.filter()
+            d.addCallback(lambda _: self.driver.start(self.spec))
+            return d.addCallback(self._started)
         self._run_op("booted", start)
+
+    def filter(self):
+        """
+        Install the packet filter of this VM (L{qvd.virt.firewall}); a
+        Deferred (at once without a firewall).
+        """
+        if self.firewall is None or self.spec is None:
+            return defer.succeed(None)
+        try:
+            port = VMPort(self.vm_id, self.driver.port_name(self.vm_id), self.spec.ip,
+                          self.spec.mac)
+        except VirtError as e:
+            return defer.fail(e)
+        return self.firewall.allow(port)
+
+    def _unfilter(self, result=None):
+        if self.firewall is None:
+            return result
+        return self.firewall.forget(self.vm_id).addCallback(lambda _: result)
 
     def _started(self, running):
         self.pid = getattr(running, "pid", None)
@@ -297,7 +322,8 @@ class Supervisor:
 
     def _do_cleanup(self):
         def cleanup():
-            return self._spec_for_cleanup().addCallback(self.driver.cleanup)
+            d = self._spec_for_cleanup().addCallback(self.driver.cleanup)
+            return d.addCallback(self._unfilter)
         self._run_op("cleaned", cleanup)
 
     def _do_reap(self):
@@ -305,7 +331,7 @@ class Supervisor:
             d = defer.maybeDeferred(self.driver.kill, self.vm_id)
             d.addCallback(lambda _: self._spec_for_cleanup())
             d.addCallback(self.driver.cleanup)
-            return d
+            return d.addCallback(self._unfilter)
         self._run_op("reaped", reap)
 
     def _do_watch(self):

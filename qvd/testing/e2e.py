@@ -48,7 +48,7 @@ def missing():
     """
     if os.geteuid() != 0:
         return "the end-to-end tests need root (LXC desktops)"
-    for program in ("lxc-start", "lxc-attach", "lxc-stop", "nxproxy", "Xvfb", "ip"):
+    for program in ("lxc-start", "lxc-attach", "lxc-stop", "nxproxy", "Xvfb", "ip", "nft"):
         if shutil.which(program) is None:
             return f"{program} is not installed"
     if not os.path.exists(TWISTD):
@@ -284,6 +284,7 @@ class Stack:
         self.bridge = f"qb{tag[0]}{pid % 10000}"
         self.prefix = f"qvdt-{tag}{pid % 100000}-"
         self.veth = f"q{tag[0]}{pid % 1000}v"
+        self.nft_table = f"qvdt_{tag}{pid}"
         self.root = None
         self.processes = []
         self.started = False
@@ -340,6 +341,7 @@ class Stack:
             "vm.lxc.name.prefix": self.prefix,
             "vm.lxc.veth.prefix": self.veth,
             "vm.network.bridge": self.bridge,
+            "vm.network.firewall.table": self.nft_table,
             "vm.network.netmask": "255.255.255.0",
             "vm.lxc.bridge.address": f"{self.subnet}.1/24",
             "hkd.lock.path": f"{self.root}/run/hkd.lock",
@@ -434,7 +436,16 @@ class Stack:
             subprocess.run(["umount", "-l", point], capture_output=True)
         for iface in self.interfaces():
             subprocess.run(["ip", "link", "delete", iface], capture_output=True)
+        if self.nft_rules():
+            subprocess.run(["nft", "delete", "table", "bridge", self.nft_table],
+                           capture_output=True)
         shutil.rmtree(self.root, ignore_errors=True)
+
+    def nft_rules(self):
+        """The text of the stack's nftables table ("" when it has none)."""
+        done = subprocess.run(["nft", "list", "table", "bridge", self.nft_table],
+                              capture_output=True, text=True)
+        return done.stdout if done.returncode == 0 else ""
 
     def interfaces(self):
         return sorted(i for i in os.listdir("/sys/class/net")
@@ -448,6 +459,8 @@ class Stack:
         with open("/proc/self/mounts") as f:
             found += [line.split()[1] for line in f if f" {self.root}" in line]
         found += self.interfaces()
+        if self.nft_rules():
+            found.append(f"nft table bridge {self.nft_table}")
         found += [f"process {p.pid}" for p in self.processes if p.poll() is None]
         found += [f"process {pid} of session {sid}" for pid, sid in _sessions()
                   if sid in {p.pid for p in self.processes}]

@@ -81,6 +81,10 @@ class LXCSettings:
     def container_name(self, vm_id):
         return f"{self.name_prefix}{vm_id}"
 
+    def veth_name(self, vm_id):
+        """The host side of the VM's veth (its port on the bridge)."""
+        return f"{self.veth_prefix}{vm_id}"
+
     def vm_id_of(self, container_name):
         """
         The VM id of one of our containers' names, or None for another name.
@@ -198,7 +202,7 @@ class Layout:
             base, option = "unknown", None
         if not _SAFE_NAME.match(base):
             raise VirtError(f"disk image name {base!r} has characters LXC paths cannot hold")
-        veth = f"{settings.veth_prefix}{spec.vm_id}"
+        veth = settings.veth_name(spec.vm_id)
         if len(veth) > IFNAMSIZ:
             raise VirtError(
                 f"interface name {veth!r} is longer than {IFNAMSIZ} characters: "

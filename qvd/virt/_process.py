@@ -39,14 +39,17 @@ class ProcessResult:
 
 
 class _Collector(protocol.ProcessProtocol):
-    def __init__(self, argv, done, wait_for_pipes):
+    def __init__(self, argv, done, wait_for_pipes, stdin=b""):
         self.argv = argv
+        self.stdin = stdin
         self.done = done
         self.wait_for_pipes = wait_for_pipes
         self.out = []
         self.err = []
 
     def connectionMade(self):
+        if self.stdin:
+            self.transport.write(self.stdin)
         self.transport.closeStdin()
 
     def outReceived(self, data):
@@ -78,9 +81,10 @@ class _Collector(protocol.ProcessProtocol):
         self._finish(reason)
 
 
-def run(reactor, argv, log_path=None, env=None, timeout=60.0):
+def run(reactor, argv, log_path=None, env=None, timeout=60.0, stdin=b""):
     """
-    Run C{argv} and fire with a L{ProcessResult}.
+    Run C{argv} (given C{stdin} as its standard input) and fire with a
+    L{ProcessResult}.
 
     @param timeout: seconds after which the process is killed (SIGKILL) and
         the result's C{code} is C{-9}, with C{err} saying so.
@@ -92,7 +96,7 @@ def run(reactor, argv, log_path=None, env=None, timeout=60.0):
     if executable is None:
         return defer.fail(VirtError(f"{argv[0]} is not installed (needed for '{' '.join(argv)}')"))
     done = defer.Deferred()
-    collector = _Collector(argv, done, wait_for_pipes=log_path is None)
+    collector = _Collector(argv, done, wait_for_pipes=log_path is None, stdin=stdin)
     if env is None:
         env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL")}
         env["PATH"] = SEARCH_PATH

@@ -226,6 +226,10 @@ class KVMDriver:
     def _inThread(self, fn, *args):
         return deferToThreadPool(self._reactor, self._pool, fn, *args)
 
+    def port_name(self, vm_id):
+        """The VM's tap device: its port on the bridge."""
+        return tap_name(self.settings.tap_prefix, vm_id)
+
     def _connected(self):
         conn = self._conn
         if conn is None:

@@ -79,6 +79,10 @@ class LXCDriver:
     def _name(self, vm_id):
         return self.settings.container_name(vm_id)
 
+    def port_name(self, vm_id):
+        """The host side of the VM's veth: its port on the bridge."""
+        return self.settings.veth_name(vm_id)
+
     @defer.inlineCallbacks
     def _info(self, vm_id):
         """

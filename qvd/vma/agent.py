@@ -19,6 +19,7 @@ import contextlib
 import os
 import secrets
 import shlex
+import socket
 import struct
 import time
 
@@ -166,14 +167,17 @@ def read_env_file(path, owner_uid=None):
     return env
 
 
-def xauthority_entry(display, cookie):
+FAMILY_LOCAL, FAMILY_WILD = 256, 0xFFFF
+
+
+def xauthority_entry(display, cookie, family=FAMILY_WILD, address=b""):
     """
     One Xauthority file entry: an MIT-MAGIC-COOKIE-1 for display number
-    C{display} on any host (family C{FamilyWild}), as C{xauth add} writes it.
+    C{display}, as C{xauth add} writes it.
     """
     def counted(data):
         return struct.pack(">H", len(data)) + data
-    return (struct.pack(">H", 0xFFFF) + counted(b"") + counted(str(display).encode())
+    return (struct.pack(">H", family) + counted(address) + counted(str(display).encode())
             + counted(b"MIT-MAGIC-COOKIE-1") + counted(cookie))
 
 
@@ -191,7 +195,10 @@ def write_xauthority(path, display, cookie, uid=None, gid=None):
     with os.fdopen(fd, "wb") as f:
         if uid is not None:
             os.fchown(f.fileno(), uid, gid if gid is not None else -1)
-        f.write(xauthority_entry(display, cookie))
+        # hostname/unix:N as xauth writes it (what python-xlib looks for),
+        # then any host (what libX11 also takes).
+        f.write(xauthority_entry(display, cookie, FAMILY_LOCAL, socket.gethostname().encode())
+                + xauthority_entry(display, cookie))
     os.replace(tmp, path)
 
 
