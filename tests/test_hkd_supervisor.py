@@ -370,3 +370,55 @@ class PersistenceTests(SupervisorTestCase):
         self.assertEqual(len(self.vma.calls), pings)
         self.assertIn(VM, self.hv.running)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class SecretAndFilterTests(SupervisorTestCase):
+
+    def test_pings_carry_the_secret(self):
+        """The HKD's agent calls carry the secret of the VM's current start."""
+        import attrs
+        self.store.load_result = defer.succeed(attrs.evolve(make_spec(VM), vma_secret="k7"))
+        self.running()
+        self.assertEqual(self.vma.secrets[self.ip], "k7")
+
+    def test_filter_before_start_and_removed_after(self):
+        """
+        The VM's packet filter is installed before the driver starts it and
+        removed once it is cleaned up; a filter that cannot be installed
+        fails the start without starting anything.
+        """
+        events = []
+
+        class Firewall:
+            fail = False
+
+            def allow(self, port):
+                events.append(("allow", port.interface, self.fail))
+                return defer.fail(VirtError("nft refused")) if self.fail else defer.succeed(None)
+
+            def forget(self, vm_id):
+                events.append(("forget", vm_id))
+                return defer.succeed(None)
+        self.hv.port_name = lambda vm_id: f"qvd{vm_id}"
+        original = self.hv.start
+        self.hv.start = lambda spec: (events.append(("start", spec.vm_id)), original(spec))[1]
+        firewall = Firewall()
+        sup = self.running()
+        sup.firewall = firewall
+        sup.handle("stop")
+        self.advance(5)
+        sup2 = self.supervisor()
+        sup2.firewall = firewall
+        sup2.handle("start")
+        self.clock.advance(0)
+        self.assertEqual(sup2.state, "running")
+        firewall.fail = True
+        sup2.handle("stop")
+        self.advance(5)
+        sup3 = self.supervisor()
+        sup3.firewall = firewall
+        sup3.handle("start")
+        self.advance(5)
+        self.assertEqual(sup3.state, "stopped")
+        self.assertEqual(events[-4:-1], [("start", VM), ("forget", VM), ("allow", f"qvd{VM}", True)])
+        self.assertEqual(events.count(("start", VM)), 2)

@@ -2,15 +2,19 @@
 SimpleRPC: the sans-IO codec and the server protocol, socket-free.
 """
 
+import os
+
 from twisted.internet import defer, task
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
 from qvd.protocols import simplerpc
 from qvd.protocols.simplerpc import (
-    Call, Malformed, Request, RequestParser, SimpleRPCError, SimpleRPCProtocolError,
-    build_request, build_request_path, parse_response_body, route)
+    SECRET_HEADER, Call, Malformed, Request, RequestParser, SimpleRPCError,
+    SimpleRPCProtocolError, build_request, build_request_path, new_secret,
+    parse_response_body, route, secret_matches)
 from qvd.vma.rpcserver import RPCError, SimpleRPCServerFactory
+from qvd.vma.secret import AgentSecret
 
 NOT_FOUND = (b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: 160\r\n\r\n"
              b"404 Not Found\n    The requested resource could not be found but may be available\n"
@@ -272,3 +276,76 @@ class FuzzTests(unittest.TestCase):
             call = route(Request("GET", target, "HTTP/1.1", []), {"x_start"})
             self.assertEqual(call, Call("x_start", params))
         check()
+
+
+class SecretTests(unittest.TestCase):
+    """The per-VM secret on the agent's side (qvd.vma.secret) and in its server."""
+
+    def setUp(self):
+        self.path = self.mktemp()
+        self.clock = task.Clock()
+
+    def write(self, text):
+        with open(self.path, "w") as f:
+            f.write(text + "\n")
+
+    def serve(self, secret):
+        factory = SimpleRPCServerFactory({"ping": lambda p: "pong"}, clock=self.clock,
+                                         secret=secret)
+        proto = factory.buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        return factory, proto, transport
+
+    def call(self, header=None):
+        factory, proto, t = self.serve(self.secret)
+        extra = f"{SECRET_HEADER}: {header}\r\n" if header is not None else ""
+        proto.dataReceived(f"GET /vma/ping HTTP/1.1\r\nHost: x\r\n{extra}\r\n".encode())
+        return t.value(), t.disconnecting
+
+    def test_calls_need_the_secret(self):
+        """
+        With a secret file, a call without the secret or with a wrong one is
+        answered 403 and its connection closed; with it, the call runs.
+        """
+        self.write("s3cret-value")
+        self.secret = AgentSecret(self.path, required=True)
+        for header in (None, "", "wrong", "s3cret-valuE", "s3cret-value-and-more"):
+            body, closed = self.call(header)
+            self.assertTrue(body.startswith(b"HTTP/1.1 403 Forbidden"), (header, body))
+            self.assertTrue(closed)
+        body, closed = self.call("s3cret-value")
+        self.assertTrue(body.endswith(b'"pong"\r\n'), body)
+        self.assertFalse(closed)
+
+    def test_new_secret_read(self):
+        """A new start's secret replaces the old one at once."""
+        self.write("first")
+        self.secret = AgentSecret(self.path)
+        self.assertTrue(self.secret.allows("first"))
+        os.unlink(self.path)
+        self.write("second-secret")
+        self.assertFalse(self.secret.allows("first"))
+        self.assertTrue(self.secret.allows("second-secret"))
+
+    def test_missing_file(self):
+        """Without a file, calls are refused when required, answered when not."""
+        self.assertFalse(AgentSecret(self.path, required=True).allows("x"))
+        self.assertTrue(AgentSecret(self.path, required=False).allows(None))
+
+    def test_refusals_logged_rarely(self):
+        """Refusals are counted; a flood of them is logged once a minute."""
+        self.write("k")
+        factory, proto, t = self.serve(AgentSecret(self.path))
+        for _ in range(5):
+            p = factory.buildProtocol(None)
+            p.makeConnection(StringTransport())
+            p.dataReceived(b"GET /vma/ping HTTP/1.1\r\n\r\n")
+        self.assertEqual(factory.refusals, 5)
+
+    def test_new_secret(self):
+        """Secrets are 43 URL-safe characters, different every time."""
+        a, b = new_secret(), new_secret()
+        self.assertEqual((len(a), a == b), (43, False))
+        self.assertFalse(secret_matches("", ""))
+        self.assertFalse(secret_matches("a", None))

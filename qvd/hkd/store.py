@@ -15,6 +15,7 @@ import os
 import attrs
 
 from qvd.db.pool import fetch_dicts
+from qvd.protocols.simplerpc import new_secret
 from qvd.virt.interfaces import VMSpec
 
 
@@ -68,20 +69,21 @@ class Store:
         await cur.execute(
             "SELECT v.id, v.name, host(v.ip) AS ip, v.mac::text AS mac, v.di_tag, v.osf_id,"
             " u.login, o.memory, o.use_overlay, o.user_storage_size,"
-            " r.current_di_id, r.host_id"
+            " r.current_di_id, r.host_id, r.vma_secret"
             " FROM vms v JOIN users u ON u.id = v.user_id JOIN osfs o ON o.id = v.osf_id"
             " LEFT JOIN vm_runtimes r ON r.vm_id = v.id WHERE v.id = %s", (vm_id,))
         rows = fetch_dicts(cur)
         return rows[0] if rows else None
 
-    def _spec(self, row, di_id, di_path):
+    def _spec(self, row, di_id, di_path, vma_secret=None):
         s = self.settings
         return VMSpec(
             vm_id=row["id"], name=row["name"], login=row["login"], memory=row["memory"],
             di_id=di_id, di_path=di_path, ip=row["ip"], mac=row["mac"], netmask=s.netmask,
             bridge=s.bridge, gateway=s.gateway, use_overlay=row["use_overlay"],
             persistent_overlay=s.persistent_overlay,
-            user_storage_size=row["user_storage_size"] or 0)
+            user_storage_size=row["user_storage_size"] or 0,
+            vma_secret=vma_secret if vma_secret is not None else (row["vma_secret"] or ""))
 
     def load_for_start(self, vm_id):
         """
@@ -105,17 +107,19 @@ class Store:
                     f"no usable disk image: OSF {row['osf_id']} has no unblocked DI "
                     f"tagged {row['di_tag']!r} (tag one, or unblock it, with qvd-admin di)")
             di = dis[0]
+            secret = new_secret()
             await cur.execute(
                 "UPDATE vm_runtimes SET vm_address = %s, vm_vma_port = %s, vm_x_port = %s,"
-                " vm_ssh_port = 22, current_di_id = %s, current_osf_id = %s"
+                " vm_ssh_port = 22, current_di_id = %s, current_osf_id = %s, vma_secret = %s"
                 " WHERE vm_id = %s AND host_id = %s",
                 (row["ip"], self.settings.vma_port, self.settings.x_port, di["id"],
-                 row["osf_id"], vm_id, self.host_id))
+                 row["osf_id"], secret, vm_id, self.host_id))
             await cur.execute(
                 "INSERT INTO vm_counters (vm_id, run_attempts) VALUES (%s, 1)"
                 " ON CONFLICT (vm_id) DO UPDATE SET run_attempts = vm_counters.run_attempts + 1",
                 (vm_id,))
-            return self._spec(row, di["id"], os.path.join(self.settings.images, di["path"]))
+            return self._spec(row, di["id"], os.path.join(self.settings.images, di["path"]),
+                              vma_secret=secret)
         return self.db.transaction(txn)
 
     async def load_for_cleanup(self, vm_id):

@@ -354,7 +354,10 @@ class Supervisor:
     # -- the agent ------------------------------------------------------------------
 
     def _vma(self):
-        return self.vma_factory(self.spec.ip if self.spec else "", self.settings.vma_port)
+        if self.spec is None:
+            return self.vma_factory("", self.settings.vma_port)
+        return self.vma_factory(self.spec.ip, self.settings.vma_port,
+                                secret=self.spec.vma_secret)
 
     def _do_ping(self):
         if self.state in ("running", "debugging"):

@@ -93,8 +93,8 @@ def make_vma_factory(config, reactor):
     from qvd.vma.client import VMAClient
     timeout = config.getfloat("hkd.vm.vma.timeout")
 
-    def factory(host, port):
-        return VMAClient(reactor, host, port, timeout=timeout)
+    def factory(host, port, secret=""):
+        return VMAClient(reactor, host, port, timeout=timeout, secret=secret)
     return factory
 
 

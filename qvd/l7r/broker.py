@@ -254,13 +254,13 @@ class Broker:
         params["qvd.slave.key"] = key = slave_key()
         row = await self.vm_row(vm_id)
         vma = self.vma_factory(self.reactor, row["vm_address"], row["vm_vma_port"],
-                               self.settings.vma_timeout)
+                               self.settings.vma_timeout, secret=row["vma_secret"] or "")
         await self.start_x(session, vma, params)
         await self.wait_x(session, vma)
         await self.run_forwarder(session, row, key, on_end)
 
     _VM_COLUMNS = ("vm_id", "host_id", "vm_state", "vm_cmd", "user_state", "user_cmd",
-                   "l7r_session", "vm_address", "vm_vma_port", "vm_x_port")
+                   "l7r_session", "vm_address", "vm_vma_port", "vm_x_port", "vma_secret")
 
     async def vm_row(self, vm_id):
         """

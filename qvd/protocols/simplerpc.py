@@ -29,14 +29,22 @@ than GET or a path outside the base is a C{404} with the original's
 C{text/plain} description; a request line that does not parse is a C{400} and
 an HTTP version other than 1.1 a C{505}, after which the connection closes.
 
+qvd adds one header: every call of the HKD and the L7R carries the VM's
+secret (L{SECRET_HEADER}, made by L{new_secret} at each start); the VMA
+answers a call without it C{403} (L{secret_matches}). Original QVD agents
+ignore the header, so the wire stays compatible.
+
 Only the standard library is imported here (the VMA runs it on Debian's python3).
 """
 
+import hmac
 import json
 import re
+import secrets
 from urllib.parse import quote, unquote
 
 CONTENT_TYPE = "application/json-simplerpc"
+SECRET_HEADER = "X-QVD-VMA-Secret"
 DEFAULT_BASE = "/vma"
 
 # Status lines and text/plain bodies of the original's error replies
@@ -50,6 +58,9 @@ _STATUS = {
           "    describing or containing the result of the action."),
     400: ("Bad Request", "400 Bad Request\n"
           "    The request contains bad syntax or cannot be fulfilled."),
+    403: ("Forbidden", "403 Forbidden\n"
+          "    The request was a legal request, but the server is refusing to\n"
+          "    respond to it."),
     404: ("Not Found", "404 Not Found\n"
           "    The requested resource could not be found but may be available\n"
           "    again in the future. Subsequent requests by the client are\n"
@@ -242,6 +253,18 @@ class Call:
 
     def __repr__(self):
         return f"Call({self.function!r}, {self.params!r})"
+
+
+def new_secret():
+    """A new per-VM agent secret: 43 URL-safe characters (256 bits)."""
+    return secrets.token_urlsafe(32)
+
+
+def secret_matches(expected, given):
+    """Whether C{given} (a header value, or None) is the non-empty C{expected}."""
+    if not expected or given is None:
+        return False
+    return hmac.compare_digest(expected.encode(), given.strip().encode())
 
 
 def http_error(status):

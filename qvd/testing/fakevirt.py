@@ -172,7 +172,7 @@ class FakeVMAError(Exception):
 class FakeVMA:
     """
     The agents of the VMs a L{FakeHypervisor} runs: C{FakeVMA(hv)} is a
-    factory C{(host, port) -> client} for the HKD. An agent answers while its
+    factory C{(host, port, secret) -> client} for the HKD. An agent answers while its
     VM runs (by IP) unless its IP is in C{silent}; C{poweroff} stops the VM
     after C{poweroff_delay} seconds unless C{poweroff_works} is false.
 
@@ -186,8 +186,10 @@ class FakeVMA:
         self.poweroff_works = True
         self.poweroff_delay = 0
         self.calls = []
+        self.secrets = {}    # host -> the secret its last client was given
 
-    def __call__(self, host, port=3030):
+    def __call__(self, host, port=3030, secret=""):
+        self.secrets[host] = secret
         return _FakeVMAClient(self, host)
 
     def _alive(self, host):

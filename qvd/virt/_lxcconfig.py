@@ -24,6 +24,8 @@ DI_SUFFIXES = (
     (".tar.xz", "-J"), (".txz", "-J"), (".tar.zst", "--zstd"), (".tar", None),
 )
 IFNAMSIZ = 15
+#: Where the agent's secret appears in the container (vma.secret.file).
+SECRET_TARGET = "etc/qvd/vma.secret"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.@+\-]+$")
 _SAFE_PATH = re.compile(r"^/[^,:\s\\]*$")
 _MAC = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
@@ -181,6 +183,11 @@ class Layout:
         return os.path.join(self.container_dir, "config")
 
     @property
+    def secret_path(self):
+        """The host file of the agent's secret, bind-mounted into the container."""
+        return os.path.join(self.container_dir, "vma.secret")
+
+    @property
     def log_path(self):
         return os.path.join(self.container_dir, "lxc.log")
 
@@ -302,6 +309,10 @@ def render_config(settings, spec, layout, template_text, template_name=DEFAULT_T
             f"LXC config template {template_name} is wrong: {e!r} "
             f"(known placeholders: {', '.join('$' + k for k in sorted(values))})")
     parts = [text.rstrip("\n")]
+    if spec.vma_secret:
+        # Read-only, root-only inside: the desktop's users cannot read it.
+        parts.append(f"lxc.mount.entry = {layout.secret_path} {SECRET_TARGET} none "
+                     "bind,ro,create=file 0 0")
     for more in (extra, settings.conf_extra.replace("\\n", "\n")):
         if more.strip():
             parts.append(more.strip("\n"))

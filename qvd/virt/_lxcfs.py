@@ -123,6 +123,21 @@ def prepare_dirs(layout, persistent, lower):
         os.makedirs(layout.home_dir, mode=0o755)
 
 
+def write_secret(path, text, uid=0, gid=0):
+    """
+    Write the agent's secret to C{path}: mode 0600, owned by the host ids
+    of the container's root, replaced atomically.
+    """
+    tmp = f"{path}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchown(f.fileno(), uid, gid)
+        f.write(text + "\n")
+    os.replace(tmp, path)
+
+
 def write_atomically(path, text):
     temp = f"{path}.tmp-{os.getpid()}"
     with open(temp, "w", encoding="utf-8") as f:

@@ -26,6 +26,8 @@ class VMSpec:
     @ivar user_storage_size: MB of the persistent home (0: none; LXC: a directory).
     @ivar ip, mac, netmask, gateway: the VM's network identity (C{vms.ip}, C{vms.mac}).
     @ivar bridge: the node bridge the VM joins.
+    @ivar vma_secret: the agent's secret for this run (L{qvd.vma.secret}):
+        the driver hands it to the desktop where only its root can read it.
     """
     vm_id: int
     name: str
@@ -42,6 +44,7 @@ class VMSpec:
     use_overlay: bool = True
     persistent_overlay: bool = False
     user_storage_size: int = 0
+    vma_secret: str = ""
 
 
 @attrs.frozen

@@ -183,6 +183,8 @@ class LXCDriver:
             template = yield self._to_thread(_lxcfs.read_text, self.settings.template)
             if not template:
                 raise VirtError(f"LXC config template {self.settings.template} is missing or empty")
+            if spec.vma_secret:
+                yield self._to_thread(_lxcfs.write_secret, layout.secret_path, spec.vma_secret)
             text = render_config(self.settings, spec, layout, template,
                                  self.settings.template, extra)
             yield self._to_thread(_lxcfs.write_atomically, layout.config_path, text)

@@ -18,7 +18,8 @@ from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 
 from qvd.protocols.simplerpc import (
-    SimpleRPCError, SimpleRPCProtocolError, build_request_path, parse_response_body)
+    SECRET_HEADER, SimpleRPCError, SimpleRPCProtocolError, build_request_path,
+    parse_response_body)
 
 DEFAULT_PORT = 3030
 
@@ -50,10 +51,12 @@ class VMAClient:
 
     @param reactor: the reactor (an C{IReactorTCP} + C{IReactorTime}).
     @param timeout: seconds for connecting and for the whole call.
+    @param secret: the VM's agent secret, sent with every call (C{""}: none).
     """
 
-    def __init__(self, reactor, host, port=DEFAULT_PORT, timeout=4.0):
+    def __init__(self, reactor, host, port=DEFAULT_PORT, timeout=4.0, secret=""):
         self._reactor = reactor
+        self.secret = secret
         self.host = host
         self.port = int(port)
         self.timeout = timeout
@@ -76,7 +79,10 @@ class VMAClient:
         except ValueError as e:
             return defer.fail(VMAError(str(e), fn))
         url = f"http://{address}{path}".encode("ascii")
-        d = self._agent.request(b"GET", url, Headers({b"User-Agent": [b"qvd-vma-client"]}))
+        headers = Headers({b"User-Agent": [b"qvd-vma-client"]})
+        if self.secret:
+            headers.setRawHeaders(SECRET_HEADER.encode(), [self.secret.encode()])
+        d = self._agent.request(b"GET", url, headers)
 
         def got_response(response):
             if response.code != 200:

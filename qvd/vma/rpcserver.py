@@ -9,7 +9,9 @@ Each function takes the call's params (a dict of text) and returns a
 JSON-able value or a Deferred of one; an exception (or failed Deferred)
 becomes a SimpleRPC error reply with its message, never a crash. Requests on
 one connection are answered in order; a connection idle for C{idle_timeout}
-seconds is closed.
+seconds is closed. With a L{qvd.vma.secret.AgentSecret}, a call without the
+VM's secret is answered C{403} and the connection closed (logged at most
+once a minute, with the count).
 """
 
 from twisted.internet import defer
@@ -18,7 +20,8 @@ from qvd.logs import Logger
 from twisted.protocols.policies import TimeoutMixin
 
 from qvd.protocols.simplerpc import (
-    Call, Malformed, RequestParser, error_response, http_error, result_response, route)
+    SECRET_HEADER, Call, Malformed, RequestParser, error_response, http_error,
+    result_response, route)
 
 
 class RPCError(Exception):
@@ -35,8 +38,9 @@ class RPCError(Exception):
 class SimpleRPCServerProtocol(Protocol, TimeoutMixin):
     log = Logger()
 
-    def __init__(self, functions, base="/vma", idle_timeout=60.0, clock=None):
+    def __init__(self, functions, base="/vma", idle_timeout=60.0, clock=None, secret=None):
         self._functions = functions
+        self._secret = secret
         self._base = base
         self._idle_timeout = idle_timeout
         self._parser = RequestParser()
@@ -69,6 +73,11 @@ class SimpleRPCServerProtocol(Protocol, TimeoutMixin):
                 self.log.info("SimpleRPC: malformed request from {peer}: {reason}",
                               peer=self.transport.getPeer(), reason=event.reason)
                 self._send(event.response, close=True)
+                return
+            if self._secret is not None and not self._secret.allows(
+                    event.header(SECRET_HEADER)):
+                self.factory.refused(self.transport.getPeer())
+                self._send(http_error(403), close=True)
                 return
             routed = route(event, self._functions, self._base)
             close = (event.header("Connection") or "").lower() == "close"
@@ -118,16 +127,30 @@ class SimpleRPCServerFactory(Factory):
     Builds L{SimpleRPCServerProtocol}s serving C{functions} under C{base}.
     """
 
-    def __init__(self, functions, base="/vma", idle_timeout=60.0, clock=None):
+    def __init__(self, functions, base="/vma", idle_timeout=60.0, clock=None, secret=None):
         self.functions = functions
         self.base = base
         self.idle_timeout = idle_timeout
         self.clock = clock
+        self.secret = secret
+        self.refusals = 0
+        self._logged_at = None
 
     def buildProtocol(self, addr):
-        p = SimpleRPCServerProtocol(self.functions, self.base, self.idle_timeout, self.clock)
+        p = SimpleRPCServerProtocol(self.functions, self.base, self.idle_timeout, self.clock,
+                                    self.secret)
         p.factory = self
         return p
+
+    def refused(self, peer):
+        """Count a call refused for its secret; log at most once a minute."""
+        self.refusals += 1
+        now = self.clock.seconds() if self.clock is not None else None
+        if now is None or self._logged_at is None or now - self._logged_at >= 60:
+            self._logged_at = now
+            SimpleRPCServerProtocol.log.warn(
+                "SimpleRPC: call from {peer} refused: no or wrong VM secret "
+                "({n} refused so far)", peer=peer, n=self.refusals)
 
 
 __all__ = ["RPCError", "SimpleRPCServerFactory", "SimpleRPCServerProtocol", "http_error"]

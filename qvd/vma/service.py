@@ -13,6 +13,7 @@ from qvd.logs import Logger
 
 from qvd.vma.agent import VMA, VMASettings
 from qvd.vma.rpcserver import SimpleRPCServerFactory
+from qvd.vma.secret import AgentSecret
 from qvd.vma.system import LocalHost, ProcessRunner
 
 log = Logger()
@@ -75,9 +76,15 @@ def make_service(cfg, reactor):
         hooks_log = None
     runner = ProcessRunner(reactor, log_path=hooks_log)
     vma = VMA(reactor, settings, runner, LocalHost())
+    secret = AgentSecret(cfg.get("vma.secret.file"), cfg.getbool("vma.secret.required"))
+    if secret.current() is None:
+        log.warn("no VM secret in {path}: " + (
+            "every call will be refused until the HKD hands one over" if secret.required
+            else "vma.secret.required is off: anyone who reaches the agent drives it"),
+            path=secret.path)
     factory = SimpleRPCServerFactory(vma.functions(), base="/vma",
                                      idle_timeout=cfg.getfloat("vma.rpc.idle_timeout"),
-                                     clock=reactor)
+                                     clock=reactor, secret=secret)
     address = cfg.get("vma.address").strip() or "0.0.0.0"
     top = service.MultiService()
     agent = VMAService(vma)
