@@ -170,7 +170,8 @@ class HKDOnLXCTests(HKDTestMixin, pg.DatabaseTestMixin, unittest.TestCase):
 
     async def vma_ping(self, vm_id):
         from qvd.vma.client import VMAClient
-        return await VMAClient(reactor, self.ip(vm_id), 3030, timeout=4).ping()
+        secret = self.vm_row(vm_id)["vma_secret"]
+        return await VMAClient(reactor, self.ip(vm_id), 3030, timeout=4, secret=secret).ping()
 
     async def test_start_stop(self):
         """
@@ -306,7 +307,8 @@ class HKDOnLXCTests(HKDTestMixin, pg.DatabaseTestMixin, unittest.TestCase):
                 f"the container's / has mode {mode & 0o777:o}: the desktop user cannot run "
                 "the X session (qvd/virt/_lxcfs.py prepare_dirs creates the overlay upper "
                 "dir with mode 0700)")
-        client = VMAClient(reactor, row["vm_address"], row["vm_vma_port"], timeout=10)
+        client = VMAClient(reactor, row["vm_address"], row["vm_vma_port"], timeout=10,
+                           secret=row["vma_secret"])
         await client.x_start({"qvd.vm.user.name": "qvd", "qvd.client.os": "linux",
                               "qvd.client.geometry": "800x600", "qvd.client.link": "lan",
                               "qvd.client.keyboard": "pc105/us",
