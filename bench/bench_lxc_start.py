@@ -81,10 +81,11 @@ def scrub(root):
     for iface in os.listdir("/sys/class/net"):
         if iface.startswith(VETH) or iface == BRIDGE:
             subprocess.run(["ip", "link", "delete", iface], capture_output=True)
+    subprocess.run(["nft", "delete", "table", "bridge", f"qvdb{PID}"], capture_output=True)
     shutil.rmtree(root, ignore_errors=True)
 
 
-async def run_qvd(reactor, root, image, n):
+async def run_qvd(reactor, root, image, n, overrides=None):
     from qvd.config import Config, declared_keys
     from qvd.db import sync
     from qvd.db.listen import Listener
@@ -109,7 +110,9 @@ async def run_qvd(reactor, root, image, n):
         "hkd.vm.timeout.waiting_vma": "120", "hkd.vm.timeout.preparing": "600",
         "hkd.vm.vma.ping.starting": "0.1", "hkd.vm.vma.ping.interval": "2",
         "hkd.vm.vma.dead.seconds": "60", "hkd.vm.vma.dead.failures": "10",
-        "hkd.vm.timeout.powering_off": "20", "hkd.vm.timeout.shutting_down": "20"})
+        "hkd.vm.timeout.powering_off": "20", "hkd.vm.timeout.shutting_down": "20",
+        "vm.network.firewall.table": f"qvdb{PID}"})
+    values.update(overrides or {})
     config = Config(keys=declared_keys(), node=values)
     name, dsn = pg.fresh_database()
 
@@ -159,7 +162,8 @@ async def run_qvd(reactor, root, image, n):
     listener = Listener(dsn, reactor)
 
     async def x_listening(vm_id):
-        client = VMAClient(reactor, vms[vm_id], 3030, timeout=10)
+        secret = q("SELECT vma_secret FROM vm_runtimes WHERE vm_id = %s", (vm_id,))[0]
+        client = VMAClient(reactor, vms[vm_id], 3030, timeout=10, secret=secret["vma_secret"])
         try:
             await client.x_start(X_PARAMS)
             while True:
