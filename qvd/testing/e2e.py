@@ -554,6 +554,32 @@ class Stack:
         return Client(self, login, password, *extra, **kw)
 
 
+class SharedStack:
+    """
+    One L{Stack}, built by C{build()} on first use, shared by the ordered
+    tests of a class (the last one stops it):
+
+        node = SharedStack(lambda: ...)        # module level
+        def setUp(self):
+            self.stack = node.get()
+    """
+
+    def __init__(self, build):
+        self._build = build
+        self.stack = None
+
+    def get(self):
+        from twisted.trial.unittest import SkipTest
+        why = missing()
+        if why:
+            raise SkipTest(why)
+        if self.stack is None:
+            self.stack = self._build()
+        if not self.stack.started:
+            raise SkipTest("the shared node was already taken down")
+        return self.stack
+
+
 def _sessions():
     """
     (pid, session id) of every process; the daemons, the clients (and their

@@ -9,7 +9,6 @@ from twisted.trial import unittest
 
 from qvd.testing import e2e
 
-_shared = {"stack": None}
 
 CALL = """
 import sys, urllib.request, urllib.error
@@ -30,26 +29,22 @@ except OSError as e:
 """
 
 
-def _stack():
-    if _shared["stack"] is None:
-        stack = e2e.Stack("agt", subnet_base=221)
-        _shared["stack"] = stack
-        stack.start()
-        stack.bob = stack.add_user("bob", "bob-secret")
-        stack.client("bob", "bob-secret").wait_for_colour()
-    return _shared["stack"]
+def _node():
+    stack = e2e.Stack("agt", subnet_base=221)
+    stack.start()
+    stack.bob = stack.add_user("bob", "bob-secret")
+    stack.client("bob", "bob-secret").wait_for_colour()
+    return stack
+
+
+NODE = e2e.SharedStack(_node)
 
 
 class AgentSecretTests(unittest.TestCase):
     timeout = 300
 
     def setUp(self):
-        why = e2e.missing()
-        if why:
-            raise unittest.SkipTest(why)
-        self.stack = _stack()
-        if not self.stack.started:
-            raise unittest.SkipTest("the shared node was already taken down")
+        self.stack = NODE.get()
 
     def call(self, user, function, secret=""):
         done = self.stack.python_as(

@@ -14,7 +14,6 @@ from twisted.trial import unittest
 
 from qvd.testing import e2e
 
-_shared = {"stack": None}
 
 PING6 = """
 import socket, sys, time
@@ -50,16 +49,17 @@ else:
 """
 
 
-def _stack():
-    if _shared["stack"] is None:
-        stack = e2e.Stack("net", subnet_base=219)
-        _shared["stack"] = stack
-        stack.start()
-        stack.bob = stack.add_user("bob", "bob-secret")
-        stack.carol = stack.add_user("carol", "carol-secret")
-        for login in ("bob", "carol"):
-            stack.client(login, f"{login}-secret").wait_for_colour()
-    return _shared["stack"]
+def _node():
+    stack = e2e.Stack("net", subnet_base=219)
+    stack.start()
+    stack.bob = stack.add_user("bob", "bob-secret")
+    stack.carol = stack.add_user("carol", "carol-secret")
+    for login in ("bob", "carol"):
+        stack.client(login, f"{login}-secret").wait_for_colour()
+    return stack
+
+
+NODE = e2e.SharedStack(_node)
 
 
 class NodeListener:
@@ -91,12 +91,7 @@ class NetworkIsolationTests(unittest.TestCase):
     timeout = 400
 
     def setUp(self):
-        why = e2e.missing()
-        if why:
-            raise unittest.SkipTest(why)
-        self.stack = _stack()
-        if not self.stack.started:
-            raise unittest.SkipTest("the shared node was already taken down")
+        self.stack = NODE.get()
 
     def ip(self, vm_id):
         return self.stack.vm_row(vm_id)["vm_address"]
