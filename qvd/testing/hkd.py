@@ -11,6 +11,7 @@ database (qvd.testing.pg).
             await self.wait_state(vm, "running")
 """
 
+import atexit
 import os
 import subprocess
 import sys
@@ -43,7 +44,15 @@ FAST = {
     "hkd.cluster.node.timeout": "2",
     "database.listen.keepalive": "0.5",
     "path.storage.images": "/nonexistent/images",
+    # this process's own nftables table, removed at exit (tests kill HKDs)
+    "vm.network.firewall.table": f"qvdt_hkd{os.getpid()}",
 }
+
+
+@atexit.register
+def _drop_nft_table():
+    subprocess.run(["nft", "delete", "table", "bridge", FAST["vm.network.firewall.table"]],
+                   capture_output=True)
 
 
 def hkd_config(**overrides):
