@@ -5,6 +5,7 @@ SimpleRPC: the sans-IO codec and the server protocol, socket-free.
 import os
 
 from twisted.internet import defer, task
+from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
@@ -13,7 +14,8 @@ from qvd.protocols.simplerpc import (
     SECRET_HEADER, Call, Malformed, Request, RequestParser, SimpleRPCError,
     SimpleRPCProtocolError, build_request, build_request_path, new_secret,
     parse_response_body, route, secret_matches)
-from qvd.vma.rpcserver import RPCError, SimpleRPCServerFactory
+from qvd.vma.rpcserver import (
+    RPCError, RPCLimits, SimpleRPCServerFactory, SimpleRPCServerProtocol)
 from qvd.vma.secret import AgentSecret
 
 NOT_FOUND = (b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: 160\r\n\r\n"
@@ -341,7 +343,7 @@ class SecretTests(unittest.TestCase):
             p = factory.buildProtocol(None)
             p.makeConnection(StringTransport())
             p.dataReceived(b"GET /vma/ping HTTP/1.1\r\n\r\n")
-        self.assertEqual(factory.refusals, 5)
+        self.assertEqual(factory.refusals, {"no or wrong VM secret": 5})
 
     def test_new_secret(self):
         """Secrets are 43 URL-safe characters, different every time."""
@@ -349,3 +351,81 @@ class SecretTests(unittest.TestCase):
         self.assertEqual((len(a), a == b), (43, False))
         self.assertFalse(secret_matches("", ""))
         self.assertFalse(secret_matches("a", None))
+
+
+class LimitTests(unittest.TestCase):
+    """The agent's connection limits (RPCLimits) on a clock."""
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.factory = SimpleRPCServerFactory(
+            {"ping": lambda p: "pong"}, clock=self.clock,
+            limits=RPCLimits(per_source=3, total=5, request_timeout=5.0))
+
+    def connect(self, host):
+        proto = self.factory.buildProtocol(IPv4Address("TCP", host, 40000))
+        if proto is None:
+            return None, None
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def test_per_source(self):
+        """
+        A fourth connection from one address is refused unread while another
+        address still gets in; a closed connection frees its place.
+        """
+        opened = [self.connect("10.0.0.9") for _ in range(4)]
+        self.assertEqual([p is not None for p, _ in opened], [True, True, True, False])
+        other, t = self.connect("10.0.0.1")
+        other.dataReceived(b"GET /vma/ping HTTP/1.1\r\n\r\n")
+        self.assertTrue(t.value().endswith(b'"pong"\r\n'))
+        opened[0][0].connectionLost(None)
+        self.assertIsNotNone(self.connect("10.0.0.9")[0])
+        self.assertEqual(self.factory.refusals, {"too many connections from its address": 1})
+
+    def test_total(self):
+        """Past C{total} open connections, every address is refused."""
+        for i in range(5):
+            self.assertIsNotNone(self.connect(f"10.0.1.{i}")[0])
+        self.assertIsNone(self.connect("10.0.2.1")[0])
+        self.assertEqual(self.factory.open_connections, 5)
+        self.assertEqual(self.factory.refusals, {"too many connections": 1})
+
+    def test_slow_request_cut(self):
+        """
+        A request trickled byte by byte is cut 5 s after its first byte; an
+        idle connection (no request begun) is not, nor a request sent in time.
+        """
+        slow, t = self.connect("10.0.0.9")
+        idle, ti = self.connect("10.0.0.9")
+        quick, tq = self.connect("10.0.0.9")
+        for i, byte in enumerate(b"GET /vma/ping HTT"):
+            self.clock.advance(0.3)
+            slow.dataReceived(bytes([byte]))
+            if i == 3:
+                quick.dataReceived(b"GET /vma/ping HTTP/1.1\r\n\r\n")
+        self.assertFalse(t.disconnected)
+        self.clock.advance(0.3)
+        self.assertTrue(t.disconnecting or t.disconnected)
+        self.assertEqual(self.factory.refusals, {"request not complete in time": 1})
+        self.assertFalse(ti.disconnecting)
+        self.assertTrue(tq.value().endswith(b'"pong"\r\n'))
+        self.clock.advance(10)
+        self.assertFalse(tq.disconnecting)
+
+    def test_refusals_logged_once_a_minute(self):
+        """A flood of refusals logs one line a minute per reason, with the count."""
+        logged = []
+
+        class Log:
+            def warn(self, fmt, **kw):
+                logged.append(kw["n"])
+        self.patch(SimpleRPCServerProtocol, "log", Log())
+        for _ in range(3):
+            self.connect("10.0.0.9")
+        for _ in range(100):
+            self.connect("10.0.0.9")
+        self.clock.advance(61)
+        self.connect("10.0.0.9")
+        self.assertEqual(logged, [1, 101])

@@ -300,6 +300,11 @@ class RequestParser:
         self._headers = []
         self.closed = False
 
+    @property
+    def partial(self):
+        """True while a request has begun arriving but is not complete."""
+        return not self.closed and (self._head is not None or bool(self._buffer.strip()))
+
     def feed(self, data):
         events = []
         if self.closed:

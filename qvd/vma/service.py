@@ -12,7 +12,7 @@ from twisted.application import service
 from qvd.logs import Logger
 
 from qvd.vma.agent import VMA, VMASettings
-from qvd.vma.rpcserver import SimpleRPCServerFactory
+from qvd.vma.rpcserver import RPCLimits, SimpleRPCServerFactory
 from qvd.vma.secret import AgentSecret
 from qvd.vma.system import LocalHost, ProcessRunner
 
@@ -60,6 +60,19 @@ class VMAService(service.Service):
         return self.vma.shutdown()
 
 
+def _fit_descriptors(needed):
+    """Raise the soft descriptor limit to C{needed} if the hard one allows."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        if target < needed:
+            log.warn("descriptor limit {hard} is below the {needed} the SimpleRPC limits need",
+                     hard=hard, needed=needed)
+
+
 def make_service(cfg, reactor):
     """
     The VMA service of configuration C{cfg} (a L{qvd.config.Config}).
@@ -82,9 +95,11 @@ def make_service(cfg, reactor):
             "every call will be refused until the HKD hands one over" if secret.required
             else "vma.secret.required is off: anyone who reaches the agent drives it"),
             path=secret.path)
+    limits = RPCLimits.from_config(cfg)
+    _fit_descriptors(limits.total + 64)
     factory = SimpleRPCServerFactory(vma.functions(), base="/vma",
                                      idle_timeout=cfg.getfloat("vma.rpc.idle_timeout"),
-                                     clock=reactor, secret=secret)
+                                     clock=reactor, secret=secret, limits=limits)
     address = cfg.get("vma.address").strip() or "0.0.0.0"
     top = service.MultiService()
     agent = VMAService(vma)
