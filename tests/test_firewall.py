@@ -81,6 +81,25 @@ class FakeNft:
         return defer.succeed(ProcessResult(tuple(argv), self.code, "", "syntax error"))
 
 
+class SlowNft(FakeNft):
+    """An nft whose runs end when the test says so."""
+
+    def __init__(self):
+        super().__init__()
+        self.waiting = []
+
+    def __call__(self, argv, stdin):
+        self.scripts.append(stdin.decode())
+        d = defer.Deferred()
+        self.waiting.append((d, argv))
+        return d
+
+    def finish_all(self):
+        while self.waiting:
+            d, argv = self.waiting.pop(0)
+            d.callback(ProcessResult(tuple(argv), 0, "", ""))
+
+
 class NodeFirewallTests(unittest.TestCase):
 
     def test_changes(self):
@@ -102,6 +121,40 @@ class NodeFirewallTests(unittest.TestCase):
         fw = NodeFirewall(SETTINGS, None, run=nft)
         f = self.failureResultOf(fw.allow(BOB), VirtError)
         self.assertIn("syntax error", str(f.value))
+        self.assertEqual(fw.ports, {})
+
+    def test_node_addresses_follow_the_cluster(self):
+        """
+        New node addresses replace the table's set at once; the same ones run
+        nothing; a change nft refuses keeps the old ones.
+        """
+        nft = FakeNft()
+        fw = NodeFirewall(SETTINGS, None, run=nft)
+        fw.allow(BOB)
+        self.successResultOf(fw.set_node_addresses(["10.9.0.1", "10.8.0.2", "10.9.0.1"]))
+        wider = FirewallSettings(table="qvdt", node_addresses=("10.9.0.1", "10.8.0.2"),
+                                 node_allow=(("udp", 67),))
+        self.assertEqual(nft.scripts, [ruleset(SETTINGS, [BOB]), ruleset(wider, [BOB])])
+        self.successResultOf(fw.set_node_addresses(("10.9.0.1", "10.8.0.2")))
+        self.assertEqual(len(nft.scripts), 2)
+        nft.code = 1
+        self.failureResultOf(fw.set_node_addresses(["10.9.0.1"]), VirtError)
+        self.assertEqual(fw.settings, wider)
+
+    def test_changes_in_flight(self):
+        """
+        Changes made while nft still runs are all kept: two desktops
+        stopping at once leave neither (each run renders every change before it).
+        """
+        nft = SlowNft()
+        fw = NodeFirewall(SETTINGS, None, run=nft)
+        fw.allow(BOB)
+        fw.allow(CAROL)
+        nft.finish_all()
+        fw.forget(5)
+        fw.forget(6)
+        nft.finish_all()
+        self.assertEqual(nft.scripts[-1], ruleset(SETTINGS, []))
         self.assertEqual(fw.ports, {})
 
     def test_disabled(self):

@@ -101,6 +101,7 @@ class HKD(service.Service):
         self._fenced = False
         self.monitor = None
         self.firewall = None
+        self._bridge_addresses = []
         self._vm_channel = f"qvd_cmd_for_vm_on_host{host_id}"
         self._host_channel = f"qvd_cmd_for_host{host_id}"
 
@@ -156,6 +157,9 @@ class HKD(service.Service):
         self._every(self.config.getfloat("hkd.command.poll.interval"), self.poll)
         self._every(self.config.getfloat("hkd.vm.expiration.interval"), self.check_expirations)
         self._every(self.config.getfloat("hkd.l7r.check.interval"), self.check_l7r_sessions)
+        if self.firewall is not None:
+            self._every(self.config.getfloat("hkd.firewall.refresh.interval"),
+                        self.refresh_node_addresses)
         if self.config.getbool("hkd.cluster.monitor.enable") and self.dsn:
             self.monitor = ClusterMonitor(
                 self.dsn, self.db, self.reactor, self.host_id,
@@ -254,18 +258,32 @@ class HKD(service.Service):
         """
         if not hasattr(self.driver, "port_name"):
             return None
-        addresses = await self.store.host_addresses()
         bridge = self.config.get("vm.network.bridge")
         result = await run_process(self.reactor, ["ip", "-4", "-o", "address", "show",
                                                   "dev", bridge])
+        self._bridge_addresses = []
         for line in result.out.splitlines():
             fields = line.split()
             if "inet" in fields:
-                addresses.insert(0, fields[fields.index("inet") + 1].split("/")[0])
-        settings = FirewallSettings.from_config(self.config, addresses)
+                self._bridge_addresses.append(fields[fields.index("inet") + 1].split("/")[0])
+        settings = FirewallSettings.from_config(self.config, await self._node_addresses())
         if not settings.enabled:
             log.warn("vm.network.firewall.enable is off: desktops are not isolated")
         return NodeFirewall(settings, self.reactor)
+
+    async def _node_addresses(self):
+        return self._bridge_addresses + await self.store.host_addresses()
+
+    async def refresh_node_addresses(self):
+        """
+        Follow nodes joining and leaving (C{hosts.address}): the packet
+        filter admits the agent and NX connections of the current ones.
+        """
+        settings = FirewallSettings.from_config(self.config, await self._node_addresses())
+        if settings.node_addresses != self.firewall.settings.node_addresses:
+            log.info("node addresses now {addresses}: updating the desktops' filter",
+                     addresses=", ".join(settings.node_addresses))
+            await self.firewall.set_node_addresses(settings.node_addresses)
 
     async def _kill_unowned(self, vm_id):
         try:

@@ -274,6 +274,7 @@ class Stack:
         "hkd.vm.vma.ping.interval": "2",
         "hkd.vm.vma.ping.starting": "0.1",
         "internal.l7r.poll_time.x": "0.2",
+        "hkd.firewall.refresh.interval": "0.5",
     }
 
     def __init__(self, tag="e2e", subnet_base=217, fast=True):

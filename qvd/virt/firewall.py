@@ -198,9 +198,11 @@ def ruleset(settings, ports):
 class NodeFirewall:
     """
     Keeps the node's table equal to L{ruleset} of the desktops it was told
-    about. Changes are applied one at a time, in order; a change that
-    C{nft} refuses fails with L{VirtError} and is not kept.
+    about. Changes are applied one at a time, in order, each rendering every
+    change made before it (two desktops stopping at once both go); a desktop
+    that C{nft} refuses fails with L{VirtError} and is not kept.
 
+    @ivar ports: the desktops of the table in the kernel, by VM id.
     @param run: C{run(argv, stdin=bytes)} -> Deferred of a
         L{qvd.virt._process.ProcessResult}; the real C{nft} by default.
     """
@@ -209,36 +211,60 @@ class NodeFirewall:
         self.settings = settings
         self._run = run or (lambda argv, stdin: run_process(reactor, argv, stdin=stdin))
         self.ports = {}
+        self._wanted = {}
         self._lock = defer.DeferredLock()
 
-    def _apply(self, ports):
+    def _apply(self, undo):
+        """Make the table match C{_wanted}; on a refusal, C{undo()} and fail."""
         def apply():
-            script = ruleset(self.settings, ports.values())
-            d = self._run(["nft", "-f", "-"], stdin=script.encode())
+            wanted = dict(self._wanted)
+            d = self._run(["nft", "-f", "-"],
+                          stdin=ruleset(self.settings, wanted.values()).encode())
 
             def done(result):
                 if result.code != 0:
+                    undo()
                     raise VirtError(f"nft refused the desktops' rules of table "
                                     f"{self.settings.table}: {result.describe()}")
-                self.ports = ports
+                self.ports = wanted
             return d.addCallback(done)
         if not self.settings.enabled:
-            self.ports = ports
+            self.ports = dict(self._wanted)
             return defer.succeed(None)
         return self._lock.run(apply)
 
     def allow(self, port):
         """Filter C{port}'s desktop (before it starts)."""
-        ports = dict(self.ports)
-        ports[port.vm_id] = port
-        return self._apply(ports)
+        self._wanted[port.vm_id] = port
+
+        def undo():
+            if self._wanted.get(port.vm_id) is port:
+                del self._wanted[port.vm_id]
+        return self._apply(undo)
 
     def forget(self, vm_id):
         """The desktop is gone: drop its rules (the table with the last one)."""
-        ports = dict(self.ports)
-        ports.pop(vm_id, None)
-        return self._apply(ports)
+        self._wanted.pop(vm_id, None)
+        return self._apply(lambda: None)
+
+    def set_node_addresses(self, addresses):
+        """
+        The node addresses changed (a node joined or left): re-apply with
+        C{addresses}; a Deferred, at once when nothing changed. A change nft
+        refuses keeps the previous addresses.
+        """
+        addresses = tuple(dict.fromkeys(addresses))
+        if addresses == self.settings.node_addresses:
+            return defer.succeed(None)
+        previous = self.settings
+        self.settings = attrs.evolve(previous, node_addresses=addresses)
+
+        def undo():
+            self.settings = previous
+        return self._apply(undo)
 
     def keep_only(self, vm_ids):
         """Keep the rules of C{vm_ids} only, and make the table match."""
-        return self._apply({k: v for k, v in self.ports.items() if k in vm_ids})
+        for vm_id in set(self._wanted) - set(vm_ids):
+            del self._wanted[vm_id]
+        return self._apply(lambda: None)

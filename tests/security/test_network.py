@@ -6,9 +6,11 @@ his desktop user and as his container's root. One node is shared by the
 tests of the class, in order (as tests/integration/test_e2e.py).
 """
 
+import os
 import socket
 import subprocess
 import threading
+import time
 
 from twisted.trial import unittest
 
@@ -176,6 +178,38 @@ class NetworkIsolationTests(unittest.TestCase):
         client = self.stack.client("bob", "bob-secret")
         self.addCleanup(client.stop)
         client.wait_for_colour()
+
+    def test_7_joining_node_admitted(self):
+        """
+        A node added to the cluster (a hosts row) is admitted to the desktops'
+        agent and NX ports within seconds, without an HKD restart, and no
+        longer once it is removed.
+        """
+        address = f"10.254.{os.getpid() % 250}.7"
+
+        def admitted():
+            rules = self.stack.nft_rules()
+            return address in rules.split("set nodes", 1)[1].split("}", 1)[0]
+
+        def wait_for(expected):
+            deadline = time.monotonic() + 10
+            while admitted() != expected:
+                self.assertLess(time.monotonic(), deadline,
+                                f"{address} admitted is not {expected} after 10 s")
+                time.sleep(0.2)
+        self.assertFalse(admitted())
+        self.stack.query("INSERT INTO hosts (name, address) VALUES (%s, %s)",
+                         (f"joiner{os.getpid()}", address))
+        removed = []
+
+        def remove():
+            if not removed:
+                self.stack.query("DELETE FROM hosts WHERE address = %s", (address,))
+                removed.append(True)
+        self.addCleanup(remove)
+        wait_for(True)
+        remove()
+        wait_for(False)
 
     def test_9_nothing_left_behind(self):
         """After the desktops stop, the node's table is gone; the stack leaves nothing."""
