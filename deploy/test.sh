@@ -11,6 +11,6 @@ export PATH="$bin:$PATH"
 export QVD_CONFIG=/dev/null
 "$here/deploy/services.sh"
 status=0
-"$bin/python" -m twisted.trial --temp-directory="${TMPDIR:-/tmp}/qvd-trial-$$" "${@:-tests}" || status=$?
+"$bin/python" "$here/deploy/trial.py" --temp-directory="${TMPDIR:-/tmp}/qvd-trial-$$" "${@:-tests}" || status=$?
 rm -rf "${TMPDIR:-/tmp}/qvd-trial-$$"
 exit $status

@@ -74,6 +74,17 @@ def minimal_lxc_image(colour=TEST_COLOUR, stream=None):
     return path
 
 
+def minimal_base_layer(stream=None):
+    """
+    The mmdebstrap base layer of the minimal image (no qvd code in it),
+    built when missing.
+    """
+    from qvd.di.build import build_base
+    config = Config(keys=declared_keys())
+    return build_base(minimal_recipe(), config.get("di.build.cache"), Progress(stream),
+                      quiet=True)
+
+
 def lxc_test_basefs():
     """
     A C{path.storage.basefs} for tests that use L{minimal_lxc_image}: its

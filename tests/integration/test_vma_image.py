@@ -5,13 +5,11 @@ image only) and a session run as the new user, in a private mount and pid
 namespace chrooted into an overlay over the image (extracted once into
 /var/cache/qvd-test). nxproxy on the host draws it into an Xvfb.
 
-The image is C{$QVD_TEST_VMA_IMAGE_TAR} or the newest complete
-C{/var/cache/qvd-di/base-bookworm-*.tar}; without one (or without root) the
-test skips.
+The image is C{$QVD_TEST_VMA_IMAGE_TAR} or the base layer of the minimal
+test image (L{qvd.testing.images.minimal_base_layer}, built when missing).
 """
 
 import fcntl
-import glob
 import hashlib
 import os
 import re
@@ -63,8 +61,10 @@ def _image_tar():
     tar = os.environ.get("QVD_TEST_VMA_IMAGE_TAR")
     if tar:
         return tar if os.path.exists(tar) else None
-    tars = [t for t in glob.glob("/var/cache/qvd-di/base-bookworm-*.tar") if ".partial" not in t]
-    return max(tars, key=os.path.getmtime) if tars else None
+    # The base layer of the test image: built (and cached) when missing, so
+    # that this test never depends on another one having run first.
+    from qvd.testing.images import minimal_base_layer
+    return minimal_base_layer()
 
 
 SESSION = """#!/bin/sh
