@@ -359,7 +359,10 @@ class VMTests(AdminTestCase):
             (["vm", "add", "--user", "alice", "--osf", "desk", "v1"], 1, "already has a VM"),
             (["config", "set", "no.such.key", "1"], 2, "unknown configuration key 'no.such.key'"),
             (["config", "set", "osf.default.memory", "lots"], 2, "must be of type int, got 'lots'"),
-            (["config", "set", "database.host", "x"], 2, "cannot be set in the database"),
+            (["config", "set", "database.host", "x"], 2, "never read from the database"),
+            (["config", "set", "vma.display", "5"], 2, "/etc/qvd/vma.conf"),
+            (["config", "set", "client.host.name", "x"], 2, "~/.qvd/client.conf"),
+            (["config", "set", "l7r.port", "9443"], 2, "node file"),
             (["vm", "start", "ghost"], 1, "unknown VM 'ghost'"),
             (["vm", "frobnicate", "v1"], 2, "invalid choice"),
             (["host", "add", "n2", "not-an-ip"], 2, "not an IP address"),
@@ -495,8 +498,11 @@ class HostConfigPropertyTests(AdminTestCase):
         --tenant, and 'get' reports the effective value and where it comes from.
         """
         self.ok("tenant", "add", "t2")
-        self.ok("config", "set", "osf.default.memory", "512")
+        self.assertIn("within a second", self.ok("config", "set", "osf.default.memory", "512"))
         self.ok("--tenant", "t2", "config", "set", "osf.default.memory", "1024")
+        self.assertIn("when the daemons restart",
+                      self.ok("config", "set", "vm.lxc.cpu.shares", "512"))
+        self.ok("config", "del", "vm.lxc.cpu.shares")
         rows = self.query("SELECT tenant_id, value FROM configs ORDER BY tenant_id")
         self.assertEqual([(r["tenant_id"], r["value"]) for r in rows], [(-1, "512"), (2, "1024")])
         got = json.loads(self.ok("--json", "--tenant", "t2", "config", "get",

@@ -7,7 +7,10 @@ from qvd.admin._core import (
     AdminError, Result, UsageError, tenant_by_name)
 
 
-_NOT_IN_DB = ("database.", "path.db", "nodename")
+#: Where the keys of a component that no daemon reads from the database are set.
+_READERS = {"vma": "the disk image's /etc/qvd/vma.conf (the VMA reads no database)",
+            "client": "the client's ~/.qvd/client.conf",
+            "di": "the node file of the machine that builds images (qvd-di)"}
 
 
 def _config_tenant(ctx, cur):
@@ -20,9 +23,17 @@ def _config_tenant(ctx, cur):
 
 
 def _declared(ctx, key):
-    if ctx.config._declaration(key) is None:
+    declared = ctx.config._declaration(key)
+    if declared is None:
         raise UsageError(f"unknown configuration key {key!r}: see docs/config.md "
                          "('python -m qvd.config.docs') for every key")
+    return declared
+
+
+def _takes_effect(declared):
+    if declared.scope == "restart":
+        return "; takes effect when the daemons restart"
+    return "; the daemons apply it within a second"
 
 
 def config_get(ctx, cur, args):
@@ -57,11 +68,14 @@ def _source(cfg, key, tenant):
 
 def config_set(ctx, cur, args):
     key, value = args.key, args.value
-    _declared(ctx, key)
-    if key.startswith(_NOT_IN_DB) or key.startswith("l7r.ssl."):
-        where = "'qvd-admin config ssl'" if key.startswith("l7r.ssl.") else "the node file"
+    declared = _declared(ctx, key)
+    if key.startswith("l7r.ssl."):
         raise UsageError(f"configuration key {key!r} cannot be set in the database: set it "
-                         f"in {where}")
+                         "with 'qvd-admin config ssl'")
+    if declared.scope == "node":
+        where = _READERS.get(declared.component, "the node file (/etc/qvd/node.conf)")
+        raise UsageError(f"configuration key {key!r} is never read from the database: set "
+                         f"it in {where}")
     tenant_id, where = _config_tenant(ctx, cur)
     cfg = ctx.db_config(cur)
     globals_ = dict(cfg.database)
@@ -80,11 +94,12 @@ def config_set(ctx, cur, args):
                 (tenant_id, key, value))
     ctx.audit(cur, "config_set", "update", "config", None, key,
               None if tenant_id == qconfig.GLOBAL_TENANT else tenant_id, {"value": value})
-    return Result(f"{key} = {value} ({where})", data={"key": key, "value": value})
+    return Result(f"{key} = {value} ({where}){_takes_effect(declared)}",
+                  data={"key": key, "value": value, "scope": declared.scope})
 
 
 def config_del(ctx, cur, args):
-    _declared(ctx, args.key)
+    declared = _declared(ctx, args.key)
     tenant_id, where = _config_tenant(ctx, cur)
     cur.execute("DELETE FROM configs WHERE tenant_id = %s AND key = %s RETURNING value",
                 (tenant_id, args.key))
@@ -92,7 +107,8 @@ def config_del(ctx, cur, args):
         raise AdminError(f"configuration key {args.key!r} is not set in the database ({where})")
     ctx.audit(cur, "config_delete", "delete", "config", None, args.key,
               None if tenant_id == qconfig.GLOBAL_TENANT else tenant_id)
-    return Result(f"{args.key} removed from the database ({where})", data={"key": args.key})
+    return Result(f"{args.key} removed from the database ({where}){_takes_effect(declared)}",
+                  data={"key": args.key, "scope": declared.scope})
 
 
 def read_ssl_files(args):

@@ -27,6 +27,12 @@ import attrs
 DEFAULT_NODE_FILE = "/etc/qvd/node.conf"
 GLOBAL_TENANT = -1
 TYPES = ("str", "int", "float", "bool", "list")
+SCOPES = ("live", "restart", "node")
+#: The scope of a key whose declaration says none, by defaults file: keys of
+#: the VMA and the client are never read from the database, the node's
+#: drivers and paths are read when the HKD starts.
+COMPONENT_SCOPES = {"vma": "node", "client": "node", "di": "node", "core": "restart",
+                    "lxc": "restart", "kvm": "restart"}
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -49,12 +55,17 @@ class Key:
     @ivar type: one of L{TYPES}.
     @ivar doc: what the key means, for people.
     @ivar component: the defaults file that declares it (core, l7r, hkd, ...).
+    @ivar scope: how a value set in the database takes effect: C{live} (the
+        daemons apply it within a second), C{restart} (when they next start)
+        or C{node} (never: only the node file, or the program that reads the
+        key, such as the VMA in the image or the client, sets it).
     """
     name: str
     default: str
     type: str = "str"
     doc: str = ""
     component: str = ""
+    scope: str = "live"
 
     @property
     def is_family(self):
@@ -88,13 +99,14 @@ def parse_properties(text, source="<string>"):
 
 def _parse_defaults_file(path):
     component = os.path.splitext(os.path.basename(path))[0]
+    default_scope = COMPONENT_SCOPES.get(component, "live")
     keys = []
-    doc, typ = [], "str"
+    doc, typ, scope = [], "str", default_scope
     with open(path, encoding="utf-8") as f:
         for number, raw in enumerate(f, 1):
             line = raw.strip()
             if not line:
-                doc, typ = [], "str"
+                doc, typ, scope = [], "str", default_scope
                 continue
             if line.startswith("#"):
                 text = line[1:].strip()
@@ -102,14 +114,19 @@ def _parse_defaults_file(path):
                     typ = text[5:].strip()
                     if typ not in TYPES:
                         raise ConfigError(f"{path}, line {number}: unknown type {typ!r}")
+                elif text.startswith("scope:"):
+                    scope = text[6:].strip()
+                    if scope not in SCOPES:
+                        raise ConfigError(f"{path}, line {number}: unknown scope {scope!r} "
+                                          f"(one of {', '.join(SCOPES)})")
                 else:
                     doc.append(text)
                 continue
             name, sep, value = line.partition("=")
             if not sep:
                 raise ConfigError(f"{path}, line {number}: expected 'key = value'")
-            keys.append(Key(name.strip(), value.strip(), typ, " ".join(doc), component))
-            doc, typ = [], "str"
+            keys.append(Key(name.strip(), value.strip(), typ, " ".join(doc), component, scope))
+            doc, typ, scope = [], "str", default_scope
     return keys
 
 

@@ -25,10 +25,19 @@ Layers, lowest first: these defaults, the node file (`/etc/qvd/node.conf`,
 `key = value` lines), the database's global rows (`qvd-admin config set KEY VALUE`)
 and a tenant's rows (`qvd-admin --tenant NAME config set KEY VALUE`). A value may
 refer to another key as `${{other.key}}`. Keys ending in `.*` declare a family:
-any key below that prefix is accepted. Daemons reload the database layers when
-they change. `database.*`, `path.db` and `nodename` belong in the node file;
-TLS material (`l7r.ssl.*`) is stored with `qvd-admin config ssl`.
+any key below that prefix is accepted. TLS material (`l7r.ssl.*`) is stored with
+`qvd-admin config ssl`.
+
+The column *set in the database* says what a value of `qvd-admin config set` does:
+**live**: the running daemons (L7R, HKD, qvd-admin) apply it within a second, no
+restart (for the keys they read per tenant, a tenant's value for that tenant's users);
+**restart**: they read it when they start (restart them to apply it);
+**node file**: never read from the database (`qvd-admin config set` refuses it): set it
+in `/etc/qvd/node.conf`, or where the program that reads it (the VMA in the disk image,
+the client) takes its configuration.
 """
+
+_SCOPE = {"live": "live", "restart": "restart", "node": "node file"}
 
 
 def _cell(text):
@@ -49,11 +58,12 @@ def render(keys=None):
     for component in order:
         out.append(f"\n## {component}\n\n"
                    f"Declared in `qvd/config/defaults/{component}.conf`.\n\n"
-                   "| key | type | default | meaning |\n"
-                   "|---|---|---|---|\n")
+                   "| key | type | default | set in the database | meaning |\n"
+                   "|---|---|---|---|---|\n")
         for key in sorted(components[component], key=lambda k: k.name):
             doc = key.doc.replace("|", "\\|") or "-"
-            out.append(f"| `{key.name}` | {key.type} | {_cell(key.default)} | {doc} |\n")
+            out.append(f"| `{key.name}` | {key.type} | {_cell(key.default)} "
+                       f"| {_SCOPE[key.scope]} | {doc} |\n")
     return "".join(out)
 
 
