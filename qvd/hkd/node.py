@@ -20,6 +20,12 @@ poll every hkd.command.poll.interval seconds. Start commands are claimed at most
 hkd.vm.starting.max at a time (the others wait in the database).
 A node stop command (host_runtimes.cmd = 'stop') stops every VM, marks the node
 'stopped' and calls C{on_node_stopped}.
+
+Configuration: C{config} is the node's; the database's layers are put over it
+at start and followed while running (L{qvd.config.live}): the supervisors'
+timers and timeouts, the start limit and the loops' intervals follow a
+C{qvd-admin config set} within a second (the C{restart} keys of docs/config.md
+are read once, at start).
 """
 
 import os
@@ -29,6 +35,7 @@ from twisted.internet import defer, task
 from qvd.logs import Logger
 from twisted.python.failure import Failure
 
+from qvd.config.live import LiveConfig
 from qvd.hkd.cluster import ClusterMonitor
 from qvd.hkd.store import Store, StoreSettings
 from qvd.hkd.supervisor import Supervisor, SupervisorSettings
@@ -102,6 +109,7 @@ class HKD(service.Service):
         self.monitor = None
         self.firewall = None
         self._bridge_addresses = []
+        self.live = None
         self._vm_channel = f"qvd_cmd_for_vm_on_host{host_id}"
         self._host_channel = f"qvd_cmd_for_host{host_id}"
 
@@ -137,6 +145,13 @@ class HKD(service.Service):
 
     async def _start(self):
         self.state = "starting"
+        if self.live is None:
+            self.live = LiveConfig(self.config, self.db, self.listener)
+            await self.live.start()
+            self.live.subscribe(self._configure)
+        else:
+            await self.live.reload()
+        self._configure(self.live.current)
         cpu, ram = usable_resources()
         await self.store.node_starting(self.pid, self.driver.name, cpu, ram)
         log.info("node {host_id} starting (hypervisor {hv}, usable_cpu {cpu:.0f}, "
@@ -153,13 +168,7 @@ class HKD(service.Service):
         if not self._running:
             return
         self.state = "running"
-        self._every(self.config.getfloat("hkd.ticker.interval"), self.tick)
-        self._every(self.config.getfloat("hkd.command.poll.interval"), self.poll)
-        self._every(self.config.getfloat("hkd.vm.expiration.interval"), self.check_expirations)
-        self._every(self.config.getfloat("hkd.l7r.check.interval"), self.check_l7r_sessions)
-        if self.firewall is not None:
-            self._every(self.config.getfloat("hkd.firewall.refresh.interval"),
-                        self.refresh_node_addresses)
+        self._start_loops()
         if self.config.getbool("hkd.cluster.monitor.enable") and self.dsn:
             self.monitor = ClusterMonitor(
                 self.dsn, self.db, self.reactor, self.host_id,
@@ -171,6 +180,42 @@ class HKD(service.Service):
         await self.poll()
         if not self.ready.called:
             self.ready.callback(None)
+
+    def _loop_intervals(self, config):
+        """The periodic work of a running node: function -> seconds."""
+        loops = {self.tick: config.getfloat("hkd.ticker.interval"),
+                 self.poll: config.getfloat("hkd.command.poll.interval"),
+                 self.check_expirations: config.getfloat("hkd.vm.expiration.interval"),
+                 self.check_l7r_sessions: config.getfloat("hkd.l7r.check.interval")}
+        if self.firewall is not None:
+            loops[self.refresh_node_addresses] = config.getfloat(
+                "hkd.firewall.refresh.interval")
+        return loops
+
+    def _start_loops(self):
+        for function, seconds in self._loop_intervals(self.config).items():
+            self._every(seconds, function)
+
+    def _configure(self, config):
+        """
+        Apply a configuration (the first one, or a change in the database):
+        the live keys take effect now, for the VMs already running too.
+        """
+        old, self.config = self.config, config
+        self.settings = SupervisorSettings.from_config(config)
+        self.starting_max = max(1, config.getint("hkd.vm.starting.max"))
+        for sup in self.supervisors.values():
+            sup.settings = self.settings
+            sup._liveness.max_failures = self.settings.dead_failures
+            sup._liveness.max_seconds = self.settings.dead_seconds
+        if self._loops and self._loop_intervals(old) != self._loop_intervals(config):
+            for loop in self._loops:
+                if loop.running:
+                    loop.stop()
+            self._loops = []
+            self._start_loops()
+        if old is not config:
+            log.info("configuration reloaded from the database")
 
     def _every(self, seconds, function):
         def safe():
@@ -199,6 +244,8 @@ class HKD(service.Service):
         self._loops = []
         for sup in self.supervisors.values():
             sup.detach()
+        if self.live is not None:
+            self.live.unsubscribe(self._configure)
         d = self.listener.stop()
         if self.monitor is not None:
             d.addCallback(lambda _: self.monitor.stop())

@@ -18,6 +18,7 @@ from zope.interface.verify import verifyObject
 
 from qvd import logs
 from qvd.config import Config, ConfigError
+from qvd.config.live import apply_rows
 from qvd.virt.interfaces import IHypervisor
 
 
@@ -35,7 +36,8 @@ def _fail(message):
 
 def find_host(dsn, nodename):
     """
-    The id of host C{nodename}, read with a blocking connection (before the
+    The id of host C{nodename} and the database's configuration rows
+    C{(tenant_id, key, value)}, read with a blocking connection (before the
     reactor runs). Exits with a message when the database or the row is missing.
     """
     import psycopg2
@@ -46,6 +48,8 @@ def find_host(dsn, nodename):
             with conn.cursor() as cur:
                 cur.execute("SELECT id FROM hosts WHERE name = %s", (nodename,))
                 row = cur.fetchone()
+                cur.execute("SELECT tenant_id, key, value FROM configs")
+                config_rows = cur.fetchall()
                 conn.rollback()
     except DatabaseError as e:
         _fail(f"{e}; start PostgreSQL or fix database.* in the configuration")
@@ -57,7 +61,7 @@ def find_host(dsn, nodename):
         _fail(f"this node, {nodename!r}, is not registered in the hosts table: add it with "
               f"'qvd-admin host add {nodename} <its IP address>', or set nodename in "
               "the configuration (or --nodename) to a registered host")
-    return row[0]
+    return row[0], [tuple(r) for r in config_rows]
 
 
 def make_driver(config, reactor):
@@ -140,7 +144,15 @@ def makeService(options):
         dsn = database_dsn(config)
     except Exception as e:
         _fail(f"cannot reach the database: {e}")
-    host_id = find_host(dsn, nodename)
+    host_id, config_rows = find_host(dsn, nodename)
+    try:
+        # The node's drivers and paths are read once: the database's values
+        # of those keys (scope "restart") count from this start; the HKD
+        # follows the live ones (it replaces these database layers).
+        config = apply_rows(config, config_rows)
+    except ConfigError as e:
+        _fail(f"invalid configuration in the database: {e}; fix it with "
+              "'qvd-admin config set' or 'qvd-admin config del'")
     try:
         driver = make_driver(config, reactor)
     except SystemExit:

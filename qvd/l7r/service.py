@@ -12,6 +12,12 @@ re-read when its files change (checked every C{l7r.ssl.reload_interval}) or
 on NOTIFY C{qvd_config_changed} (ssl_configs changed); new connections use the
 new one, live sessions are kept. A bad new certificate is logged and the old
 one kept.
+
+The configuration is the node's under the database's layers
+(L{qvd.config.live}), read before anything else and followed while running:
+a change of a C{live} key (docs/config.md) applies to the next request or
+connection within a second of its NOTIFY; the authentication chain reads it,
+per tenant, on every login.
 """
 
 from twisted.application import service
@@ -19,6 +25,7 @@ from twisted.internet import defer, endpoints, task
 from qvd.logs import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
+from qvd.config.live import LiveConfig
 from qvd.db.listen import Listener
 from qvd.db.pool import Database, DatabaseUnavailable
 from qvd.l7r import tls
@@ -101,22 +108,25 @@ class L7RService(service.Service):
                                  keepalive=config.getfloat("database.listen.keepalive"))
         use_tls, description = split_endpoint(self.listen)
         await self._wait_for_database()
+        self.live = LiveConfig(config, self.db, self.listener)
+        await self.live.start()
+        self.config = config = self.live.current
         if use_tls:
             # Checked before listening: a bad key or certificate is one clear error.
             material = await tls.load_material(config, self.db)
             self.context_factory = tls.SwappableContextFactory(self._context(material))
             self._material = material
             self._stamps = tls.file_stamps(config)
-            self.listener.subscribe("qvd_config_changed", lambda c, p: self.reload_tls())
         await self.listener.start()
         if self.authenticator is None:
-            self.authenticator = make_authenticator(config, self.db, self.reactor)
+            self.authenticator = make_authenticator(self.live, self.db, self.reactor)
         elif not IAuthenticator.providedBy(self.authenticator):
             self.authenticator = self.authenticator(self.db)
         self.l7r = L7R(self.reactor, self.db, self.listener, self.authenticator,
                        config.get("nodename"), ServerSettings.from_config(config),
                        BrokerSettings.from_config(config), self.vma_factory, pid=self.pid)
         await self.l7r.start()
+        self.live.subscribe(self._configure)
         factory = L7RFactory(self.l7r)
         if use_tls:
             factory = TLSMemoryBIOFactory(self.context_factory, False, factory)
@@ -147,6 +157,21 @@ class L7RService(service.Service):
                          error=e, delay=delay)
                 await task.deferLater(self.reactor, delay, lambda: None)
                 delay = min(delay * 2, 10)
+
+    def _configure(self, config):
+        """A new configuration from the database: apply its live keys."""
+        self.config = config
+        l7r = getattr(self, "l7r", None)
+        if l7r is not None:
+            l7r.settings = ServerSettings.from_config(config)
+            l7r.broker.settings = BrokerSettings.from_config(config)
+        caps = getattr(self, "caps", None)
+        if caps is not None:
+            caps.per_address = config.getint("l7r.connections.per_address")
+            caps.total = config.getint("l7r.connections.max")
+        log.info("configuration reloaded from the database")
+        if self.context_factory is not None:
+            self.reload_tls()
 
     def _context(self, material):
         return tls.make_context(material, self.config.get("l7r.ssl.ciphers"),
@@ -189,6 +214,9 @@ class L7RService(service.Service):
         port, self.port = self.port, None
         if port is not None:
             await defer.maybeDeferred(port.stopListening)
+        if getattr(self, "live", None) is not None:
+            self.live.unsubscribe(self._configure)
+            await self.live.stop()
         l7r, self.l7r = getattr(self, "l7r", None), None
         if l7r is not None:
             await l7r.stop()
