@@ -30,13 +30,20 @@ class _VMA:
         return defer.succeed(self.states.pop(0) if len(self.states) > 1 else self.states[0])
 
 
+def _session(broker):
+    """A session of VM 7 running with the broker's settings."""
+    session = Session(broker.reactor, 7, _Conn())
+    session.settings = broker.settings
+    return session
+
+
 class WaitXTests(unittest.TestCase):
 
     def wait(self, states, **settings):
         clock = task.Clock()
         broker = Broker(clock, None, BrokerSettings(**settings), None)
         vma = _VMA(clock, states)
-        d = defer.ensureDeferred(broker.wait_x(Session(clock, 7, _Conn()), vma))
+        d = defer.ensureDeferred(broker.wait_x(_session(broker), vma))
         for _ in range(200):
             if d.called or not clock.getDelayedCalls():
                 break
@@ -83,7 +90,7 @@ class ConnectXTests(unittest.TestCase):
             return defer.succeed("peer")
         self.patch(broker_module, "connect_peer", connect_peer)
         broker = Broker(clock, None, BrokerSettings(nx_connect=nx_connect), None)
-        d = defer.ensureDeferred(broker.connect_x(Session(clock, 7, _Conn()), "10.0.0.2", 4100))
+        d = defer.ensureDeferred(broker.connect_x(_session(broker), "10.0.0.2", 4100))
         for _ in range(200):
             if d.called or not clock.getDelayedCalls():
                 break
@@ -107,3 +114,29 @@ class ConnectXTests(unittest.TestCase):
         d, attempts = self.connect(refusals=1000, nx_connect=2.0)
         self.failureResultOf(d, error.ConnectionRefusedError)
         self.assertLessEqual(attempts[-1], 2.0)
+
+
+class TenantSettingsTests(unittest.TestCase):
+
+    def test_tenant_layer(self):
+        """
+        A session runs with its tenant's settings (the tenant's database
+        layer over the global one); other tenants keep the global ones, and a
+        new configuration replaces both.
+        """
+        from qvd.config import Config, declared_keys
+        config = Config(keys=declared_keys()).with_database(
+            {"internal.l7r.timeout.x_start": "20"},
+            {2: {"internal.l7r.timeout.x_start": "45",
+                 "l7r.loadbalancer.plugin.default.weight.random": "0"}})
+        broker = Broker(task.Clock(), None, BrokerSettings(), None)
+        broker.configure(config)
+        self.assertEqual(broker.tenant_settings(2).x_start, 45.0)
+        self.assertEqual(broker.tenant_settings(2).weights.random, 0.0)
+        self.assertEqual(broker.tenant_settings(3).x_start, 20.0)
+        self.assertEqual(broker.settings.x_start, 20.0)
+        session = broker.new_session(7, _Conn(), tenant_id=2)
+        self.addCleanup(broker_module.PROCESS_SESSIONS.pop, session.id, None)
+        self.assertEqual(session.settings.x_start, 45.0)
+        broker.configure(config.with_database({}, {}))
+        self.assertEqual(broker.tenant_settings(2).x_start, 10.0)

@@ -91,21 +91,23 @@ class BrokerSettings:
     weights: loadbalancer.Weights = loadbalancer.Weights()
 
     @classmethod
-    def from_config(cls, config):
-        f = config.getfloat
+    def from_config(cls, config, tenant=None):
+        """The settings of C{tenant}'s sessions (None: the global ones)."""
+        def f(key):
+            return config.getfloat(key, tenant)
         return cls(
             poll_vm=f("internal.l7r.poll_time.vm"), poll_x=f("internal.l7r.poll_time.x"),
             takeover=f("internal.l7r.timeout.takeover"), vm_start=f("internal.l7r.timeout.vm_start"),
             vm_stop=f("internal.l7r.timeout.vm_stop"),
-            x_start_retries=config.getint("internal.l7r.retry.x_start"),
+            x_start_retries=config.getint("internal.l7r.retry.x_start", tenant),
             x_start=f("internal.l7r.timeout.x_start"), vma_timeout=f("internal.l7r.timeout.vma"),
             nx_connect=f("internal.l7r.timeout.nx_connect"),
             short_session=f("internal.l7r.short_session"),
             claim_max_age=f("l7r.takeover.claim_max_age"), abort_poll=f("l7r.poll_time.abort"),
             release_retry=f("l7r.release.retry"),
             counters_flush=f("l7r.counters.flush_interval"),
-            token_lifetime=config.getint("l7r.auth_token.lifetime"),
-            weights=loadbalancer.weights_from_config(config))
+            token_lifetime=config.getint("l7r.auth_token.lifetime", tenant),
+            weights=loadbalancer.weights_from_config(config, tenant))
 
 
 class Session:
@@ -126,6 +128,7 @@ class Session:
         self.aborted = None
         self.released = False
         self._sleeper = None
+        self.settings = BrokerSettings()
 
     def tell(self, text):
         self.conn.write(http.processing(text))
@@ -169,10 +172,17 @@ class Session:
 
 
 class Broker:
+    """
+    @ivar settings: the global L{BrokerSettings}; a session runs with its
+        user's tenant's (L{tenant_settings}) once authenticated.
+    """
+
     def __init__(self, reactor, db, settings, vma_factory, random=None, pid=None):
         self.reactor = reactor
         self.db = db
         self.settings = settings
+        self._config = None
+        self._by_tenant = {}
         self.vma_factory = vma_factory
         self.pid = os.getpid() if pid is None else pid
         self.host_id = None
@@ -230,8 +240,25 @@ class Broker:
 
     # -- connect_to_vm ----------------------------------------------------
 
-    def new_session(self, vm_id, conn):
+    def configure(self, config):
+        """A new configuration (live): global and per-tenant settings from C{config}."""
+        self.settings = BrokerSettings.from_config(config)
+        self._config = config
+        self._by_tenant = {}
+
+    def tenant_settings(self, tenant_id):
+        """The settings of C{tenant_id}'s sessions (its database layer over the global)."""
+        if self._config is None or tenant_id is None:
+            return self.settings
+        found = self._by_tenant.get(tenant_id)
+        if found is None:
+            found = self._by_tenant[tenant_id] = BrokerSettings.from_config(
+                self._config, tenant_id)
+        return found
+
+    def new_session(self, vm_id, conn, tenant_id=None):
         session = Session(self.reactor, vm_id, conn)
+        session.settings = self.tenant_settings(tenant_id)
         self.sessions[session.id] = session
         PROCESS_SESSIONS[session.id] = session
         return session
@@ -254,7 +281,7 @@ class Broker:
         params["qvd.slave.key"] = key = slave_key()
         row = await self.vm_row(vm_id)
         vma = self.vma_factory(self.reactor, row["vm_address"], row["vm_vma_port"],
-                               self.settings.vma_timeout, secret=row["vma_secret"] or "")
+                               session.settings.vma_timeout, secret=row["vma_secret"] or "")
         await self.start_x(session, vma, params)
         await self.wait_x(session, vma)
         await self.run_forwarder(session, row, key, on_end)
@@ -289,7 +316,7 @@ class Broker:
         Claim the VM's session, aborting a contending one (reference 1.5).
         """
         vm_id = session.vm_id
-        deadline = self.reactor.seconds() + self.settings.takeover
+        deadline = self.reactor.seconds() + session.settings.takeover
 
         async def claim(cursor):
             await cursor.execute(
@@ -334,7 +361,7 @@ class Broker:
             session.tell(f"Aborting contending session for VM_ID: {vm_id}")
             if self.reactor.seconds() > deadline:
                 raise BrokerError("Unable to acquire VM, close other clients")
-            await session.sleep(self.settings.poll_vm)
+            await session.sleep(session.settings.poll_vm)
 
     async def check_abort(self, session):
         session.check()
@@ -352,7 +379,7 @@ class Broker:
         if row["host_id"] is not None:
             return
         session.tell(f"Assigning VM {vm_id} to host")
-        host_id = await self.choose_host(vm_id, row["name"])
+        host_id = await self.choose_host(vm_id, row["name"], session.settings.weights)
 
         # One conditional UPDATE: atomic, re-checks the state it was decided on.
         if not await self.db.runQuery(
@@ -361,9 +388,10 @@ class Broker:
             raise BrokerError(f"Unable to start VM {vm_id}, state changed unexpectedly")
         await self.check_abort(session)
 
-    async def choose_host(self, vm_id, vm_name):
+    async def choose_host(self, vm_id, vm_name, weights=None):
         """
-        The node the load balancer picks for the VM (L{qvd.loadbalancer}).
+        The node the load balancer picks for the VM (L{qvd.loadbalancer}),
+        with C{weights} (default: the global ones).
         """
         try:
             dis = await self.db.runQueryDicts(loadbalancer.VM_DI_SQL, (vm_id,))
@@ -376,7 +404,8 @@ class Broker:
             hypervisor = loadbalancer.di_hypervisor(dis[0]["path"])
             hosts = [loadbalancer.HostLoad(**row)
                      for row in await self.db.runQueryDicts(loadbalancer.HOSTS_SQL)]
-            return loadbalancer.choose_host(vm_name, hypervisor, hosts, self.settings.weights,
+            return loadbalancer.choose_host(vm_name, hypervisor, hosts,
+                                            weights or self.settings.weights,
                                             self.random).host_id
         except (loadbalancer.NoHostAvailable, loadbalancer.UnknownImageKind) as e:
             log.warn("VM {vm}: no node to start it on: {reason}", vm=vm_id, reason=e)
@@ -402,7 +431,7 @@ class Broker:
         Start a stopped VM and wait until it runs (reference 2.3).
         """
         vm_id = session.vm_id
-        deadline = self.reactor.seconds() + self.settings.vm_start
+        deadline = self.reactor.seconds() + session.settings.vm_start
         row = await self.vm_row(vm_id)
         if row["vm_state"] == "running":
             return
@@ -413,7 +442,7 @@ class Broker:
                 raise BrokerError(f"Unable to start VM {vm_id}, state changed unexpectedly")
         while True:
             session.tell("Waiting for VM to reach state 'running'")
-            await session.sleep(self.settings.poll_vm)
+            await session.sleep(session.settings.poll_vm)
             await self.check_abort(session)
             row = await self.vm_row(vm_id)
             state = row["vm_state"]
@@ -430,7 +459,7 @@ class Broker:
         Stop a VM and wait until it is stopped (stop_vm).
         """
         vm_id = session.vm_id
-        deadline = self.reactor.seconds() + self.settings.vm_stop
+        deadline = self.reactor.seconds() + session.settings.vm_stop
         row = await self.vm_row(vm_id)
         if row["vm_state"] == "stopped":
             return
@@ -440,7 +469,7 @@ class Broker:
             await self.send_vm_cmd(vm_id, "stop", ("starting", "running", "debugging"))
         while True:
             session.tell("Waiting for VM to reach state 'stopped'")
-            await session.sleep(self.settings.poll_vm)
+            await session.sleep(session.settings.poll_vm)
             row = await self.vm_row(vm_id)
             state = row["vm_state"]
             if state == "stopped":
@@ -499,7 +528,7 @@ class Broker:
         vm_id = session.vm_id
         session.tell(f"Starting X session at VM {vm_id}")
         error = None
-        for _ in range(self.settings.x_start_retries + 1):
+        for _ in range(session.settings.x_start_retries + 1):
             session.check()
             try:
                 await vma.x_start(params)
@@ -507,7 +536,7 @@ class Broker:
             except (VMAError, VMAUnreachable) as e:
                 error = e
                 log.info("VM {vm}: x_start failed ({error}), retrying", vm=vm_id, error=e)
-            await session.sleep(self.settings.poll_x)
+            await session.sleep(session.settings.poll_x)
             await self.check_abort(session)
         raise BrokerError(f"Unable to start X session on VM {vm_id}: {error}")
 
@@ -519,9 +548,9 @@ class Broker:
         to every login).
         """
         vm_id = session.vm_id
-        deadline = self.reactor.seconds() + self.settings.x_start
+        deadline = self.reactor.seconds() + session.settings.x_start
         session.tell(f"Waiting for X session to come up on VM {vm_id}")
-        delay = min(X_POLL_FIRST, self.settings.poll_x)
+        delay = min(X_POLL_FIRST, session.settings.poll_x)
         while True:
             session.check()
             try:
@@ -536,7 +565,7 @@ class Broker:
             elif state != "provisioning":
                 raise BrokerError(f"Unable to start X session on VM {vm_id}, state went to {state}")
             await session.sleep(delay)
-            delay = min(delay * 2, self.settings.poll_x)
+            delay = min(delay * 2, session.settings.poll_x)
 
     async def connect_x(self, session, address, port):
         """
@@ -545,11 +574,11 @@ class Broker:
         passed: after a resume the agent says C{listening} as soon as
         nxagent prints "Resuming", a moment before nxagent listens again.
         """
-        deadline = self.reactor.seconds() + self.settings.nx_connect
+        deadline = self.reactor.seconds() + session.settings.nx_connect
         delay = X_POLL_FIRST
         while True:
             try:
-                return await connect_peer(self.reactor, address, port, self.settings.nx_connect)
+                return await connect_peer(self.reactor, address, port, session.settings.nx_connect)
             except net_error.ConnectionRefusedError:
                 if self.reactor.seconds() + delay > deadline:
                     raise
@@ -596,7 +625,7 @@ class Broker:
         session.released = True
         self.sessions.pop(session.id, None)
         PROCESS_SESSIONS.pop(session.id, None)
-        if relay is not None and relay.duration < self.settings.short_session:
+        if relay is not None and relay.duration < session.settings.short_session:
             self.count("short_sessions")
         self._pending_releases[session.id] = session.vm_id
         return self._release_one(session.id, session.vm_id)

@@ -308,7 +308,7 @@ class L7R:
     async def connect_to_vm(self, request, conn):
         host, auth, vm, params = await self._vm_request(request, conn, upgrade=True)
         broker = self.broker
-        session = broker.new_session(vm["vm_id"], conn)
+        session = broker.new_session(vm["vm_id"], conn, auth.tenant_id)
         conn.session = session
         relayed = False
         try:
@@ -344,7 +344,7 @@ class L7R:
 
     async def stop_vm(self, request, conn):
         host, auth, vm, params = await self._vm_request(request, conn, upgrade=False)
-        session = self.broker.new_session(vm["vm_id"], conn)
+        session = self.broker.new_session(vm["vm_id"], conn, auth.tenant_id)
         try:
             if vm["user_id"] != auth.user_id:
                 raise BrokerError("You are not allowed to access requested virtual machine")

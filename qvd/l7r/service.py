@@ -125,6 +125,7 @@ class L7RService(service.Service):
         self.l7r = L7R(self.reactor, self.db, self.listener, self.authenticator,
                        config.get("nodename"), ServerSettings.from_config(config),
                        BrokerSettings.from_config(config), self.vma_factory, pid=self.pid)
+        self.l7r.broker.configure(config)
         await self.l7r.start()
         self.live.subscribe(self._configure)
         factory = L7RFactory(self.l7r)
@@ -164,7 +165,7 @@ class L7RService(service.Service):
         l7r = getattr(self, "l7r", None)
         if l7r is not None:
             l7r.settings = ServerSettings.from_config(config)
-            l7r.broker.settings = BrokerSettings.from_config(config)
+            l7r.broker.configure(config)
         caps = getattr(self, "caps", None)
         if caps is not None:
             caps.per_address = config.getint("l7r.connections.per_address")
