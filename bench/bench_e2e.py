@@ -112,7 +112,7 @@ def bench_peer(reactor, image, n, out):
     from qvd.virt._lxcconfig import mounts_below
     from qvd.virt.interfaces import VMSpec
     from qvd.virt.lxc import LXCDriver
-    from qvd.vma.client import VMAClient, VMAError, VMAUnreachable
+    from qvd.vmaclient import VMAClient, VMAError, VMAUnreachable
 
     subnet, bridge = f"10.219.{PID % 200}", f"qbp{PID % 10000}"
     root = tempfile.mkdtemp(prefix="qvd-bench-e2e-peer-", dir="/var/tmp")

@@ -95,7 +95,7 @@ async def run_qvd(reactor, root, image, n, overrides=None):
     from qvd.testing import pg
     from qvd.testing.hkd import FAST
     from qvd.virt.lxc import LXCDriver
-    from qvd.vma.client import VMAClient
+    from qvd.vmaclient import VMAClient
 
     images = os.path.join(root, "storage", "images")
     os.makedirs(images, exist_ok=True)

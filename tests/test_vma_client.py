@@ -7,7 +7,7 @@ import socket
 from twisted.internet import defer, protocol, reactor
 from twisted.trial import unittest
 
-from qvd.vma.client import VMAClient, VMAError, VMAUnreachable
+from qvd.vmaclient import VMAClient, VMAError, VMAUnreachable
 from qvd.vma.rpcserver import RPCError, SimpleRPCServerFactory
 
 

@@ -9,7 +9,7 @@ from twisted.trial import unittest
 
 from qvd.config import Config, declared_keys
 from qvd.vma import tap
-from qvd.vma.client import VMAClient, VMAError
+from qvd.vmaclient import VMAClient, VMAError
 from qvd.vma.service import make_service
 
 

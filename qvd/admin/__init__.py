@@ -9,5 +9,5 @@ original's qa/qa4), working directly on the database.
 
 L{qvd.admin.cli} parses the command line and prints; L{qvd.admin.commands}
 holds one function per command, each run inside one serializable transaction;
-L{qvd.admin.addresses} allocates VM addresses.
+L{qvd.addresses} (shared with the L7R's auto-provisioning) allocates VM addresses.
 """

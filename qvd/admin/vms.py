@@ -10,7 +10,7 @@ import re
 from qvd.admin._core import (
     DIGITS, VM_SELECT, VM_STATES, AdminError, AlreadyExists, Result, UsageError, find_host,
     find_osf, find_user, find_vm, notify, one)
-from qvd.admin.addresses import AddressError, VMRange, mac_for_ip
+from qvd.addresses import AddressError, VMRange, mac_for_ip
 
 
 def vm_add(ctx, cur, args):

@@ -71,9 +71,6 @@ def make_driver(config, reactor):
     that takes the same arguments (C{LXCDriver(config, reactor)}).
     """
     name = config.get("vm.hypervisor")
-    if name == "fake":
-        from qvd.testing.fakevirt import FakeHypervisor
-        return FakeHypervisor(reactor)
     try:
         module = importlib.import_module(f"qvd.virt.{name}")
     except ImportError as e:
@@ -94,7 +91,7 @@ def make_driver(config, reactor):
 
 
 def make_vma_factory(config, reactor):
-    from qvd.vma.client import VMAClient
+    from qvd.vmaclient import VMAClient
     timeout = config.getfloat("hkd.vm.vma.timeout")
 
     def factory(host, port, secret=""):
@@ -115,7 +112,12 @@ class _Lock(service.Service):
         self.lock.release()
 
 
-def makeService(options):
+def makeService(options, driver=None, vma_factory=None):
+    """
+    The HKD service of C{options}. Tests pass a C{driver(config, reactor)}
+    and a C{vma_factory(driver, config, reactor)} (their fakes, from a .tac
+    file) instead of the configured driver and the real agent client.
+    """
     from twisted.internet import reactor
 
     from qvd.db.listen import Listener
@@ -153,20 +155,17 @@ def makeService(options):
     except ConfigError as e:
         _fail(f"invalid configuration in the database: {e}; fix it with "
               "'qvd-admin config set' or 'qvd-admin config del'")
+    make = make_driver if driver is None else driver
     try:
-        driver = make_driver(config, reactor)
+        driver = make(config, reactor)
     except SystemExit:
         raise
     except Exception as e:
         _fail(f"cannot set up the {config.get('vm.hypervisor')} driver: {e}")
-    try:
-        if config.get("vm.hypervisor") == "fake":
-            from qvd.testing.fakevirt import FakeVMA
-            vma_factory = FakeVMA(driver)
-        else:
-            vma_factory = make_vma_factory(config, reactor)
-    except ImportError as e:
-        _fail(f"the agent client qvd.vma.client is missing ({e})")
+    if vma_factory is None:
+        vma_factory = make_vma_factory(config, reactor)
+    else:
+        vma_factory = vma_factory(driver, config, reactor)
     db = Database(dsn, reactor, size=config.getint("database.pool.size"),
                   retries=config.getint("database.retry.max"))
     listener = Listener(dsn, reactor, keepalive=config.getfloat("database.listen.keepalive"))

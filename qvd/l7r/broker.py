@@ -33,7 +33,7 @@ from qvd.logs import Logger
 
 from qvd import loadbalancer
 from qvd.l7r.auth import tokens
-from qvd.vma.client import VMAError, VMAUnreachable
+from qvd.vmaclient import VMAError, VMAUnreachable
 from qvd.l7r.relay import Relay, connect_peer
 from qvd.protocols import http
 from qvd._pids import pid_alive

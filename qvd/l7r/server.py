@@ -90,7 +90,7 @@ class L7R:
 
     def __init__(self, reactor, db, listener, authenticator, nodename,
                  settings=None, broker_settings=None, vma_factory=None, pid=None):
-        from qvd.vma.client import VMAClient
+        from qvd.vmaclient import VMAClient
         self.reactor = reactor
         self.db = db
         self.listener = listener

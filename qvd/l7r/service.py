@@ -228,16 +228,6 @@ class L7RService(service.Service):
 
 
 def make_authenticator(config, db, reactor):
-    """
-    The authenticator of the configured plugin chain (qvd.l7r.auth), or,
-    until that exists, the database-password check.
-    """
-    try:
-        from qvd.l7r.auth import make_authenticator as make
-    except ImportError:
-        make = None
-    if make is not None:
-        return make(config, db, reactor)
-    log.warn("qvd.l7r.auth has no plugin chain yet: using the database-password check")
-    from qvd.testing.fakeauth import FakeAuthenticator
-    return FakeAuthenticator(db)
+    """The authenticator of the configured plugin chain (L{qvd.l7r.auth})."""
+    from qvd.l7r.auth import make_authenticator as make
+    return make(config, db, reactor)

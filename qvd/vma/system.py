@@ -1,6 +1,6 @@
 """
 The VMA's seams to the operating system: running commands and looking at users
-and file systems. Tests use the fakes in L{qvd.testing.vma}.
+and file systems. Tests pass fakes of them.
 
     runner = ProcessRunner(reactor, log_path="/var/log/qvd/qvd-hooks.log")
     result = yield runner.run(["useradd", "-m", "alice"], timeout=60)
@@ -259,7 +259,7 @@ def signal_session(sid, signame):
 class IProcessControl(Interface):
     """
     Signals to processes the VMA did not spawn itself (nxagent, the session's
-    children). Tests use L{qvd.testing.vma.FakeProcessControl}.
+    children). Tests pass a fake of it.
     """
 
     def kill(pid, signame):

@@ -187,7 +187,7 @@ class HKDOnKVMTests(HKDTestMixin, pg.DatabaseTestMixin, unittest.TestCase):
         disk holds the user's home the agent created on it, and after another
         start and session it is the same filesystem (not formatted again).
         """
-        from qvd.vma.client import VMAClient
+        from qvd.vmaclient import VMAClient
         vm = self.add_vm("alice", osf=self.osf, ip=f"{SUBNET}.20")
         proc = self.twistd()
         await self.until(lambda: self.node_state() == "running", timeout=60,

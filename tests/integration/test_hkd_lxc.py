@@ -39,7 +39,7 @@ def _missing():
     try:
         import qvd.testing.images  # noqa: F401
         import qvd.virt.lxc  # noqa: F401
-        import qvd.vma.client  # noqa: F401
+        import qvd.vmaclient  # noqa: F401
     except ImportError as e:
         return f"the LXC driver, the agent or the test images are not on this branch ({e})"
     from qvd.testing.images import cannot_build_reason
@@ -169,7 +169,7 @@ class HKDOnLXCTests(HKDTestMixin, pg.DatabaseTestMixin, unittest.TestCase):
         return sorted(name for name in out if name.startswith(PREFIX))
 
     async def vma_ping(self, vm_id):
-        from qvd.vma.client import VMAClient
+        from qvd.vmaclient import VMAClient
         secret = self.vm_row(vm_id)["vma_secret"]
         return await VMAClient(reactor, self.ip(vm_id), 3030, timeout=4, secret=secret).ping()
 
@@ -296,7 +296,7 @@ class HKDOnLXCTests(HKDTestMixin, pg.DatabaseTestMixin, unittest.TestCase):
         Once the HKD says running, x_start (what the L7R does next) brings
         nxagent to 'listening' on port 4100 of the VM.
         """
-        from qvd.vma.client import VMAClient
+        from qvd.vmaclient import VMAClient
         vm = self.vm()
         await self.start_lxc_hkd()
         self.command(vm, "start", self.host)

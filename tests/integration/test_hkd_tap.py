@@ -1,9 +1,11 @@
 """
-twistd qvd-hkd as a real process against the test PostgreSQL, with the fake
-hypervisor (vm.hypervisor = fake): start-up checks, node life cycle, SIGTERM.
+The qvd-hkd service under twistd as a real process against the test
+PostgreSQL, with the fake hypervisor passed in by fake_hkd.tac: start-up
+checks, node life cycle, SIGTERM.
 """
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -32,16 +34,16 @@ class TwistdTests(HKDTestMixin, pg.DatabaseTestMixin, unittest.TestCase):
                     f"database.host = {cluster.socketdir}\n"
                     f"database.user = {cluster.superuser}\n"
                     f"database.name = {self.dbname}\n"
-                    f"vm.hypervisor = fake\n"
                     f"hkd.lock.path = {self.dir}/hkd.lock\n"
                     f"hkd.ticker.interval = 0.2\n"
                     f"path.run = {self.dir}\n")
 
     def twistd(self, *args):
-        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                   QVD_HKD_ARGS=shlex.join(["--config", self.conf, *args]))
         return subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", "-l", os.path.join(self.dir, "hkd.log"),
-             "qvd-hkd", "--config", self.conf, *args],
+             "-y", os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_hkd.tac")],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def test_unknown_node(self):

@@ -41,7 +41,7 @@ def _skip_reason():
     if not os.path.exists(CONVERT):
         return f"{CONVERT} (imagemagick) is not installed"
     try:
-        import qvd.vma.client  # noqa: F401
+        import qvd.vmaclient  # noqa: F401
     except ImportError:
         return "qvd.vma is not on this branch"
     return None
@@ -137,7 +137,7 @@ class LXCDesktopTests(unittest.TestCase):
         the minimal desktop's colour and its marker process runs in the
         container; x_stop ends the marker; cleanup leaves nothing.
         """
-        from qvd.vma.client import VMAClient
+        from qvd.vmaclient import VMAClient
         spec = VMSpec(vm_id=1, name="desk1", login="alice", memory=256, di_id=1,
                       di_path=self.image, ip=f"{SUBNET}.10", mac="54:52:00:d7:00:0a",
                       netmask="255.255.255.0", bridge=BRIDGE, gateway=f"{SUBNET}.1")

@@ -24,7 +24,7 @@ from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 import qvd
-from qvd.vma.client import VMAClient
+from qvd.vmaclient import VMAClient
 from qvd.testing.processes import ProcessesMixin
 from qvd.testing.screen import colour_fraction
 from tests.integration.test_vma_nx import COLOUR, _free_displays, _sleep

@@ -19,7 +19,7 @@ from twisted.trial import unittest
 import qvd
 from qvd.testing.processes import ProcessesMixin
 from qvd.testing.screen import CONVERT, colour_fraction
-from qvd.vma.client import VMAClient, VMAError
+from qvd.vmaclient import VMAClient, VMAError
 
 TREE = os.path.dirname(os.path.dirname(os.path.abspath(qvd.__file__)))
 COLOUR = (0x2A, 0x7F, 0xD4)

@@ -10,7 +10,7 @@ in the user's tenant:
 - the user has a VM of OSF C{auth.auto.osf_id}; if not, VM C{<login>-<n>} is
   created (first n in 1..C{auth.auto.max_vms} whose name is free) with
   C{di_tag = auth.auto.di_tag}, an address from the VM range and the MAC
-  derived from it (L{qvd.admin.addresses}, as qvd-admin does), plus its C{vm_runtimes} and C{vm_counters}.
+  derived from it (L{qvd.addresses}, as qvd-admin does), plus its C{vm_runtimes} and C{vm_counters}.
 
 Everything happens in one serializable transaction, retried on conflicts, so
 two simultaneous first logins create one user and one VM.
@@ -18,7 +18,7 @@ two simultaneous first logins create one user and one VM.
 
 from qvd.logs import Logger
 
-from qvd.admin.addresses import AddressError, VMRange, mac_for_ip
+from qvd.addresses import AddressError, VMRange, mac_for_ip
 from qvd.db.pool import fetch_dicts
 from qvd.l7r.auth.plugin import AuthConfigError, Plugin
 

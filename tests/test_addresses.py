@@ -1,10 +1,10 @@
 """
-Tests for qvd.admin.addresses: the VM range, top-down allocation, MACs.
+Tests for qvd.addresses: the VM range, top-down allocation, MACs.
 """
 
 from twisted.trial import unittest
 
-from qvd.admin.addresses import AddressError, VMRange, mac_for_ip
+from qvd.addresses import AddressError, VMRange, mac_for_ip
 
 
 class AddressTests(unittest.TestCase):

@@ -1,5 +1,6 @@
 """
-A SimpleRPC client for the VMA, for the HKD and the L7R.
+A SimpleRPC client for the VMA, for the HKD and the L7R (outside qvd.vma: a
+desktop image carries the agent, not its callers).
 
     client = VMAClient(reactor, "10.3.15.2", port=3030, timeout=4.0)
     d = client.x_state()          # fires with "stopped", "listening", ...
