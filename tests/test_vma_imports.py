@@ -47,10 +47,21 @@ print("TWISTED", twisted.__version__)
 '''
 
 
+def image_tree(where):
+    """The qvd files a desktop image gets (qvd.di.recipe), written under C{where}."""
+    from qvd.di.recipe import _package_files
+    for path, data in _package_files(os.path.join(TREE, "qvd")):
+        full = os.path.join(where, "qvd", path)
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        with open(full, "wb") as f:
+            f.write(data)
+    return where
+
+
 class ImportTests(unittest.TestCase):
 
-    def probe(self, python):
-        env = dict(os.environ, PYTHONPATH=TREE)
+    def probe(self, python, tree=TREE):
+        env = dict(os.environ, PYTHONPATH=tree)
         out = subprocess.run([python, "-c", PROBE, self.mktemp()], env=env,
                              capture_output=True, text=True, timeout=60, cwd="/")
         self.assertEqual(out.returncode, 0, out.stderr[-2000:])
@@ -73,3 +84,16 @@ class ImportTests(unittest.TestCase):
                 "(apt-get install python3-twisted python3-attr python3-zope.interface)")
         out = self.probe(DEBIAN_PYTHON)
         self.assertIn("TWISTED", out)
+
+    def test_image_carries_the_agent_only(self):
+        """
+        A desktop image's qvd tree is the agent and what it imports: the VMA
+        builds its service from it alone, and nothing of the L7R, the HKD,
+        the database, the CLI, the drivers or the test fakes is in it.
+        """
+        tree = image_tree(os.path.abspath(self.mktemp()))
+        self.probe(DEBIAN_PYTHON if os.path.exists(DEBIAN_PYTHON) else sys.executable, tree)
+        packages = sorted(os.listdir(os.path.join(tree, "qvd")))
+        self.assertEqual(packages, ["__init__.py", "config", "logs.py", "protocols", "vma"])
+        for absent in ("l7r", "hkd", "db", "admin", "virt", "testing", "client", "di"):
+            self.assertFalse(os.path.exists(os.path.join(tree, "qvd", absent)), absent)

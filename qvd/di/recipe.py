@@ -11,6 +11,7 @@ code layer is the qvd package, the VMA's systemd unit and, for the minimal
 desktop, its session script.
 """
 
+import ast
 import hashlib
 import json
 import os
@@ -247,20 +248,69 @@ WantedBy=multi-user.target
 """
 
 
+#: Where the code of a desktop image starts: the agent's package. The image
+#: gets it and the qvd modules it imports, nothing of the L7R, HKD or CLI.
+AGENT_PACKAGE = "vma"
+
+
+def _module_file(qvd_source, name):
+    """The file of module C{name} (C{qvd.x.y}) under C{qvd_source}, or None."""
+    base = os.path.join(qvd_source, *name.split(".")[1:])
+    if os.path.isdir(base):
+        init = os.path.join(base, "__init__.py")
+        return init if os.path.exists(init) else None
+    return base + ".py" if os.path.exists(base + ".py") else None
+
+
+def agent_modules(qvd_source):
+    """
+    The qvd modules the agent needs: every module of C{qvd.vma} and,
+    transitively, every qvd module one of them imports (at any level of the
+    code, so lazy imports count), with their packages.
+    """
+    agent = os.path.join(qvd_source, AGENT_PACKAGE)
+    todo = [f"qvd.{AGENT_PACKAGE}"] + [
+        f"qvd.{AGENT_PACKAGE}.{name[:-3]}" for name in os.listdir(agent)
+        if name.endswith(".py") and name != "__init__.py"]
+    found = {}
+    while todo:
+        name = todo.pop()
+        if name in found:
+            continue
+        path = _module_file(qvd_source, name)
+        if path is None:
+            continue        # "from qvd.x import name" where name is not a module
+        found[name] = path
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), path)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                todo += [a.name for a in node.names if a.name.split(".")[0] == "qvd"]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module \
+                    and node.module.split(".")[0] == "qvd":
+                todo.append(node.module)
+                todo += [f"{node.module}.{a.name}" for a in node.names]
+    return found
+
+
 def _package_files(qvd_source):
     """
-    (relative path, bytes) of every file of the qvd package worth copying,
-    in a stable order.
+    (relative path, bytes) of every file of the qvd package that goes into
+    a desktop image (L{agent_modules}, and the configuration's declarations
+    when the agent reads its configuration), in a stable order.
     """
+    modules = agent_modules(qvd_source)
+    paths = set(modules.values())
+    if "qvd.config" in modules:
+        defaults = os.path.join(qvd_source, "config", "defaults")
+        paths.update(os.path.join(defaults, name) for name in os.listdir(defaults)
+                     if name.endswith(".conf"))
     result = []
-    for directory, dirs, names in os.walk(qvd_source):
-        dirs[:] = sorted(d for d in dirs if d != "__pycache__" and not d.startswith("."))
-        for name in sorted(names):
-            if name.endswith((".pyc", ".pyo", "~")) or name.startswith("."):
-                continue
-            full = os.path.join(directory, name)
-            with open(full, "rb") as f:
-                result.append((os.path.relpath(full, qvd_source), f.read()))
+    for full in sorted(paths, key=lambda p: os.path.relpath(p, qvd_source)):
+        with open(full, "rb") as f:
+            result.append((os.path.relpath(full, qvd_source), f.read()))
     return result
 
 
