@@ -153,3 +153,30 @@ class RefusalTests(unittest.TestCase):
         """The error text does not repeat what the client sent (it may be a cookie)."""
         e = self.refused(b"NXPROXY-3.5.0 cookie=" + OTHER.encode() + b"\n")
         self.assertNotIn(OTHER, str(e))
+
+
+class FuzzTests(unittest.TestCase):
+
+    @given(st.binary(max_size=200), st.integers(min_value=1, max_value=200))
+    def test_anything(self, tail, cut):
+        """
+        Whatever follows NXPROXY-, in whatever reads: the rewriter waits,
+        refuses with a GreetingError, or passes on a greeting whose only
+        cookie is ours, followed by the rest of the bytes unchanged.
+        """
+        data = b"NXPROXY-" + tail
+        rewriter = nx.GreetingRewriter(COOKIE)
+        try:
+            out = rewriter.feed(data[:cut])
+            if out is None and cut < len(data):
+                out = rewriter.feed(data[cut:])
+        except nx.GreetingError:
+            return
+        if out is None:
+            return
+        head, _, rest = out.partition(b" ")
+        options, _, after = rest.partition(b" ")
+        cookies = [i for i in options.split(b",") if i.startswith(b"cookie=")]
+        self.assertEqual(cookies, [b"cookie=" + COOKIE.encode()])
+        self.assertTrue(data.endswith(after))
+        self.assertEqual(out[:8], b"NXPROXY-")
