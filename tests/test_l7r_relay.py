@@ -82,3 +82,75 @@ class RelayTests(unittest.TestCase):
         self.assertEqual(client.transport.value(), b"bye")
         self.assertTrue(client.transport.disconnecting)
         self.assertEqual(ended, [relay])
+
+
+COOKIE = "0123456789abcdef0123456789abcdef"
+GREETING = b"NXPROXY-3.5.0-3.5.99 stream=default,data=default "
+REWRITTEN = b"NXPROXY-3.5.0-3.5.99 cookie=" + COOKIE.encode() + b",stream=default,data=default "
+
+
+def wired_with_cookie():
+    clock = task.Clock()
+    client = FakeClient()
+    peer = PeerProtocol()
+    peer.makeConnection(StringTransport())
+    ended = []
+    relay = Relay(client, peer, ended.append, clock=clock.seconds, nx_cookie=COOKIE)
+    return client, peer, relay, ended
+
+
+class GreetingRelayTests(unittest.TestCase):
+    def test_cookie_put_in(self):
+        """With a session cookie, the client's greeting reaches nxagent with it;
+        split reads are held until the greeting is complete."""
+        client, peer, relay, ended = wired_with_cookie()
+        relay.start(GREETING[:10])
+        relay.from_client(GREETING[10:30])
+        self.assertEqual(peer.transport.value(), b"")
+        relay.from_client(GREETING[30:] + b"cachefile=none ")
+        self.assertEqual(peer.transport.value(), REWRITTEN + b"cachefile=none ")
+
+    def test_greeting_in_buffered_bytes(self):
+        """A greeting the client sent together with its request is rewritten too."""
+        client, peer, relay, ended = wired_with_cookie()
+        relay.start(GREETING + b"\x00\x01")
+        self.assertEqual(peer.transport.value(), REWRITTEN + b"\x00\x01")
+
+    def test_direct_afterwards(self):
+        """After the greeting the client's bytes go to nxagent's transport's own
+        write, untouched: no code of the relay's between them."""
+        client, peer, relay, ended = wired_with_cookie()
+        relay.start()
+        relay.from_client(GREETING)
+        self.assertEqual(relay.from_client, peer.transport.write)
+        relay.from_client(b"NXPROXY-x garbage\xff")
+        self.assertEqual(peer.transport.value(), REWRITTEN + b"NXPROXY-x garbage\xff")
+
+    def test_without_cookie_direct(self):
+        """Without a session cookie nothing is parsed: bytes go straight through."""
+        clock, client, peer, relay, ended = wired()
+        relay.start()
+        self.assertEqual(relay.from_client, peer.transport.write)
+        relay.from_client(b"anything")
+        self.assertEqual(peer.transport.value(), b"anything")
+
+    def test_garbage_cuts(self):
+        """A stream that is no NX greeting closes both sides; nxagent gets nothing,
+        and what the client sends after that is dropped."""
+        client, peer, relay, ended = wired_with_cookie()
+        relay.start()
+        relay.from_client(b"GET / HTTP/1.1\r\n")
+        self.assertTrue(client.transport.disconnecting and peer.transport.disconnecting)
+        self.assertIn("NXPROXY-", relay.reason)
+        relay.from_client(GREETING)
+        self.assertEqual(peer.transport.value(), b"")
+
+    def test_oversize_cuts(self):
+        """A greeting that does not end within 1 KiB closes the relay, nothing passed on."""
+        client, peer, relay, ended = wired_with_cookie()
+        relay.start()
+        relay.from_client(b"NXPROXY-3.5.0 " + b"a" * 600)
+        self.assertFalse(peer.transport.disconnecting)
+        relay.from_client(b"a" * 600)
+        self.assertTrue(client.transport.disconnecting and peer.transport.disconnecting)
+        self.assertEqual(peer.transport.value(), b"")

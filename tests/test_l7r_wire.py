@@ -30,6 +30,7 @@ from qvd.testing.pg import DatabaseTestMixin
 
 PASSWORD_HASH = legacy_hash("secret", "qvd1234")  # fast to verify; argon2 is the auth tests' business
 BASIC = "Basic " + base64.b64encode(b"ana:secret").decode()
+NX_GREETING = b"NXPROXY-3.5.0-3.5.99 stream=default,data=default "
 
 
 def sleep(seconds):
@@ -162,7 +163,21 @@ class L7RWireMixin(DatabaseTestMixin):
             await sleep(0.02)
         self.assertEqual(self.query(sql), expected)
 
+    async def greet(self, c):
+        """
+        Send the NX greeting a client's nxproxy sends first; the echo shows it
+        reached nxagent with the cookie the VMA got in its last x_start.
+        """
+        cookie = self.vma.starts[-1]["qvd.nx.cookie"]
+        c.send(NX_GREETING)
+        expected = NX_GREETING.replace(b" stream=", b" cookie=%s,stream=" % cookie.encode())
+        await c.wait(lambda: bytes(c.buffer).endswith(expected), what="the greeting's echo")
+        del c.buffer[:]
+        c.greeted = True
+
     async def echo_through(self, c, payload=b"hello nx"):
+        if not getattr(c, "greeted", False):
+            await self.greet(c)
         c.send(payload)
         await c.wait(lambda: bytes(c.buffer).endswith(payload), what="the echo")
         del c.buffer[:]
@@ -303,9 +318,10 @@ class ConnectTests(L7RWireMixin, unittest.TestCase):
     async def test_connect_and_relay(self):
         """connect_to_vm starts the stopped VM, streams the original's 102 lines,
         answers 101 with a slave key and relays bytes (including those sent right
-        after the request) to nxagent; closing returns the VM to disconnected."""
+        after the request) to nxagent, the NX greeting with the cookie the VMA
+        got in x_start; closing returns the VM to disconnected."""
         c = await self.client()
-        c.send(self.connect_request() + b"NXPROXY-3.5.0 early")
+        c.send(self.connect_request() + b"NXPROXY-3.5.0 stream=default early")
         status, head, body, infos = await c.final_response()
         vm = self.vm_id
         self.assertEqual(infos[:4], [f"Session acquired for VM_ID: {vm}",
@@ -317,8 +333,13 @@ class ConnectTests(L7RWireMixin, unittest.TestCase):
                                       "Connection established"])
         self.assertRegex(head, rb"^HTTP/1\.1 101 Switching Protocols\r\nX-QVD-Slave-Key: "
                                rb"[A-Za-z0-9]{64}\r\n\r\n$")
-        await c.wait(lambda: bytes(c.buffer) == b"NXPROXY-3.5.0 early", what="early bytes")
+        cookie = self.vma.starts[0]["qvd.nx.cookie"]
+        self.assertRegex(cookie, "^[0-9a-f]{32}$")
+        self.assertNotIn(cookie.encode(), head + body)
+        await c.wait(lambda: bytes(c.buffer) == b"NXPROXY-3.5.0 cookie=%s,stream=default early"
+                     % cookie.encode(), what="early bytes")
         del c.buffer[:]
+        c.greeted = True
         await self.echo_through(c, bytes(range(256)) * 100)
         row = self.query("SELECT vm_state, user_state, l7r_host_id, real_user_id FROM vm_runtimes")
         self.assertEqual(row, [{"vm_state": "running", "user_state": "connected",
@@ -359,6 +380,41 @@ class ConnectTests(L7RWireMixin, unittest.TestCase):
         await self.connected()
         self.assertEqual(self.vma.starts[0]["qvd.client.geometry"], "vm")
         self.assertEqual(self.vma.starts[0]["qvd.vm.user.name"], "ana")
+
+    @d
+    async def test_nx_cookie_per_connection(self):
+        """Every connection gets a new NX cookie in x_start (a resume too); the
+        client's query cannot set one (403) and a property named like it is
+        overridden; each relay puts its own connection's cookie in the greeting."""
+        self.assertEqual(await self.request(self.connect_request(
+            extra=b"&qvd.nx.cookie=" + b"0" * 32)),
+            http.error_response(403, "Invalid parameters qvd.nx.cookie"))
+        pid = self.query("INSERT INTO properties_list (key, tenant_id, qvd_object)"
+                         " VALUES ('qvd.nx.cookie', 1, 'vm') RETURNING id")[0]["id"]
+        self.query("INSERT INTO vm_properties (vm_id, property_id, value) VALUES (%s, %s, %s)",
+                   (self.vm_id, pid, "1" * 32))
+        first, _, _ = await self.connected()
+        await self.echo_through(first)
+        await first.close()
+        await self.eventually("SELECT user_state FROM vm_runtimes",
+                              [{"user_state": "disconnected"}])
+        second, _, _ = await self.connected()
+        await self.echo_through(second)
+        cookies = [start["qvd.nx.cookie"] for start in self.vma.starts]
+        self.assertEqual(len(cookies), 2)
+        self.assertNotEqual(cookies[0], cookies[1])
+        self.assertNotIn("1" * 32, cookies)
+
+    @d
+    async def test_not_nx_after_101_closed(self):
+        """A client that sends something other than an NX greeting after the 101
+        is disconnected; nxagent's side gets none of it and the VM is released."""
+        c, _, _ = await self.connected()
+        c.send(b"GET /qvd/list_of_vm HTTP/1.1\r\n\r\n")
+        await c.lost
+        await self.eventually("SELECT user_state FROM vm_runtimes",
+                              [{"user_state": "disconnected"}])
+        self.assertEqual(self.echo.received, b"")
 
     @d
     async def test_x_start_retry(self):

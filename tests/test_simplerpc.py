@@ -174,6 +174,26 @@ class ServerProtocolTests(unittest.TestCase):
         self.assertTrue(out.endswith(b'"pong"\r\n'))
         self.flushLoggedErrors(KeyError)
 
+    def test_exception_log_hides_secrets(self):
+        """The log of a failed call masks the NX cookie, slave key and token."""
+        from twisted.logger import globalLogPublisher
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+
+        def boom(params):
+            raise KeyError("k")
+        proto, t = self.connect({"x_start": boom})
+        proto.dataReceived(b"GET /vma/x_start?qvd.nx.cookie=c00c1e&qvd.slave.key=s1ave"
+                           b"&auth_token=t0ken&qvd.client.os=linux HTTP/1.1\r\n\r\n")
+        self.flushLoggedErrors(KeyError)
+        logged = [e for e in events if e.get("fn") == "x_start"]
+        self.assertEqual(len(logged), 1)
+        text = repr(logged[0].get("params"))
+        for secret in ("c00c1e", "s1ave", "t0ken"):
+            self.assertNotIn(secret, text)
+        self.assertIn("linux", text)
+
     def test_rpc_error(self):
         """An RPCError is answered with exactly its message."""
         def no(params):

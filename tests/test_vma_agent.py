@@ -25,6 +25,7 @@ PARAMS = {"qvd.vm.user.name": "alice", "qvd.client.keyboard": "pc105/es",
           "qvd.client.os": "linux", "qvd.client.link": "adsl",
           "qvd.client.geometry": "1024x768", "qvd.client.fullscreen": "0",
           "qvd.slave.key": "s3cret"}
+COOKIE = "0123456789abcdef0123456789abcdef"
 
 
 class OptionsTests(unittest.TestCase):
@@ -55,6 +56,27 @@ class OptionsTests(unittest.TestCase):
         self.assertIn("qvd.client.geometry", str(e))
         props = fill_props({"qvd.client.nxagent.extra_args": "a=b:7"}, SessionSettings())
         self.assertRaises(OptionsError, nxagent_options, props, SessionSettings())
+
+    def test_cookie(self):
+        """With the L7R's cookie the line starts nx/nx,cookie=<cookie>; a cookie
+        that is not 32 hex digits is refused without echoing it."""
+        props = fill_props(PARAMS, SessionSettings())
+        self.assertEqual(
+            nxagent_options(props, SessionSettings(), cookie=COOKIE),
+            f"nx/nx,cookie={COOKIE},keyboard=pc105/es,client=linux,link=adsl,"
+            "geometry=1024x768,fullscreen=0,tolerancechecks=risky:100")
+        for bad in ("abc", COOKIE + ",listen=1", COOKIE[:-1] + "g"):
+            e = self.assertRaises(OptionsError, nxagent_options, props, SessionSettings(),
+                                  cookie=bad)
+            self.assertIn("qvd.nx.cookie", str(e))
+            self.assertNotIn(bad, str(e))
+
+    def test_client_cannot_set_cookie(self):
+        """qvd.client.nxagent.extra_args cannot set nxagent's cookie."""
+        props = fill_props({"qvd.client.nxagent.extra_args": f"cache=8M,cookie={COOKIE}"},
+                           SessionSettings())
+        e = self.assertRaises(OptionsError, nxagent_options, props, SessionSettings())
+        self.assertIn("cookie", str(e))
 
     def test_fill_props(self):
         """User defaults to vma.user.default.name and home is always <home>/<user>."""
@@ -244,6 +266,45 @@ class AgentTests(AgentTestCase):
         self.assertEqual(self.vma.x_state({}), "starting")
         self.lines(p, "Session: Resuming session at 'x'.")
         self.assertEqual(self.vma.x_state({}), "listening")
+
+    @defer.inlineCallbacks
+    def test_cookie_in_options_only(self):
+        """
+        The L7R's NX cookie goes into the options file, readable by the
+        session user only; hooks (whose arguments the desktop can read) and
+        the session's environment and command line never see it.
+        """
+        self.vma = VMA(self.reactor, self.make_settings(
+            on_action={"pre-connect": "/hooks/pre", "connect": "/hooks/conn"}),
+            self.runner, self.host, self.procs)
+        p = yield self.start(dict(PARAMS, **{"qvd.nx.cookie": COOKIE}))
+        self.assertTrue(self.read("nxagent.conf").startswith(f"nx/nx,cookie={COOKIE},"))
+        st = os.stat(self.settings.nxagent_config)
+        self.assertEqual((st.st_mode & 0o777, st.st_uid, st.st_gid), (0o600, 1234, 1234))
+        hooks = [c for c in self.runner.commands if c[0].startswith("/hooks/")]
+        self.assertEqual(len(hooks), 2)
+        for argv in hooks + [p.argv, list(p.kwargs["env"].values())]:
+            self.assertFalse(any(COOKIE in a for a in argv), argv)
+        self.assertNotIn("qvd.nx.cookie", self.vma._props)
+
+    @defer.inlineCallbacks
+    def test_resume_takes_new_cookie(self):
+        """A resume writes the new connection's cookie before nxagent gets its HUP
+        (nxagent reads its options again when it resumes)."""
+        p = yield self.connected()
+        self.lines(p, "Session: Suspending session at 'x'.", "Session: Session suspended at 'x'.")
+        other = "f" * 32
+        yield self.start(dict(PARAMS, **{"qvd.nx.cookie": other}))
+        self.assertTrue(self.read("nxagent.conf").startswith(f"nx/nx,cookie={other},"))
+        self.assertEqual(self.procs.sent[-1], (777, "HUP"))
+
+    @defer.inlineCallbacks
+    def test_bad_cookie_refused(self):
+        """An x_start whose cookie is not 32 hex digits fails and starts nothing."""
+        e = yield self.assertFailure(
+            self.vma.x_start(dict(PARAMS, **{"qvd.nx.cookie": "x,listen=9"})), RPCError)
+        self.assertIn("qvd.nx.cookie", e.message)
+        self.assertEqual((self.vma.machine.state, self.reactor.spawned), ("stopped", []))
 
     @defer.inlineCallbacks
     def test_start_in_other_state(self):

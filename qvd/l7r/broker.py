@@ -12,9 +12,10 @@ abort the contending one and retry until C{takeover} seconds passed; a claim
 left by a dead L7R expires), assign a node to a stopped VM (load balancer),
 C{vm_cmd='start'} + NOTIFY the node, wait for C{running} (LISTEN
 C{qvd_vm_state}, slow poll), C{x_start} on the VMA (retried when it says retry
-later), poll C{x_state} until C{listening}, connect to nxagent, set
-C{connected}, C{101}, relay. Every failure raises L{BrokerError} with the
-reason the client gets inside its 503.
+later; its params carry a new NX cookie, C{qvd.nx.cookie}), poll C{x_state}
+until C{listening}, connect to nxagent, set C{connected}, C{101}, relay
+(which puts the cookie into the client's NX greeting). Every failure raises
+L{BrokerError} with the reason the client gets inside its 503.
 
 A L{Session} is one claim of one VM by one client connection. Its waits end
 early when the VM's state changes (L{Session.wake}) and fail with
@@ -35,7 +36,7 @@ from qvd import loadbalancer
 from qvd.l7r.auth import tokens
 from qvd.vmaclient import VMAError, VMAUnreachable
 from qvd.l7r.relay import Relay, connect_peer
-from qvd.protocols import http
+from qvd.protocols import http, nx
 from qvd._pids import pid_alive
 
 log = Logger()
@@ -279,12 +280,16 @@ class Broker:
         params.update(await self.combined_properties(vm_id))
         params.update(auth.params)
         params["qvd.slave.key"] = key = slave_key()
+        # A new NX cookie for every connection (a resume too: nxagent reads
+        # its options, cookie included, again when it resumes), set last so
+        # no property can choose it; the relay puts it into the greeting.
+        params[nx.COOKIE_PARAM] = cookie = nx.new_cookie()
         row = await self.vm_row(vm_id)
         vma = self.vma_factory(self.reactor, row["vm_address"], row["vm_vma_port"],
                                session.settings.vma_timeout, secret=row["vma_secret"] or "")
         await self.start_x(session, vma, params)
         await self.wait_x(session, vma)
-        await self.run_forwarder(session, row, key, on_end)
+        await self.run_forwarder(session, row, key, on_end, cookie)
 
     _VM_COLUMNS = ("vm_id", "host_id", "vm_state", "vm_cmd", "user_state", "user_cmd",
                    "l7r_session", "vm_address", "vm_vma_port", "vm_x_port", "vma_secret")
@@ -585,7 +590,7 @@ class Broker:
             await session.sleep(delay)
             delay = min(delay * 2, 0.5)
 
-    async def run_forwarder(self, session, row, key, on_end):
+    async def run_forwarder(self, session, row, key, on_end, nx_cookie=None):
         vm_id = session.vm_id
         session.tell(f"Connecting X session for VM_ID: {vm_id}")
         self.count("nx_attempts")
@@ -610,7 +615,8 @@ class Broker:
             raise
         session.tell("Connection established")
         session.conn.write(http.switching_protocols(key))
-        session.relay = Relay(session.conn, peer, on_end, clock=self.reactor.seconds)
+        session.relay = Relay(session.conn, peer, on_end, clock=self.reactor.seconds,
+                              nx_cookie=nx_cookie)
         session.conn.start_relay(session.relay)
 
     # -- release ----------------------------------------------------------

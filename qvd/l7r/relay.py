@@ -4,7 +4,7 @@ connection to the VM's nxagent port, joined with producer/consumer
 back-pressure both ways.
 
     peer = await connect_peer(reactor, vm_address, vm_x_port, timeout)  # before the 101
-    relay = Relay(client_protocol, peer, on_end)
+    relay = Relay(client_protocol, peer, on_end, nx_cookie=cookie)
     relay.start(already_buffered_bytes)
 
 Each side's transport is registered as the streaming producer of the other's,
@@ -12,12 +12,20 @@ so a slow reader pauses the other side's socket instead of growing a buffer.
 Data moves in whole chunks (no per-byte work). When either side closes, the
 other is closed and C{on_end(relay)} is called once. Nothing here touches the
 database: a PostgreSQL outage does not affect running relays.
+
+With C{nx_cookie}, the client's first bytes are its clear-text NX greeting:
+they are held (at most L{qvd.protocols.nx.MAX_GREETING} bytes) until the
+greeting is complete, which is passed on with the session's cookie in it
+(L{qvd.protocols.nx.GreetingRewriter}); a stream that is no greeting closes
+the relay. From then on C{from_client} is the VM side's C{write} itself: the
+bytes after the greeting are not looked at or copied.
 """
 
 import time
 
 from twisted.internet import defer, endpoints, protocol
 from qvd.logs import Logger
+from qvd.protocols import nx
 
 log = Logger()
 
@@ -90,10 +98,12 @@ class Relay:
         it must pass the bytes it receives to L{from_client}.
     @ivar peer: the L{PeerProtocol} of the VM side.
     @ivar started: monotonic time the relay started.
-    @ivar bytes_in: bytes from the client; C{bytes_out}: bytes to it.
+    @ivar reason: why the relay was cut (L{stop}), else C{None}.
+    @ivar from_client: call it with the bytes the client sends (until the
+        greeting is rewritten a method, then the VM side's C{write}).
     """
 
-    def __init__(self, client, peer, on_end, clock=time.monotonic):
+    def __init__(self, client, peer, on_end, clock=time.monotonic, nx_cookie=None):
         self.client = client
         self.peer = peer
         self.on_end = on_end
@@ -101,6 +111,8 @@ class Relay:
         self.started = None
         self.ended = False
         self.reason = None
+        self._greeting = None if nx_cookie is None else nx.GreetingRewriter(nx_cookie)
+        self.from_client = self._from_client
 
     def start(self, buffered=b""):
         self.started = self.clock()
@@ -111,14 +123,32 @@ class Relay:
         early, self.peer._early = self.peer._early, []
         for data in early:
             self.client.transport.write(data)
+        if self._greeting is None:
+            self.from_client = self.peer.transport.write
         if buffered:
-            self.peer.transport.write(buffered)
+            self.from_client(buffered)
         if self.peer.closed:
             # nxagent closed between the connect and the 101.
             self.peer_lost(None)
 
-    def from_client(self, data):
-        self.peer.transport.write(data)
+    def _from_client(self, data):
+        """
+        The client's bytes while its NX greeting is incomplete (or before
+        L{start}): rewritten, then the VM side's C{write} takes over.
+        """
+        if self._greeting is None:
+            self.peer.transport.write(data)
+            return
+        try:
+            out = self._greeting.feed(data)
+        except nx.GreetingError as e:
+            self.stop(str(e))           # on_end logs the reason
+            self.from_client = _drop
+            return
+        if out is not None:
+            self._greeting = None
+            self.from_client = self.peer.transport.write
+            self.peer.transport.write(out)
 
     def stop(self, reason):
         """
@@ -144,3 +174,7 @@ class Relay:
     @property
     def duration(self):
         return 0.0 if self.started is None else self.clock() - self.started
+
+
+def _drop(data):
+    """What a cut relay does with what the client still sends."""

@@ -322,9 +322,10 @@ class L7R:
 
             def ended(relay):
                 conn.session = None
-                log.info("VM {vm}: session of {login} from {ip} ended after {seconds:.0f} s",
-                         vm=vm["vm_id"], login=auth.login, ip=conn.peer_ip,
-                         seconds=self.reactor.seconds() - began)
+                log.info("VM {vm}: session of {login} from {ip} ended after {seconds:.0f} s"
+                         "{why}", vm=vm["vm_id"], login=auth.login, ip=conn.peer_ip,
+                         seconds=self.reactor.seconds() - began,
+                         why=f" ({relay.reason})" if relay.reason else "")
                 broker.release(session, relay)
             await broker.connect(session, vm, params, auth, host["address"], ended)
             relayed = True

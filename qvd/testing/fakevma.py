@@ -71,6 +71,7 @@ class Echo(protocol.Protocol):
         self.factory.connections.append(self)
 
     def dataReceived(self, data):
+        self.factory.received += data
         self.transport.write(data)
 
     def connectionLost(self, reason):
@@ -85,3 +86,4 @@ class EchoFactory(protocol.Factory):
     def __init__(self):
         self.connections = []
         self.closed = 0
+        self.received = b""     # every byte any connection got

@@ -13,6 +13,13 @@ file and C{xinit <session> -- nxagent :<display> ...} (as the user) follow in
 the background while the L7R polls x_state. On C{suspended} it rewrites the
 options and HUPs nxagent (resume); on C{connected} it HUPs (suspend) and fails
 with "retry later"; in any other state it fails.
+
+The L7R sends a new NX cookie with every x_start (C{qvd.nx.cookie}); it goes
+into the options file (mode 0600, the session user's) as C{cookie=}, so
+nxagent refuses NX connections that did not come through the L7R's relay,
+which puts the cookie into the client's greeting. nxagent reads its options
+again when it resumes, so a resume takes the new connection's cookie. An
+x_start without one (an original QVD L7R) starts a session without a cookie.
 """
 
 import contextlib
@@ -28,6 +35,7 @@ from twisted.internet import defer, protocol
 from qvd.logs import Logger
 from zope.interface import implementer
 
+from qvd.protocols.nx import COOKIE_PARAM
 from qvd.vma.options import (
     OptionsError, SessionSettings, fill_props, hook_arguments, nxagent_options)
 from qvd.vma.provision import Provisioner, ProvisioningError, ProvisioningSettings
@@ -289,9 +297,13 @@ class VMA:
         if state not in ("stopped", "suspended"):
             raise RPCError(f"Unable to start/resume X session in state {state}, "
                            "try again in a few minutes")
+        # The session's NX cookie goes into nxagent's options only: hooks
+        # (whose arguments every process of the desktop can read) never see it.
+        params = dict(params)
+        cookie = params.pop(COOKIE_PARAM, None) or None
         try:
             props = fill_props(params, self.settings.session)
-            options = nxagent_options(props, self.settings.session)
+            options = nxagent_options(props, self.settings.session, cookie=cookie)
             if self.settings.provisioning_enabled:
                 self._check_account(props["qvd.vm.user.name"])
         except OptionsError as e:
@@ -305,7 +317,7 @@ class VMA:
                     raise RPCError(f"Unable to resume X session: it went "
                                    f"{self.machine.state} meanwhile, try again")
                 self._props = props
-                self._write_options(options)
+                self._write_options(options, props)
                 self.machine.resume()
                 yield self._action_hook("connect", props)
             else:
@@ -396,19 +408,38 @@ class VMA:
     def _path(self, name):
         return os.path.join(self.settings.run_path, name)
 
-    def _write_file(self, path, text, mode=0o644):
+    def _write_file(self, path, text, mode=0o644, owner=None):
         directory = os.path.dirname(path)
         os.makedirs(directory, exist_ok=True)
         tmp = f"{path}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
         with os.fdopen(fd, "w") as f:
+            if owner is not None:
+                os.fchown(f.fileno(), *owner)
             f.write(text)
         os.replace(tmp, path)
 
-    def _write_options(self, options):
+    def _session_owner(self, props):
+        """
+        C{(uid, gid)} of the session user for files only its nxagent may
+        read, or C{None} when the VMA does not provision users (the session
+        then runs as the VMA's own user).
+        """
+        if not self.settings.provisioning_enabled:
+            return None
+        entry = self._host.user(props["qvd.vm.user.name"])
+        return None if entry is None else (entry[0], entry[1])
+
+    def _write_options(self, options, props):
+        """
+        Write the options line for nxagent, readable by the session user
+        only (it may hold the session's NX cookie).
+        """
         path = self.settings.nxagent_config
         try:
-            self._write_file(path, options + "\n")
+            self._write_file(path, options + "\n", 0o600, self._session_owner(props))
         except OSError as e:
             raise RPCError(f"Unable to write nxagent configuration to {path}: {e.strerror}")
 
@@ -496,7 +527,7 @@ class VMA:
                 if generation == self._generation and self._process is None:
                     self.machine.exited()
                 return
-            self._write_options(options)
+            self._write_options(options, props)
             self._spawn(props)
             self.machine.spawned()
         except (RPCError, ProvisioningError, OptionsError, OSError) as e:

@@ -9,6 +9,10 @@ Every value that goes into the options line must match C{^[\\w/\\-\\+]+$}
 (the original's rule; nxagent splits on C{,} C{=} and C{:}); anything else is
 refused with an L{OptionsError} that names the property.
 
+With the L7R's NX cookie (C{qvd.nx.cookie}, 32 hex digits) the line starts
+C{nx/nx,cookie=<cookie>,}; the client's C{qvd.client.nxagent.extra_args} may
+not set C{cookie} (L{CLIENT_DENIED_OPTIONS}).
+
 The session user is never privileged, whatever the caller asks: L{fill_props}
 refuses the name C{root}, a uid or gid below C{settings.uid_min} and any group
 of C{settings.denied_groups} (C{root}, C{shadow}, C{disk}, C{sudo}, ...), and
@@ -18,6 +22,8 @@ the agent refuses an existing account whose uid is below C{uid_min}.
 import re
 
 import attrs
+
+from qvd.protocols.nx import COOKIE_PARAM, valid_cookie
 
 _VALUE = re.compile(r"[\w/\-+]+\Z", re.ASCII)
 _EXTRA = re.compile(r"\w+=[\w/\-+]+\Z", re.ASCII)
@@ -33,6 +39,9 @@ PROPS_TO_NX = (
 )
 
 _TRUE = {"1", "true", "yes", "on"}
+
+#: nxagent options a client's qvd.client.nxagent.extra_args may not set.
+CLIENT_DENIED_OPTIONS = frozenset(("cookie",))
 
 
 #: Groups a session user never gets (vma.user.groups.denied): each gives
@@ -119,14 +128,23 @@ def fill_props(params, settings):
     return props
 
 
-def nxagent_options(props, settings):
+def nxagent_options(props, settings, cookie=None):
     """
     The one line of the nxagent options file, e.g.
     C{nx/nx,keyboard=pc105/es,client=linux,link=lan,geometry=1024x768,fullscreen=0,tolerancechecks=risky:100}.
+    With C{cookie} (32 hex digits, from the L7R) the line starts
+    C{nx/nx,cookie=<cookie>,}: nxagent then refuses an NX connection whose
+    greeting does not carry it.
 
-    @raise OptionsError: a value has characters outside C{[\\w/\\-\\+]}.
+    @raise OptionsError: a value has characters outside C{[\\w/\\-\\+]},
+        the cookie is not 32 hex digits, or the client's extra options try
+        to set the cookie.
     """
     options = ["nx/nx"]
+    if cookie is not None:
+        if not valid_cookie(cookie):
+            raise OptionsError(f"{COOKIE_PARAM} is not 32 hex digits (length {len(str(cookie))})")
+        options.append(f"cookie={cookie}")
     for prop, option in PROPS_TO_NX:
         value = props.get(prop)
         if value is None or value == "":
@@ -152,6 +170,10 @@ def nxagent_options(props, settings):
             raise OptionsError(
                 f"invalid option in qvd.client.nxagent.extra_args: {item!r} "
                 "(expected name=value, value of letters, digits, '_', '/', '-', '+')")
+        if item.split("=", 1)[0] in CLIENT_DENIED_OPTIONS:
+            raise OptionsError(
+                f"qvd.client.nxagent.extra_args may not set {item.split('=', 1)[0]!r}: "
+                "the session's NX cookie comes from the L7R")
         options.append(item)
     if settings.printing and _truthy(props.get("qvd.client.printing.enabled", "0")):
         channel = "smb" if props.get("qvd.client.os") == "windows" else "cups"

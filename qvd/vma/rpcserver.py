@@ -158,7 +158,7 @@ class SimpleRPCServerProtocol(Protocol, TimeoutMixin):
                           message=failure.value.message)
             return error_response(failure.value.message)
         self.log.failure("SimpleRPC {fn}({params}) failed", failure,
-                         fn=call.function, params=call.params)
+                         fn=call.function, params=_loggable(call.params))
         return error_response(f"{call.function} failed: {failure.getErrorMessage()}")
 
     def _answer(self, response, close):
@@ -238,3 +238,12 @@ class SimpleRPCServerFactory(Factory):
 
 __all__ = ["RPCError", "RPCLimits", "SimpleRPCServerFactory", "SimpleRPCServerProtocol",
            "http_error"]
+
+
+#: x_start parameters whose values are secrets: never logged.
+SECRET_PARAMS = frozenset(("qvd.nx.cookie", "qvd.slave.key", "auth_token"))
+
+
+def _loggable(params):
+    """C{params} with the values of L{SECRET_PARAMS} masked."""
+    return {k: ("***" if k in SECRET_PARAMS else v) for k, v in params.items()}
