@@ -8,6 +8,11 @@ C{--listen} is a Twisted server endpoint string; C{ssl:PORT[:interface=A]}
 means TLS with qvd's context and the certificate of C{path.l7r.ssl.*} or of
 the database's C{ssl_configs}; C{tcp:...} means no TLS. Without C{--listen}
 the endpoint comes from C{l7r.port}, C{l7r.address} and C{l7r.use_ssl}.
+
+A port it cannot listen on (in use, below 1024 without root) ends it before
+the reactor runs with one line naming the address and exit status 1; so does
+anything that stops it from starting later (the port taken meanwhile, a bad
+certificate in the database): logged once, then exit status 1.
 """
 
 import os
@@ -16,6 +21,7 @@ import sys
 from twisted.python import usage
 
 from qvd import logs
+from qvd._listen import check_port, exit_nonzero_at_exit
 from qvd.config import Config, ConfigError
 
 
@@ -54,4 +60,7 @@ def makeService(options):
             tls.check_key_file(config.get("path.l7r.ssl.key"))
         except tls.TLSConfigError as e:
             raise SystemExit(f"qvd-l7r: {e}")
-    return L7RService(config, listen)
+    problem = check_port(listen, "--listen, or l7r.port and l7r.address")
+    if problem:
+        raise SystemExit(f"qvd-l7r: {problem}")
+    return L7RService(config, listen, on_failed=lambda: exit_nonzero_at_exit(1))
