@@ -134,6 +134,37 @@ class ParseTests(unittest.TestCase):
         e = self.assertRaises(ClientError, self.parse, base)
         self.assertIn("client.host.port", e.message)
 
+    def test_bad_value_names_its_file(self):
+        """
+        A bad value in ~/.qvd/client.conf, /etc/qvd/client.conf or --config
+        FILE is reported with that file's path (never /dev/null); one given
+        on the command line with its option.
+        """
+        user_file = os.path.join(self.home, ".qvd", "client.conf")
+        base = ["--host", "h", "--user", "u", "--password", "p", "connect", "--display", ":0"]
+        self.write_config("client.host.port = many\n")
+        e = self.assertRaises(ClientError, self.parse, base)
+        self.assertIn(f"'client.host.port' from {user_file} must be of type int", e.message)
+        self.assertNotIn(os.devnull, e.message)
+        self.write_config("client.geometry = big\n")
+        e = self.assertRaises(ClientError, self.parse, base)
+        self.assertIn(f"geometry 'big' must be WIDTHxHEIGHT", e.message)
+        self.assertIn(f"(client.geometry in {user_file})", e.message)
+        e = self.assertRaises(ClientError, self.parse, base + ["--geometry", "huge"])
+        self.assertIn("'huge'", e.message)
+        self.assertIn("(--geometry)", e.message)
+        other = os.path.join(self.home, "other.conf")
+        with open(other, "w") as f:
+            f.write("client.timeout.connect = soon\n")
+        e = self.assertRaises(ClientError, self.parse, ["--config", other] + base)
+        self.assertIn(f"from {other} must be of type float", e.message)
+        system = os.path.join(self.home, "system.conf")
+        self.patch(cli, "SYSTEM_CONFIG", system)
+        with open(system, "w") as f:
+            f.write("client.use_ssl = maybe\n")
+        e = self.assertRaises(ClientError, self.parse, base)
+        self.assertIn(system, e.message)
+
     def test_tls_options(self):
         """
         Verification is on by default; --insecure or client.ssl.verify=0 turn

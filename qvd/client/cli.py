@@ -75,10 +75,14 @@ def _user_dir(environ):
 def load_config(paths, warn):
     """
     Defaults < each existing file of C{paths}; unknown keys are ignored with
-    a warning (the original client's files have many more keys).
+    a warning (the original client's files have many more keys), a bad value
+    is a L{ClientError} naming its file.
+
+    @return: (the L{Config}, key -> the file its value came from)
     """
     keys = declared_keys()
     values = {}
+    origins = {}
     probe = Config(keys=keys)
     for path in paths:
         if path is None or not os.path.exists(path):
@@ -97,11 +101,13 @@ def load_config(paths, warn):
             if key is None or key.component != "client":
                 warn(f"warning: ignoring unknown key {name!r} in {path}")
                 continue
+            try:
+                probe.validate({name: value}, path)
+            except ConfigError as e:
+                raise ClientError(str(e), errors.EXIT_USAGE)
             values[name] = value
-    try:
-        return Config.load(path=os.devnull, overrides=values, keys=keys)
-    except ConfigError as e:
-        raise ClientError(str(e), errors.EXIT_USAGE)
+            origins[name] = path
+    return Config(keys=keys, node=values), origins
 
 
 def _common_options(parser, suppress):
@@ -164,13 +170,20 @@ def parse(argv, environ=None, stdin_isatty=None, prompt=getpass.getpass, warn=No
     user_dir = _user_dir(environ)
     if args.config is not None and not os.path.exists(args.config):
         raise ClientError(f"configuration file {args.config} does not exist", errors.EXIT_USAGE)
-    config = load_config(
+    config, origins = load_config(
         [SYSTEM_CONFIG, args.config or os.path.join(user_dir, "client.conf")], warn)
 
     def pick(value, key, convert=None):
         if value is not None:
             return value
-        return config.typed(key) if convert is None else convert(config.get(key))
+        try:
+            return config.typed(key) if convert is None else convert(config.get(key))
+        except (ConfigError, ValueError) as e:   # ${...} that expands to a bad value
+            raise ClientError(f"{key} in {origins.get(key, 'the defaults')}: {e}",
+                              errors.EXIT_USAGE)
+
+    def origin(key, option, given):
+        return option if given is not None else f"{key} in {origins.get(key, 'the defaults')}"
 
     host = pick(args.host, "client.host.name")
     if not host:
@@ -219,17 +232,20 @@ def parse(argv, environ=None, stdin_isatty=None, prompt=getpass.getpass, warn=No
         interactive=stdin_isatty,
     )
     if args.command == "connect":
-        try:
-            parameters = ConnectParameters(
-                keyboard=pick(args.keyboard, "client.keyboard"),
-                link=pick(args.link, "client.link"),
-                geometry=pick(args.geometry, "client.geometry"),
-                fullscreen=pick(args.fullscreen, "client.fullscreen"),
-                printing=config.getbool("client.printing.enable"),
-                audio_redirect=config.getbool("client.audio.enable"),
-            )
-        except ParameterError as e:
-            raise ClientError(str(e), errors.EXIT_USAGE)
+        chosen = {}
+        for field, given, key, option in (
+                ("keyboard", args.keyboard, "client.keyboard", "--keyboard"),
+                ("link", args.link, "client.link", "--link"),
+                ("geometry", args.geometry, "client.geometry", "--geometry")):
+            chosen[field] = pick(given, key)
+            try:
+                ConnectParameters(**{field: chosen[field]})
+            except ParameterError as e:
+                raise ClientError(f"{e} ({origin(key, option, given)})", errors.EXIT_USAGE)
+        parameters = ConnectParameters(
+            fullscreen=pick(args.fullscreen, "client.fullscreen"),
+            printing=config.getbool("client.printing.enable"),
+            audio_redirect=config.getbool("client.audio.enable"), **chosen)
         extra = args.nxproxy_args if args.nxproxy_args is not None else config.get(
             "client.nxproxy.extra_args")
         options = []
