@@ -343,7 +343,8 @@ async def _run(reactor, settings, output, environ, ask):
         response = await _request(protocol, list_of_vm_request(settings.auth), settings,
                                   creator)
         if response.code != 200:
-            raise errors.error_for_response("list", response, settings.host)
+            raise errors.error_for_response("list", response, settings.host,
+                                            token=isinstance(settings.auth, BearerAuth))
         try:
             vms = parse_vm_list(response.body)
         except ProtocolError as e:
@@ -372,7 +373,8 @@ async def _run(reactor, settings, output, environ, ask):
         except (ResponseTimeout, ProtocolError) as e:
             raise _request_error(e, settings, creator) from None
         if not isinstance(outcome, Upgraded):
-            raise errors.error_for_response("connect", outcome, settings.host)
+            raise errors.error_for_response("connect", outcome, settings.host,
+                                            token=isinstance(settings.auth, BearerAuth))
         return await _run_session(reactor, protocol, outcome, settings, output, environ)
     finally:
         if protocol is not None:

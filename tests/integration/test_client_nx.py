@@ -445,6 +445,21 @@ class TLSTests(_Base):
         self.assertIn("rejected your login", err.decode())
 
     @defer.inlineCallbacks
+    def test_bad_token(self):
+        """
+        A 401 to --token says the token was rejected, never a word about a
+        user or a password; exit code 4.
+        """
+        port = self.listen()
+        out, err, code = yield self.run_cli(
+            ["--host", "127.0.0.1", "--port", str(port), "--token", "bad",
+             "--ca", self.cert, "list"])
+        self.assertEqual(code, errors.EXIT_LOGIN)
+        self.assertEqual(len(err.decode().splitlines()), 1, err)
+        self.assertIn("rejected your token", err.decode())
+        self.assertNotIn("password", err.decode())
+
+    @defer.inlineCallbacks
     def test_connect_error_status(self):
         """
         A 503 answer to connect_to_vm (on the same connection as the list)
