@@ -105,6 +105,25 @@ class ParseTests(unittest.TestCase):
         s = self.parse(base + ["--headless", "--screenshot", "x.png", "--wait", "5"])
         self.assertEqual((s.headless, s.screenshot, s.wait, s.display), (True, "x.png", 5.0, None))
 
+    def test_screenshot_path_checked_first(self):
+        """
+        A --screenshot file that cannot be created (missing or read-only
+        directory, a directory) is a usage error before anything connects.
+        """
+        base = ["--host", "h", "--user", "u", "--password", "p", "connect", "--headless"]
+        e = self.assertRaises(ClientError, self.parse, base + ["--screenshot", "/missing/x.png"])
+        self.assertEqual(e.exit_code, errors.EXIT_USAGE)
+        self.assertEqual(e.message, "--screenshot /missing/x.png: directory /missing does "
+                                    "not exist")
+        e = self.assertRaises(ClientError, self.parse, base + ["--screenshot", self.home])
+        self.assertIn("is a directory", e.message)
+        if os.geteuid() != 0:
+            locked = os.path.join(self.home, "ro")
+            os.mkdir(locked, 0o500)
+            e = self.assertRaises(ClientError, self.parse,
+                                  base + ["--screenshot", os.path.join(locked, "x.png")])
+            self.assertIn("is not writable", e.message)
+
     def test_headless_fills_its_screen(self):
         """
         A headless client asks for a full-screen desktop of the geometry of
@@ -190,6 +209,34 @@ class ParseTests(unittest.TestCase):
         self.assertEqual((s.nxproxy, s.nxproxy_args), ("/opt/nx/nxproxy", ("-d", "2")))
         self.assertIn(("cups", "631"), s.nxproxy_options)
         self.assertTrue(s.parameters.printing)
+
+
+class RunErrorTests(unittest.TestCase):
+
+    def test_unexpected_error_is_one_line(self):
+        """
+        An error qvd-client did not foresee is still one line, naming the
+        exception, with exit code 1; QVD_CLIENT_DEBUG=1 adds the traceback.
+        """
+        import io
+
+        from twisted.internet.task import Clock
+
+        async def broken(reactor, settings, output):
+            raise RuntimeError("something\nbroke")
+        self.patch(cli, "_connect", broken)
+        settings = cli.Settings(command="list", host="h", port=1, auth=BasicAuth("u", "p"),
+                                user_dir=self.mktemp())
+        for environ, lines in (({}, 1), ({"QVD_CLIENT_DEBUG": "1"}, None)):
+            output = cli.Output(io.StringIO(), io.StringIO())
+            code = self.successResultOf(cli.run(Clock(), settings, output, environ=environ))
+            self.assertEqual(code, errors.EXIT_ERROR)
+            err = output.err.getvalue()
+            if lines:
+                self.assertEqual(err, "qvd-client: unexpected error: RuntimeError: something "
+                                      "broke (set QVD_CLIENT_DEBUG=1 for the traceback)\n")
+            else:
+                self.assertIn("Traceback", err)
 
 
 class TableTests(unittest.TestCase):

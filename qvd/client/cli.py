@@ -8,7 +8,9 @@ qvd-client: list your virtual desktops and connect to one.
 Options come from /etc/qvd/client.conf, then ~/.qvd/client.conf (or
 --config FILE), then the command line (see qvd/config/defaults/client.conf).
 The password comes from --password, $QVD_PASSWORD, or a prompt; --token uses
-Bearer authentication instead. The exit codes are in L{qvd.client.errors}.
+Bearer authentication instead. The exit codes are in L{qvd.client.errors};
+every error is one line on stderr (C{QVD_CLIENT_DEBUG=1} adds the traceback
+of an unexpected one).
 
 L{run} is the whole program as a function of a reactor and L{Settings}
 (tests call it in-process); L{parse} turns argv + files + environment into
@@ -271,6 +273,8 @@ def parse(argv, environ=None, stdin_isatty=None, prompt=getpass.getpass, warn=No
                               "pass --display :N, or use --headless", errors.EXIT_LOCAL)
         if args.screenshot and not args.headless:
             raise ClientError("--screenshot only works with --headless", errors.EXIT_USAGE)
+        if args.screenshot:
+            _check_writable(args.screenshot)
         settings.update(
             vm_id=args.vm, parameters=parameters, display=display,
             nxproxy=args.nxproxy or config.get("command.nxproxy"),
@@ -279,6 +283,20 @@ def parse(argv, environ=None, stdin_isatty=None, prompt=getpass.getpass, warn=No
             accept_timeout=config.getfloat("client.nxproxy.timeout.accept"),
             headless=args.headless, screenshot=args.screenshot, wait=args.wait)
     return Settings(**settings)
+
+
+def _check_writable(path):
+    """A L{ClientError} unless a file C{path} can be created (checked before connecting)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ClientError(f"--screenshot {path} is a directory; name a .png file",
+                          errors.EXIT_USAGE)
+    if not os.path.isdir(directory):
+        raise ClientError(f"--screenshot {path}: directory {directory} does not exist",
+                          errors.EXIT_USAGE)
+    if not os.access(directory, os.W_OK):
+        raise ClientError(f"--screenshot {path}: directory {directory} is not writable",
+                          errors.EXIT_USAGE)
 
 
 # --- running ------------------------------------------------------------------
@@ -319,8 +337,11 @@ def run(reactor, settings, output=None, environ=None, ask=None):
         if failure.check(ClientError):
             output.info(f"qvd-client: {failure.value.message}")
             return failure.value.exit_code
-        output.info(f"qvd-client: unexpected error: {failure.getErrorMessage()}")
-        output.info(failure.getTraceback())
+        output.info(f"qvd-client: unexpected error: {failure.type.__name__}: "
+                    f"{' '.join(failure.getErrorMessage().split())} (set QVD_CLIENT_DEBUG=1 "
+                    "for the traceback)")
+        if (environ if environ is not None else os.environ).get("QVD_CLIENT_DEBUG"):
+            output.info(failure.getTraceback())
         return errors.EXIT_ERROR
     return d.addErrback(failed)
 
@@ -532,9 +553,15 @@ async def _run_session(reactor, protocol, outcome, settings, output, environ):
         result = await ended
     finally:
         reactor.removeSystemEventTrigger(trigger)
+    said = " | ".join(result.nxproxy_said)
+    if result.failed:
+        status = ("was killed by a signal" if result.nxproxy_status is None
+                  else f"exited with status {result.nxproxy_status}")
+        raise ClientError(f"nxproxy {status}; the session is suspended"
+                          + (f"; nxproxy said: {said}" if said else ""), result.exit_code)
     output.info(f"session ended (closed by {result.closed_by})")
-    if result.closed_by == "nxproxy" and result.nxproxy_said:
-        output.info("nxproxy said: " + " | ".join(result.nxproxy_said))
+    if result.closed_by == "nxproxy" and said:
+        output.info("nxproxy said: " + said)
     return result.exit_code
 
 
@@ -556,7 +583,12 @@ async def _headless(reactor, session, ended, settings, output):
     image = await wait_for_picture(reactor, threaded_grab(reactor), settings.display,
                                    settings.wait, stop=lambda: ended.called)
     path = os.path.abspath(settings.screenshot)
-    write_png(path, image)
+    try:
+        write_png(path, image)
+    except OSError as e:
+        session.disconnect()
+        await ended
+        raise ClientError(f"cannot write the screenshot {path}: {e.strerror}", errors.EXIT_LOCAL)
     if image.is_black():
         output.info(f"warning: the screen was still black after {settings.wait:g} s")
     output.result(path)
