@@ -216,7 +216,7 @@ class RunErrorTests(unittest.TestCase):
     def test_unexpected_error_is_one_line(self):
         """
         An error qvd-client did not foresee is still one line, naming the
-        exception, with exit code 1; QVD_CLIENT_DEBUG=1 adds the traceback.
+        exception, with exit code 1; QVD_DEBUG=1 adds the traceback.
         """
         import io
 
@@ -227,14 +227,14 @@ class RunErrorTests(unittest.TestCase):
         self.patch(cli, "_connect", broken)
         settings = cli.Settings(command="list", host="h", port=1, auth=BasicAuth("u", "p"),
                                 user_dir=self.mktemp())
-        for environ, lines in (({}, 1), ({"QVD_CLIENT_DEBUG": "1"}, None)):
+        for environ, lines in (({}, 1), ({"QVD_DEBUG": "1"}, None)):
             output = cli.Output(io.StringIO(), io.StringIO())
             code = self.successResultOf(cli.run(Clock(), settings, output, environ=environ))
             self.assertEqual(code, errors.EXIT_ERROR)
             err = output.err.getvalue()
             if lines:
                 self.assertEqual(err, "qvd-client: unexpected error: RuntimeError: something "
-                                      "broke (set QVD_CLIENT_DEBUG=1 for the traceback)\n")
+                                      "broke (set QVD_DEBUG=1 for the traceback)\n")
             else:
                 self.assertIn("Traceback", err)
 

@@ -9,7 +9,7 @@ Options come from /etc/qvd/client.conf, then ~/.qvd/client.conf (or
 --config FILE), then the command line (see qvd/config/defaults/client.conf).
 The password comes from --password, $QVD_PASSWORD, or a prompt; --token uses
 Bearer authentication instead. The exit codes are in L{qvd.client.errors};
-every error is one line on stderr (C{QVD_CLIENT_DEBUG=1} adds the traceback
+every error is one line on stderr (C{QVD_DEBUG=1} adds the traceback
 of an unexpected one).
 
 L{run} is the whole program as a function of a reactor and L{Settings}
@@ -27,6 +27,7 @@ import attrs
 from twisted.internet import defer, error as net_error, threads
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
 
+from qvd._cli import ArgumentParser, unexpected
 from qvd.config import Config, ConfigError, declared_keys, parse_properties
 from qvd.client import errors
 from qvd.client.errors import ClientError
@@ -132,7 +133,7 @@ def _common_options(parser, suppress):
 
 def build_parser():
     codes = "\n".join(f"  {code}  {text}" for code, text in sorted(errors.EXIT_CODES.items()))
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="qvd-client", description="Connect to your QVD virtual desktop.",
         epilog="exit codes:\n" + codes, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common_options(parser, suppress=False)
@@ -337,11 +338,7 @@ def run(reactor, settings, output=None, environ=None, ask=None):
         if failure.check(ClientError):
             output.info(f"qvd-client: {failure.value.message}")
             return failure.value.exit_code
-        output.info(f"qvd-client: unexpected error: {failure.type.__name__}: "
-                    f"{' '.join(failure.getErrorMessage().split())} (set QVD_CLIENT_DEBUG=1 "
-                    "for the traceback)")
-        if (environ if environ is not None else os.environ).get("QVD_CLIENT_DEBUG"):
-            output.info(failure.getTraceback())
+        output.info(unexpected("qvd-client", failure, environ))
         return errors.EXIT_ERROR
     return d.addErrback(failed)
 
@@ -610,6 +607,9 @@ def main(argv=None):
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as e:
+        print(unexpected("qvd-client", e), file=sys.stderr)
+        sys.exit(errors.EXIT_ERROR)
 
     async def _main(reactor):
         code = await run(reactor, settings)

@@ -39,13 +39,19 @@ class Options(usage.Options):
 
 def makeService(options):
     from qvd.l7r import tls
-    from qvd.l7r.service import L7RService, default_endpoint
+    from qvd.l7r.service import L7RService, default_endpoint, split_endpoint
     try:
         config = Config.load(options["config"])
         logs.set_level(config.get("log.level"))
     except (ConfigError, ValueError) as e:
         raise SystemExit(f"qvd-l7r: {e}")
     listen = options["listen"] or default_endpoint(config)
+    try:
+        from twisted.internet import endpoints, reactor
+        endpoints.serverFromString(reactor, split_endpoint(listen)[1])
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise SystemExit(f"qvd-l7r: the endpoint {listen!r} is not a Twisted server endpoint "
+                         f"({e}): use e.g. ssl:8443 or tcp:8443:interface=127.0.0.1")
     if options["self-signed"]:
         key, cert = config.get("path.l7r.ssl.key"), config.get("path.l7r.ssl.cert")
         if not (os.path.exists(key) and os.path.exists(cert)):

@@ -85,6 +85,13 @@ class L7RPortTests(PortTestMixin, pg.DatabaseTestMixin, unittest.TestCase):
         proc = self.l7r()
         self.assertOneLine(proc, f"cannot listen on 127.0.0.1:{port}")
 
+    def test_bad_endpoint(self):
+        """--listen that is no Twisted endpoint is one line naming it, exit 1."""
+        for listen in ("bogus:1", "tcp:abc"):
+            proc = self.l7r("--listen", listen)
+            self.assertOneLine(proc, f"qvd-l7r: the endpoint {listen!r} is not a Twisted server "
+                                     "endpoint")
+
     def test_listen_fails_after_start(self):
         """
         When listening fails only once the daemon runs (here a UNIX socket
