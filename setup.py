@@ -21,7 +21,6 @@ setup(
             "qvd-admin = qvd.admin.cli:main",
             "qvd-client = qvd.client.cli:main",
             "qvd-di = qvd.di.cli:main",
-            "qvd-up = qvd.up:main",
         ],
     },
 )

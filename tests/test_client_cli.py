@@ -105,6 +105,25 @@ class ParseTests(unittest.TestCase):
         s = self.parse(base + ["--headless", "--screenshot", "x.png", "--wait", "5"])
         self.assertEqual((s.headless, s.screenshot, s.wait, s.display), (True, "x.png", 5.0, None))
 
+    def test_screenshot_path_checked_first(self):
+        """
+        A --screenshot file that cannot be created (missing or read-only
+        directory, a directory) is a usage error before anything connects.
+        """
+        base = ["--host", "h", "--user", "u", "--password", "p", "connect", "--headless"]
+        e = self.assertRaises(ClientError, self.parse, base + ["--screenshot", "/missing/x.png"])
+        self.assertEqual(e.exit_code, errors.EXIT_USAGE)
+        self.assertEqual(e.message, "--screenshot /missing/x.png: directory /missing does "
+                                    "not exist")
+        e = self.assertRaises(ClientError, self.parse, base + ["--screenshot", self.home])
+        self.assertIn("is a directory", e.message)
+        if os.geteuid() != 0:
+            locked = os.path.join(self.home, "ro")
+            os.mkdir(locked, 0o500)
+            e = self.assertRaises(ClientError, self.parse,
+                                  base + ["--screenshot", os.path.join(locked, "x.png")])
+            self.assertIn("is not writable", e.message)
+
     def test_headless_fills_its_screen(self):
         """
         A headless client asks for a full-screen desktop of the geometry of
@@ -134,6 +153,37 @@ class ParseTests(unittest.TestCase):
         e = self.assertRaises(ClientError, self.parse, base)
         self.assertIn("client.host.port", e.message)
 
+    def test_bad_value_names_its_file(self):
+        """
+        A bad value in ~/.qvd/client.conf, /etc/qvd/client.conf or --config
+        FILE is reported with that file's path (never /dev/null); one given
+        on the command line with its option.
+        """
+        user_file = os.path.join(self.home, ".qvd", "client.conf")
+        base = ["--host", "h", "--user", "u", "--password", "p", "connect", "--display", ":0"]
+        self.write_config("client.host.port = many\n")
+        e = self.assertRaises(ClientError, self.parse, base)
+        self.assertIn(f"'client.host.port' from {user_file} must be of type int", e.message)
+        self.assertNotIn(os.devnull, e.message)
+        self.write_config("client.geometry = big\n")
+        e = self.assertRaises(ClientError, self.parse, base)
+        self.assertIn(f"geometry 'big' must be WIDTHxHEIGHT", e.message)
+        self.assertIn(f"(client.geometry in {user_file})", e.message)
+        e = self.assertRaises(ClientError, self.parse, base + ["--geometry", "huge"])
+        self.assertIn("'huge'", e.message)
+        self.assertIn("(--geometry)", e.message)
+        other = os.path.join(self.home, "other.conf")
+        with open(other, "w") as f:
+            f.write("client.timeout.connect = soon\n")
+        e = self.assertRaises(ClientError, self.parse, ["--config", other] + base)
+        self.assertIn(f"from {other} must be of type float", e.message)
+        system = os.path.join(self.home, "system.conf")
+        self.patch(cli, "SYSTEM_CONFIG", system)
+        with open(system, "w") as f:
+            f.write("client.use_ssl = maybe\n")
+        e = self.assertRaises(ClientError, self.parse, base)
+        self.assertIn(system, e.message)
+
     def test_tls_options(self):
         """
         Verification is on by default; --insecure or client.ssl.verify=0 turn
@@ -159,6 +209,34 @@ class ParseTests(unittest.TestCase):
         self.assertEqual((s.nxproxy, s.nxproxy_args), ("/opt/nx/nxproxy", ("-d", "2")))
         self.assertIn(("cups", "631"), s.nxproxy_options)
         self.assertTrue(s.parameters.printing)
+
+
+class RunErrorTests(unittest.TestCase):
+
+    def test_unexpected_error_is_one_line(self):
+        """
+        An error qvd-client did not foresee is still one line, naming the
+        exception, with exit code 1; QVD_DEBUG=1 adds the traceback.
+        """
+        import io
+
+        from twisted.internet.task import Clock
+
+        async def broken(reactor, settings, output):
+            raise RuntimeError("something\nbroke")
+        self.patch(cli, "_connect", broken)
+        settings = cli.Settings(command="list", host="h", port=1, auth=BasicAuth("u", "p"),
+                                user_dir=self.mktemp())
+        for environ, lines in (({}, 1), ({"QVD_DEBUG": "1"}, None)):
+            output = cli.Output(io.StringIO(), io.StringIO())
+            code = self.successResultOf(cli.run(Clock(), settings, output, environ=environ))
+            self.assertEqual(code, errors.EXIT_ERROR)
+            err = output.err.getvalue()
+            if lines:
+                self.assertEqual(err, "qvd-client: unexpected error: RuntimeError: something "
+                                      "broke (set QVD_DEBUG=1 for the traceback)\n")
+            else:
+                self.assertIn("Traceback", err)
 
 
 class TableTests(unittest.TestCase):

@@ -242,3 +242,16 @@ class ErrorMessageTests(unittest.TestCase):
         e = errors.error_for_response("list", self.response(503, b"Server is blocked"), "h")
         self.assertIn("Server is blocked", e.message)
         self.assertEqual(e.exit_code, errors.EXIT_UNAVAILABLE)
+
+    def test_rejected_token(self):
+        """
+        A 401 to a request with --token says the token was rejected, and
+        nothing about a user or password.
+        """
+        for phase in ("list", "connect"):
+            e = errors.error_for_response(phase, self.response(401), "h", token=True)
+            self.assertEqual(e.exit_code, errors.EXIT_LOGIN)
+            self.assertIn("rejected your token", e.message)
+            self.assertNotIn("password are", e.message)
+            self.assertNotIn("user and password", e.message)
+            self.assertNotIn("username", e.message)

@@ -233,6 +233,21 @@ class NxSessionTests(unittest.TestCase):
         self.spawned[0][0].processEnded(Failure(_Exit(0)))
         self.assertEqual(self.successResultOf(d).closed_by, "nxproxy")
 
+    def test_failing_nxproxy(self):
+        """
+        nxproxy that ends the session by itself with a non-zero status, or
+        killed by a signal, is a failed session (exit code 9); status 0 is not.
+        """
+        for status, failed in ((0, False), (3, True), (None, True)):
+            self.setUp()
+            session, d = self.start()
+            local, local_transport = self.nxproxy_connects()
+            local.connectionLost(Failure(ConnectionDone()))
+            self.spawned[0][0].processEnded(Failure(_Exit(status)))
+            ended = self.successResultOf(d)
+            self.assertEqual((ended.closed_by, ended.failed), ("nxproxy", failed))
+            self.assertEqual(ended.exit_code, errors.EXIT_LOCAL if failed else errors.EXIT_OK)
+
     def test_nxproxy_that_does_not_exit_is_killed(self):
         """
         If nxproxy does not exit after the relay ends it gets SIGTERM after

@@ -321,10 +321,14 @@ def _admin_name():
 
 
 def _database_error(e):
+    """The AdminError for database error C{e}, without any password in it."""
     import psycopg2
+
+    from qvd._redact import redact
     if isinstance(e, psycopg2.Error):
         code = e.pgcode or ""
-        text = (e.diag.message_primary if e.diag and e.diag.message_primary else str(e)).strip()
+        text = redact((e.diag.message_primary if e.diag and e.diag.message_primary
+                       else str(e)).strip())
         if code in ("40001", "40P01"):
             return AdminError("the database kept reporting conflicting concurrent changes; "
                               "nothing was changed: run the command again")
@@ -334,7 +338,7 @@ def _database_error(e):
             return AdminError(f"the database has no qvd schema ({text}): run "
                               f"'{PROG} db init'")
         return AdminError(f"database error: {text}")
-    text = str(e)
+    text = redact(str(e))
     if text.startswith("cannot connect"):
         text += ("; check database.* in the node file (--config), or create the database "
                  f"with '{PROG} db init'")

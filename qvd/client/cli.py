@@ -8,7 +8,9 @@ qvd-client: list your virtual desktops and connect to one.
 Options come from /etc/qvd/client.conf, then ~/.qvd/client.conf (or
 --config FILE), then the command line (see qvd/config/defaults/client.conf).
 The password comes from --password, $QVD_PASSWORD, or a prompt; --token uses
-Bearer authentication instead. The exit codes are in L{qvd.client.errors}.
+Bearer authentication instead. The exit codes are in L{qvd.client.errors};
+every error is one line on stderr (C{QVD_DEBUG=1} adds the traceback
+of an unexpected one).
 
 L{run} is the whole program as a function of a reactor and L{Settings}
 (tests call it in-process); L{parse} turns argv + files + environment into
@@ -25,6 +27,7 @@ import attrs
 from twisted.internet import defer, error as net_error, threads
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
 
+from qvd._cli import ArgumentParser, unexpected
 from qvd.config import Config, ConfigError, declared_keys, parse_properties
 from qvd.client import errors
 from qvd.client.errors import ClientError
@@ -75,10 +78,14 @@ def _user_dir(environ):
 def load_config(paths, warn):
     """
     Defaults < each existing file of C{paths}; unknown keys are ignored with
-    a warning (the original client's files have many more keys).
+    a warning (the original client's files have many more keys), a bad value
+    is a L{ClientError} naming its file.
+
+    @return: (the L{Config}, key -> the file its value came from)
     """
     keys = declared_keys()
     values = {}
+    origins = {}
     probe = Config(keys=keys)
     for path in paths:
         if path is None or not os.path.exists(path):
@@ -97,11 +104,13 @@ def load_config(paths, warn):
             if key is None or key.component != "client":
                 warn(f"warning: ignoring unknown key {name!r} in {path}")
                 continue
+            try:
+                probe.validate({name: value}, path)
+            except ConfigError as e:
+                raise ClientError(str(e), errors.EXIT_USAGE)
             values[name] = value
-    try:
-        return Config.load(path=os.devnull, overrides=values, keys=keys)
-    except ConfigError as e:
-        raise ClientError(str(e), errors.EXIT_USAGE)
+            origins[name] = path
+    return Config(keys=keys, node=values), origins
 
 
 def _common_options(parser, suppress):
@@ -124,7 +133,7 @@ def _common_options(parser, suppress):
 
 def build_parser():
     codes = "\n".join(f"  {code}  {text}" for code, text in sorted(errors.EXIT_CODES.items()))
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="qvd-client", description="Connect to your QVD virtual desktop.",
         epilog="exit codes:\n" + codes, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common_options(parser, suppress=False)
@@ -164,13 +173,20 @@ def parse(argv, environ=None, stdin_isatty=None, prompt=getpass.getpass, warn=No
     user_dir = _user_dir(environ)
     if args.config is not None and not os.path.exists(args.config):
         raise ClientError(f"configuration file {args.config} does not exist", errors.EXIT_USAGE)
-    config = load_config(
+    config, origins = load_config(
         [SYSTEM_CONFIG, args.config or os.path.join(user_dir, "client.conf")], warn)
 
     def pick(value, key, convert=None):
         if value is not None:
             return value
-        return config.typed(key) if convert is None else convert(config.get(key))
+        try:
+            return config.typed(key) if convert is None else convert(config.get(key))
+        except (ConfigError, ValueError) as e:   # ${...} that expands to a bad value
+            raise ClientError(f"{key} in {origins.get(key, 'the defaults')}: {e}",
+                              errors.EXIT_USAGE)
+
+    def origin(key, option, given):
+        return option if given is not None else f"{key} in {origins.get(key, 'the defaults')}"
 
     host = pick(args.host, "client.host.name")
     if not host:
@@ -219,17 +235,20 @@ def parse(argv, environ=None, stdin_isatty=None, prompt=getpass.getpass, warn=No
         interactive=stdin_isatty,
     )
     if args.command == "connect":
-        try:
-            parameters = ConnectParameters(
-                keyboard=pick(args.keyboard, "client.keyboard"),
-                link=pick(args.link, "client.link"),
-                geometry=pick(args.geometry, "client.geometry"),
-                fullscreen=pick(args.fullscreen, "client.fullscreen"),
-                printing=config.getbool("client.printing.enable"),
-                audio_redirect=config.getbool("client.audio.enable"),
-            )
-        except ParameterError as e:
-            raise ClientError(str(e), errors.EXIT_USAGE)
+        chosen = {}
+        for field, given, key, option in (
+                ("keyboard", args.keyboard, "client.keyboard", "--keyboard"),
+                ("link", args.link, "client.link", "--link"),
+                ("geometry", args.geometry, "client.geometry", "--geometry")):
+            chosen[field] = pick(given, key)
+            try:
+                ConnectParameters(**{field: chosen[field]})
+            except ParameterError as e:
+                raise ClientError(f"{e} ({origin(key, option, given)})", errors.EXIT_USAGE)
+        parameters = ConnectParameters(
+            fullscreen=pick(args.fullscreen, "client.fullscreen"),
+            printing=config.getbool("client.printing.enable"),
+            audio_redirect=config.getbool("client.audio.enable"), **chosen)
         extra = args.nxproxy_args if args.nxproxy_args is not None else config.get(
             "client.nxproxy.extra_args")
         options = []
@@ -255,6 +274,8 @@ def parse(argv, environ=None, stdin_isatty=None, prompt=getpass.getpass, warn=No
                               "pass --display :N, or use --headless", errors.EXIT_LOCAL)
         if args.screenshot and not args.headless:
             raise ClientError("--screenshot only works with --headless", errors.EXIT_USAGE)
+        if args.screenshot:
+            _check_writable(args.screenshot)
         settings.update(
             vm_id=args.vm, parameters=parameters, display=display,
             nxproxy=args.nxproxy or config.get("command.nxproxy"),
@@ -263,6 +284,20 @@ def parse(argv, environ=None, stdin_isatty=None, prompt=getpass.getpass, warn=No
             accept_timeout=config.getfloat("client.nxproxy.timeout.accept"),
             headless=args.headless, screenshot=args.screenshot, wait=args.wait)
     return Settings(**settings)
+
+
+def _check_writable(path):
+    """A L{ClientError} unless a file C{path} can be created (checked before connecting)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ClientError(f"--screenshot {path} is a directory; name a .png file",
+                          errors.EXIT_USAGE)
+    if not os.path.isdir(directory):
+        raise ClientError(f"--screenshot {path}: directory {directory} does not exist",
+                          errors.EXIT_USAGE)
+    if not os.access(directory, os.W_OK):
+        raise ClientError(f"--screenshot {path}: directory {directory} is not writable",
+                          errors.EXIT_USAGE)
 
 
 # --- running ------------------------------------------------------------------
@@ -303,8 +338,7 @@ def run(reactor, settings, output=None, environ=None, ask=None):
         if failure.check(ClientError):
             output.info(f"qvd-client: {failure.value.message}")
             return failure.value.exit_code
-        output.info(f"qvd-client: unexpected error: {failure.getErrorMessage()}")
-        output.info(failure.getTraceback())
+        output.info(unexpected("qvd-client", failure, environ))
         return errors.EXIT_ERROR
     return d.addErrback(failed)
 
@@ -327,7 +361,8 @@ async def _run(reactor, settings, output, environ, ask):
         response = await _request(protocol, list_of_vm_request(settings.auth), settings,
                                   creator)
         if response.code != 200:
-            raise errors.error_for_response("list", response, settings.host)
+            raise errors.error_for_response("list", response, settings.host,
+                                            token=isinstance(settings.auth, BearerAuth))
         try:
             vms = parse_vm_list(response.body)
         except ProtocolError as e:
@@ -356,7 +391,8 @@ async def _run(reactor, settings, output, environ, ask):
         except (ResponseTimeout, ProtocolError) as e:
             raise _request_error(e, settings, creator) from None
         if not isinstance(outcome, Upgraded):
-            raise errors.error_for_response("connect", outcome, settings.host)
+            raise errors.error_for_response("connect", outcome, settings.host,
+                                            token=isinstance(settings.auth, BearerAuth))
         return await _run_session(reactor, protocol, outcome, settings, output, environ)
     finally:
         if protocol is not None:
@@ -514,9 +550,15 @@ async def _run_session(reactor, protocol, outcome, settings, output, environ):
         result = await ended
     finally:
         reactor.removeSystemEventTrigger(trigger)
+    said = " | ".join(result.nxproxy_said)
+    if result.failed:
+        status = ("was killed by a signal" if result.nxproxy_status is None
+                  else f"exited with status {result.nxproxy_status}")
+        raise ClientError(f"nxproxy {status}; the session is suspended"
+                          + (f"; nxproxy said: {said}" if said else ""), result.exit_code)
     output.info(f"session ended (closed by {result.closed_by})")
-    if result.closed_by == "nxproxy" and result.nxproxy_said:
-        output.info("nxproxy said: " + " | ".join(result.nxproxy_said))
+    if result.closed_by == "nxproxy" and said:
+        output.info("nxproxy said: " + said)
     return result.exit_code
 
 
@@ -538,7 +580,12 @@ async def _headless(reactor, session, ended, settings, output):
     image = await wait_for_picture(reactor, threaded_grab(reactor), settings.display,
                                    settings.wait, stop=lambda: ended.called)
     path = os.path.abspath(settings.screenshot)
-    write_png(path, image)
+    try:
+        write_png(path, image)
+    except OSError as e:
+        session.disconnect()
+        await ended
+        raise ClientError(f"cannot write the screenshot {path}: {e.strerror}", errors.EXIT_LOCAL)
     if image.is_black():
         output.info(f"warning: the screen was still black after {settings.wait:g} s")
     output.result(path)
@@ -560,6 +607,9 @@ def main(argv=None):
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as e:
+        print(unexpected("qvd-client", e), file=sys.stderr)
+        sys.exit(errors.EXIT_ERROR)
 
     async def _main(reactor):
         code = await run(reactor, settings)

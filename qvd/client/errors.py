@@ -49,14 +49,19 @@ class ClientError(Exception):
         return self.message
 
 
-def error_for_response(phase, response, host):
+def error_for_response(phase, response, host, token=False):
     """
     The L{ClientError} for a non-success C{response} of C{phase}
-    (C{"list"} for list_of_vm, C{"connect"} for connect_to_vm).
+    (C{"list"} for list_of_vm, C{"connect"} for connect_to_vm); C{token}:
+    the request carried a token (--token), not a user and password.
     """
     code, body = response.code, response.text
     said = f" The server said: {body}" if body else ""
     if code == 401:
+        if token:
+            return ClientError(
+                "The server has rejected your token (--token): it is wrong or has "
+                "expired. Ask for a new token.", EXIT_LOGIN)
         if phase == "list":
             return ClientError(
                 "The server has rejected your login. Please verify that your "

@@ -28,6 +28,7 @@ original client's (reference 1.4); nxproxy keeps its own files under
 C{NX_ROOT} (default C{~/.qvd/nx}).
 """
 
+import errno
 import os
 import random
 
@@ -92,15 +93,21 @@ class SessionEnded:
     @ivar closed_by: C{"nxproxy"} (the user closed the window or nxproxy
         exited: the session is suspended), C{"server"} (the L7R closed), or
         C{"client"} (we were asked to disconnect).
-    @ivar nxproxy_status: nxproxy's exit code, or C{None} if killed by a signal.
+    @ivar nxproxy_status: nxproxy's exit code, or C{None} if killed by a signal
+        (or still running when we stopped waiting).
     """
     closed_by: str
     nxproxy_status: object = None
     nxproxy_said: tuple = ()
 
     @property
+    def failed(self):
+        """nxproxy ended the session by itself and not with status 0 (an error, a crash)."""
+        return self.closed_by == "nxproxy" and self.nxproxy_status != 0
+
+    @property
     def exit_code(self):
-        return EXIT_OK
+        return EXIT_LOCAL if self.failed else EXIT_OK
 
 
 class _NxproxyProcess(ProcessProtocol):
@@ -259,7 +266,10 @@ class NxSession:
             self._process_transport = self.spawn(
                 self._process, argv[0], argv, env=env)
         except OSError as e:
-            self._error = ClientError(f"cannot run nxproxy {argv[0]!r}: {e}", EXIT_LOCAL)
+            reason = e.strerror or str(e)
+            if e.errno == errno.ENOENT and os.path.exists(argv[0]):
+                reason = "its interpreter (the #! line) does not exist"
+            self._error = ClientError(f"cannot run nxproxy {argv[0]!r}: {reason}", EXIT_LOCAL)
             self._nxproxy_status = None
             self._end()
             return

@@ -25,6 +25,7 @@ from twisted.python import failure
 from qvd.logs import Logger
 from txpostgres import txpostgres
 
+from qvd._redact import redact
 from qvd.db import RETRYABLE_SQLSTATES, DatabaseError
 
 log = Logger()
@@ -154,7 +155,7 @@ class Database:
             yield conn.connect(self.dsn)
         except Exception as e:
             self._open -= 1
-            raise DatabaseUnavailable(f"cannot connect to the database: {str(e).strip()}")
+            raise DatabaseUnavailable(f"cannot connect to the database: {redact(str(e).strip())}")
         return conn
 
     def _acquire(self):

@@ -18,15 +18,21 @@ import psycopg2
 import psycopg2.extensions
 import psycopg2.extras
 
+from qvd._redact import redact
 from qvd.db import RETRYABLE_SQLSTATES, DatabaseError
 
 
 @contextlib.contextmanager
 def connect(dsn):
+    """
+    A psycopg2 connection to C{dsn}, closed after the block; L{DatabaseError}
+    (which names the DSN without its password) when it cannot connect.
+    """
     try:
         conn = psycopg2.connect(dsn)
     except psycopg2.OperationalError as e:
-        raise DatabaseError(f"cannot connect to the database ({dsn}): {str(e).strip()}")
+        raise DatabaseError(f"cannot connect to the database ({redact(dsn)}): "
+                            f"{redact(str(e).strip())}") from None
     try:
         yield conn
     finally:

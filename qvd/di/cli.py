@@ -6,13 +6,16 @@ C{qvd-di}: build disk images: rootfs tarballs for LXC, bootable qcow2 for KVM.
     qvd-di build --desktop minimal --colour '#ff0000' -o test.tar
     qvd-di build --desktop mate -o mate.tar --register --osf desktops --version 1
     qvd-di show-key --desktop xfce          # the base layer's cache key
+
+Every error is one line on stderr and a non-zero exit status (2: the command
+line; 1: anything else; C{QVD_DEBUG=1} adds the traceback of an unexpected one).
 """
 
-import argparse
 import os
 import sys
 
 import qvd
+from qvd._cli import ArgumentParser, unexpected
 from qvd.config import Config, ConfigError
 from qvd.di import qcow2
 from qvd.di.build import BuildError, Progress, build_image, register
@@ -20,7 +23,7 @@ from qvd.di.recipe import DESKTOPS, Recipe, RecipeError
 
 
 def _parser():
-    parser = argparse.ArgumentParser(prog="qvd-di", description="Build qvd disk images.")
+    parser = ArgumentParser(prog="qvd-di", description="Build qvd disk images.")
     parser.add_argument("--config", help="node configuration file (default /etc/qvd/node.conf)")
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="build a rootfs tarball (LXC) or a qcow2 disk (KVM)")
@@ -64,6 +67,9 @@ def main(argv=None):
             return 0
         if args.register and not (args.osf and args.version):
             parser.error("--register needs --osf NAME and --version V")
+        if not os.path.isfile(os.path.join(args.source, "vma", "__main__.py")):
+            parser.error(f"--source {args.source}: not a qvd package directory "
+                         "(it has no vma/__main__.py)")
         if os.geteuid() != 0:
             raise BuildError("qvd-di build must run as root (mmdebstrap makes root-owned files)")
         output = os.path.abspath(args.output)
@@ -92,9 +98,16 @@ def main(argv=None):
     except (ConfigError, RecipeError, BuildError) as e:
         sys.stderr.write(f"qvd-di: {e}\n")
         return 1
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        sys.stderr.write(f"qvd-di: {where}{e.strerror or e}\n")
+        return 1
     except KeyboardInterrupt:
         sys.stderr.write("qvd-di: interrupted\n")
         return 130
+    except Exception as e:
+        sys.stderr.write(unexpected("qvd-di", e) + "\n")
+        return 1
 
 
 if __name__ == "__main__":

@@ -54,7 +54,8 @@ def find_host(dsn, nodename):
     except DatabaseError as e:
         _fail(f"{e}; start PostgreSQL or fix database.* in the configuration")
     except psycopg2.errors.UndefinedTable:
-        _fail("the database has no qvd schema: run qvd-admin db init (or qvd-up) first")
+        _fail("the database has no qvd schema: run qvd-admin db init first "
+              "(deploy/up.sh does it on a single node)")
     except psycopg2.Error as e:
         _fail(f"cannot read the hosts table: {str(e).strip()}")
     if row is None:

@@ -18,10 +18,14 @@ The configuration is the node's under the database's layers
 a change of a C{live} key (docs/config.md) applies to the next request or
 connection within a second of its NOTIFY; the authentication chain reads it,
 per tenant, on every login.
+
+If it cannot start (it cannot listen, the certificate is bad) it logs why
+once, in one line, stops the reactor and calls C{on_failed} (C{twistd
+qvd-l7r} makes the process exit 1).
 """
 
 from twisted.application import service
-from twisted.internet import defer, endpoints, task
+from twisted.internet import defer, endpoints, error as net_error, task
 from qvd.logs import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
@@ -60,10 +64,12 @@ def default_endpoint(config):
 
 class L7RService(service.Service):
     def __init__(self, config, listen, reactor=None, dsn=None, authenticator=None,
-                 vma_factory=None, pid=None):
+                 vma_factory=None, pid=None, on_failed=None):
         """
         @param authenticator: an L{IAuthenticator}, or a callable taking the
             L{Database} and returning one; None: the configured plugin chain.
+        @param on_failed: called with no arguments when the service could not
+            start (after the reason is logged).
         """
         if reactor is None:
             from twisted.internet import reactor
@@ -74,6 +80,7 @@ class L7RService(service.Service):
         self.authenticator = authenticator
         self.vma_factory = vma_factory
         self.pid = pid
+        self.on_failed = on_failed
         self.port = None
         self.context_factory = None
         self._stamps = None
@@ -88,10 +95,21 @@ class L7RService(service.Service):
         return d
 
     def _failed(self, failure):
+        if failure.check(defer.CancelledError) and self._stopping:
+            return      # stopped while it waited for the database
         if failure.check(tls.TLSConfigError):
             log.critical("the L7R cannot start: {error}", error=failure.getErrorMessage())
+        elif failure.check(net_error.CannotListenError):
+            e = failure.value
+            where = e.port.decode() if isinstance(e.port, bytes) else str(e.port)
+            if not isinstance(e.port, (str, bytes)):
+                where = f"{e.interface or '*'}:{where}"
+            log.critical("the L7R cannot listen on {address}: {error}",
+                         address=where, error=e.socketError)
         else:
             log.failure("the L7R cannot start", failure)
+        if self.on_failed is not None:
+            self.on_failed()
         if self.reactor.running:
             self.reactor.stop()
         else:

@@ -8,6 +8,11 @@ C{--listen} is a Twisted server endpoint string; C{ssl:PORT[:interface=A]}
 means TLS with qvd's context and the certificate of C{path.l7r.ssl.*} or of
 the database's C{ssl_configs}; C{tcp:...} means no TLS. Without C{--listen}
 the endpoint comes from C{l7r.port}, C{l7r.address} and C{l7r.use_ssl}.
+
+A port it cannot listen on (in use, below 1024 without root) ends it before
+the reactor runs with one line naming the address and exit status 1; so does
+anything that stops it from starting later (the port taken meanwhile, a bad
+certificate in the database): logged once, then exit status 1.
 """
 
 import os
@@ -16,6 +21,7 @@ import sys
 from twisted.python import usage
 
 from qvd import logs
+from qvd._listen import check_port, exit_nonzero_at_exit
 from qvd.config import Config, ConfigError
 
 
@@ -33,13 +39,19 @@ class Options(usage.Options):
 
 def makeService(options):
     from qvd.l7r import tls
-    from qvd.l7r.service import L7RService, default_endpoint
+    from qvd.l7r.service import L7RService, default_endpoint, split_endpoint
     try:
         config = Config.load(options["config"])
         logs.set_level(config.get("log.level"))
     except (ConfigError, ValueError) as e:
         raise SystemExit(f"qvd-l7r: {e}")
     listen = options["listen"] or default_endpoint(config)
+    try:
+        from twisted.internet import endpoints, reactor
+        endpoints.serverFromString(reactor, split_endpoint(listen)[1])
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise SystemExit(f"qvd-l7r: the endpoint {listen!r} is not a Twisted server endpoint "
+                         f"({e}): use e.g. ssl:8443 or tcp:8443:interface=127.0.0.1")
     if options["self-signed"]:
         key, cert = config.get("path.l7r.ssl.key"), config.get("path.l7r.ssl.cert")
         if not (os.path.exists(key) and os.path.exists(cert)):
@@ -54,4 +66,7 @@ def makeService(options):
             tls.check_key_file(config.get("path.l7r.ssl.key"))
         except tls.TLSConfigError as e:
             raise SystemExit(f"qvd-l7r: {e}")
-    return L7RService(config, listen)
+    problem = check_port(listen, "--listen, or l7r.port and l7r.address")
+    if problem:
+        raise SystemExit(f"qvd-l7r: {problem}")
+    return L7RService(config, listen, on_failed=lambda: exit_nonzero_at_exit(1))

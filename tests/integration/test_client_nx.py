@@ -445,6 +445,21 @@ class TLSTests(_Base):
         self.assertIn("rejected your login", err.decode())
 
     @defer.inlineCallbacks
+    def test_bad_token(self):
+        """
+        A 401 to --token says the token was rejected, never a word about a
+        user or a password; exit code 4.
+        """
+        port = self.listen()
+        out, err, code = yield self.run_cli(
+            ["--host", "127.0.0.1", "--port", str(port), "--token", "bad",
+             "--ca", self.cert, "list"])
+        self.assertEqual(code, errors.EXIT_LOGIN)
+        self.assertEqual(len(err.decode().splitlines()), 1, err)
+        self.assertIn("rejected your token", err.decode())
+        self.assertNotIn("password", err.decode())
+
+    @defer.inlineCallbacks
     def test_connect_error_status(self):
         """
         A 503 answer to connect_to_vm (on the same connection as the list)
@@ -671,6 +686,93 @@ class RelayTests(_Base):
         self.assertEqual((int(count), digest, display),
                          (len(payload), hashlib.sha256(payload).hexdigest(), ":77"))
         self.assertIn("closed by server", output.err.getvalue())
+
+
+class _Sink(Protocol):
+    def dataReceived(self, data):
+        pass
+
+
+class FailureTests(_Base):
+    """
+    What qvd-client (the console script) says when nxproxy or the screenshot
+    fails: one line, a non-zero exit code, never a traceback.
+    """
+
+    def fake_nxproxy(self, text):
+        path = os.path.join(self.tmp, "nxproxy")
+        with open(path, "w") as f:
+            f.write(text)
+        os.chmod(path, 0o755)
+        return path
+
+    def listen_with_agent(self):
+        upstream = reactor.listenTCP(0, Factory.forProtocol(_Sink), interface="127.0.0.1")
+        self.addCleanup(upstream.stopListening)
+        self.server.nx_port = upstream.getHost().port
+        return self.listen()
+
+    def connect_argv(self, port, *extra):
+        return ["--host", "127.0.0.1", "--port", str(port), "--user", "alice@acme",
+                "--ca", self.cert, "connect", *extra]
+
+    def assertOneErrorLine(self, err, text):
+        err = err.decode()
+        self.assertNotIn("Traceback", err)
+        errors_said = [line for line in err.splitlines() if line.startswith("qvd-client:")]
+        self.assertEqual(len(errors_said), 1, err)
+        self.assertIn(text, errors_said[0])
+        self.assertEqual(err.splitlines()[-1], errors_said[0])
+
+    @defer.inlineCallbacks
+    def test_nxproxy_crashes(self):
+        """
+        nxproxy that connects, then dies with status 3: one line with its
+        status and last words, exit code 9.
+        """
+        nxproxy = self.fake_nxproxy(
+            f"#!{sys.executable}\nimport socket, sys\n"
+            "port = int(sys.argv[-1].split('port=')[1].split(',')[0].split(':')[0])\n"
+            "s = socket.create_connection(('127.0.0.1', port))\n"
+            "sys.stderr.write('Error: Aborting session with Segmentation fault\\n')\n"
+            "sys.exit(3)\n")
+        port = self.listen_with_agent()
+        out, err, code = yield self.run_cli(
+            self.connect_argv(port, "--nxproxy", nxproxy, "--display", ":77"),
+            env={"QVD_PASSWORD": "pw"})
+        self.assertEqual(code, errors.EXIT_LOCAL, err)
+        self.assertOneErrorLine(err, "nxproxy exited with status 3; the session is suspended; "
+                                     "nxproxy said: Error: Aborting session")
+
+    @defer.inlineCallbacks
+    def test_nxproxy_cannot_start(self):
+        """nxproxy that exits before connecting, or cannot be run at all: one line, exit 9."""
+        port = self.listen_with_agent()
+        for script, text in (
+                ("#!/bin/sh\necho 'Error: cannot open display' >&2\nexit 1\n",
+                 "nxproxy exited (status 1) before connecting; nxproxy said: Error: cannot "
+                 "open display"),
+                ("#!/nonexistent/interpreter\n", "its interpreter (the #! line) does not exist")):
+            out, err, code = yield self.run_cli(
+                self.connect_argv(port, "--nxproxy", self.fake_nxproxy(script),
+                                  "--display", ":77"), env={"QVD_PASSWORD": "pw"})
+            self.assertEqual(code, errors.EXIT_LOCAL, err)
+            self.assertOneErrorLine(err, text)
+
+    @defer.inlineCallbacks
+    def test_screenshot_in_missing_directory(self):
+        """
+        --screenshot /missing/x.png is refused before connecting: one line,
+        exit code 2, and the server never hears from the client.
+        """
+        port = self.listen()
+        out, err, code = yield self.run_cli(
+            self.connect_argv(port, "--headless", "--screenshot", "/missing/x.png"),
+            env={"QVD_PASSWORD": "pw"})
+        self.assertEqual(code, errors.EXIT_USAGE, err)
+        self.assertEqual(err.decode(), "qvd-client: --screenshot /missing/x.png: directory "
+                                       "/missing does not exist\n")
+        self.assertEqual(self.server.requests, [])
 
 
 class ChooseVMTests(_Base):
