@@ -78,6 +78,20 @@ class OptionsTests(unittest.TestCase):
         e = self.assertRaises(OptionsError, nxagent_options, props, SessionSettings())
         self.assertIn("cookie", str(e))
 
+    def test_client_cannot_move_the_listener(self):
+        """
+        Nor where nxagent listens and whom it accepts (the relay path): listen,
+        port, accept and loopback are refused; harmless tuning passes.
+        """
+        for option in ("listen=4200", "port=4200", "accept=10.0.0.9", "loopback=0"):
+            props = fill_props({"qvd.client.nxagent.extra_args": f"cache=8M,{option}"},
+                               SessionSettings())
+            e = self.assertRaises(OptionsError, nxagent_options, props, SessionSettings())
+            self.assertIn(option.split("=")[0], str(e))
+        props = fill_props({"qvd.client.nxagent.extra_args": "cache=8M,images=64M"},
+                           SessionSettings())
+        self.assertIn("cache=8M,images=64M", nxagent_options(props, SessionSettings()))
+
     def test_fill_props(self):
         """User defaults to vma.user.default.name and home is always <home>/<user>."""
         props = fill_props({"qvd.vm.user.home": "/etc"}, SessionSettings())

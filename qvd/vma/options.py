@@ -11,7 +11,7 @@ refused with an L{OptionsError} that names the property.
 
 With the L7R's NX cookie (C{qvd.nx.cookie}, 32 hex digits) the line starts
 C{nx/nx,cookie=<cookie>,}; the client's C{qvd.client.nxagent.extra_args} may
-not set C{cookie} (L{CLIENT_DENIED_OPTIONS}).
+not set C{cookie}, nor where nxagent listens (L{CLIENT_DENIED_OPTIONS}).
 
 The session user is never privileged, whatever the caller asks: L{fill_props}
 refuses the name C{root}, a uid or gid below C{settings.uid_min} and any group
@@ -40,8 +40,12 @@ PROPS_TO_NX = (
 
 _TRUE = {"1", "true", "yes", "on"}
 
-#: nxagent options a client's qvd.client.nxagent.extra_args may not set.
-CLIENT_DENIED_OPTIONS = frozenset(("cookie",))
+#: nxagent options a client's qvd.client.nxagent.extra_args may not set: the
+#: session's cookie and where and from whom nxagent accepts connections
+#: (the relay path), its session files and the channels the VMA configures.
+CLIENT_DENIED_OPTIONS = frozenset((
+    "cookie", "listen", "port", "accept", "loopback", "connect", "session", "id",
+    "options", "slave", "cups", "smb", "media", "http", "font", "file", "mask"))
 
 
 #: Groups a session user never gets (vma.user.groups.denied): each gives
