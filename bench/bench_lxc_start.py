@@ -275,6 +275,7 @@ async def bench(reactor, n):
     from qvd.testing.images import minimal_lxc_image
     image = minimal_lxc_image(stream=sys.stderr)
     root = tempfile.mkdtemp(prefix=f"qvdb{PID}-", dir="/var/tmp")
+    os.chmod(root, 0o755)  # containers' root (unprivileged) walks through it
     try:
         running, listening, errors, basefs = await run_qvd(reactor, root, image, n)
         bare = await threads.deferToThread(run_bare, root, basefs, n)
