@@ -10,7 +10,7 @@ setup(
     package_data={
         "qvd.db": ["migrations/*.sql"],
         "qvd.config": ["defaults/*.conf"],
-        "qvd.virt": ["lxc.conf.template"],
+        "qvd.virt": ["lxc.conf.template", "lxc.seccomp"],
     },
     install_requires=[
         "Twisted", "pyOpenSSL", "service_identity", "txpostgres", "psycopg2",

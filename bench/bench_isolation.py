@@ -29,6 +29,7 @@ async def bench(reactor, sizes):
         results = {}
         for enabled in ("1", "0"):
             root = tempfile.mkdtemp(prefix=f"qvdbi{os.getpid()}-", dir="/var/tmp")
+            os.chmod(root, 0o755)  # containers' root (unprivileged) walks through it
             try:
                 running, _, errors, _ = await run_qvd(
                     reactor, root, image, n, {"vm.network.firewall.enable": enabled})

@@ -50,6 +50,7 @@ def vma_ping(ip, timeout):
 @defer.inlineCallbacks
 def bench(reactor, image, n):
     root = tempfile.mkdtemp(prefix="qvd-bench-lxc-", dir="/var/tmp")
+    os.chmod(root, 0o755)  # containers' root (unprivileged) walks through it
     config = Config(keys=declared_keys(), node={
         "path.run": f"{root}/run", "path.storage.root": f"{root}/storage",
         "vm.lxc.name.prefix": f"qvdb{PID}-", "vm.lxc.veth.prefix": f"qb{PID % 1000}v",

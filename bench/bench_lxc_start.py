@@ -15,7 +15,8 @@ private PostgreSQL cluster of qvd.testing.pg):
    running, as the L7R does, then polls x_state until 'listening').
 2. bare peer, same run, same rootfs: for each of N containers an overlayfs over
    the DI tree the HKD unpacked, a hand-written LXC config (veth on the same
-   bridge, static address) and `lxc-start -d`, all N at once; measured per
+   bridge, static address, the same user namespace mapping as qvd's: the
+   tree's ids are shifted for it) and `lxc-start -d`, all N at once; measured per
    container: lxc-start -> the agent's port 3030 answering GET /vma/ping.
 
 Prints p50/p95 of each and the ratio qvd / bare for "agent answering"
@@ -210,7 +211,8 @@ async def run_qvd(reactor, root, image, n, overrides=None):
         await task.deferLater(reactor, 0.05, lambda: None)
     pg.drop_database(name)
     basefs = [os.path.join(root, "storage", "basefs", d)
-              for d in os.listdir(os.path.join(root, "storage", "basefs"))]
+              for d in os.listdir(os.path.join(root, "storage", "basefs"))
+              if not d.startswith(".")]         # not .locks
     return ([running_at[v] - t0 for v in running_at],
             [listening_at[v] - t0 for v in listening_at], errors, basefs[0])
 
@@ -229,6 +231,9 @@ lxc.net.0.name = eth0
 lxc.net.0.hwaddr = 54:52:00:cc:00:{i:02x}
 lxc.net.0.flags = up
 lxc.net.0.ipv4.address = {ip}/24
+lxc.idmap = u 0 {uid} 65536
+lxc.idmap = g 0 {gid} 65536
+lxc.tty.dir =
 """
 
 
@@ -246,6 +251,8 @@ def run_bare(root, basefs, n):
         upper, work, merged = (os.path.join(d, x) for x in ("upper", "work", "merged"))
         for x in (upper, work, merged):
             os.makedirs(x)
+        owner = os.stat(basefs)         # the tree's ids are shifted for the user namespace
+        os.chown(upper, owner.st_uid, owner.st_gid)
         subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
                         f"lowerdir={basefs},upperdir={upper},workdir={work}", merged],
                        check=True)
@@ -253,7 +260,8 @@ def run_bare(root, basefs, n):
         ip = f"{SUBNET}.{120 + i}"
         with open(os.path.join(lxcpath, name, "config"), "w") as f:
             f.write(BARE_CONFIG.format(name=name, rootfs=merged, veth=f"{VETH}b{i}",
-                                       bridge=BRIDGE, i=i, ip=ip))
+                                       bridge=BRIDGE, i=i, ip=ip, uid=owner.st_uid,
+                                       gid=owner.st_gid))
         containers.append((name, ip))
     t0 = time.monotonic()
     procs = [subprocess.Popen(["lxc-start", "-d", "-n", name, "-P", lxcpath])
@@ -275,6 +283,7 @@ async def bench(reactor, n):
     from qvd.testing.images import minimal_lxc_image
     image = minimal_lxc_image(stream=sys.stderr)
     root = tempfile.mkdtemp(prefix=f"qvdb{PID}-", dir="/var/tmp")
+    os.chmod(root, 0o755)  # containers' root (unprivileged) walks through it
     try:
         running, listening, errors, basefs = await run_qvd(reactor, root, image, n)
         bare = await threads.deferToThread(run_bare, root, basefs, n)

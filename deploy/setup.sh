@@ -42,6 +42,14 @@ if [ -e /dev/kvm ] && getent group kvm >/dev/null; then
     chgrp kvm /dev/kvm && chmod 0660 /dev/kvm || true
 fi
 
+# LXC desktops run in a user namespace (vm.lxc.idmap.*): root delegates the
+# containers' id range to itself (lxc-usernsexec, lxc-checkconfig and the
+# shadow tools read these files). Appended once, never duplicated.
+for f in /etc/subuid /etc/subgid; do
+    touch "$f"
+    grep -qx 'root:1000000:65536' "$f" || echo 'root:1000000:65536' >>"$f"
+done
+
 # 2. The virtualenv, from the Python on PATH (3.11).
 py=${QVD_PYTHON:-python3}
 if [ ! -x "$venv/bin/python" ]; then

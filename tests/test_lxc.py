@@ -14,7 +14,7 @@ from zope.interface.verify import verifyObject
 from qvd.config import Config, declared_keys
 from qvd.virt import _lxcfs
 from qvd.virt._lxcconfig import (
-    DEFAULT_TEMPLATE, Layout, LXCSettings, di_base_name, mounts_below, parse_lxc_info,
+    CAP_DROP, DEFAULT_SECCOMP, DEFAULT_TEMPLATE, NO_NESTED_USERNS, IdMap, Layout, LXCSettings, di_base_name, mounts_below, parse_lxc_info,
     parse_signal, render_config)
 from qvd.virt._process import ProcessResult
 from qvd.virt.interfaces import IHypervisor, RunningVM, VMSpec, VirtError
@@ -47,14 +47,14 @@ class LayoutTests(unittest.TestCase):
     def test_reference_paths(self):
         """
         A VM's files have the reference's names: basefs/<DI name without
-        suffix>, overlayfs/<di>-<vm>-overlayfs and <vm>-overlayfs-work,
+        suffix> (plus the id mapping it was shifted for), overlayfs/<di>-<vm>-overlayfs and <vm>-overlayfs-work,
         rootfs/<vm>-fs, homefs/<vm>-fs on /home, container <prefix><vm>.
         """
         layout = Layout.of(settings(), spec())
         self.assertEqual(layout.name, "qvd-42")
         self.assertEqual(layout.container_dir, "/run/qvd/lxc/qvd-42")
         self.assertEqual(layout.config_path, "/run/qvd/lxc/qvd-42/config")
-        self.assertEqual(layout.basefs, "/s/basefs/3-xfce")
+        self.assertEqual(layout.basefs, "/s/basefs/3-xfce.u1000000-g1000000")
         self.assertEqual(layout.tar_option, "-z")
         self.assertEqual(layout.upper, "/s/overlayfs/3-42-overlayfs")
         self.assertEqual(layout.work, "/s/overlayfs/42-overlayfs-work")
@@ -170,7 +170,55 @@ class ConfigTextTests(unittest.TestCase):
             self.assertIn(word, str(caught.exception))
 
 
+    def test_unprivileged_lines(self):
+        """
+        The container gets a user namespace mapping vm.lxc.idmap.size ids
+        from vm.lxc.idmap.uid/gid, drops the capabilities of CAP_DROP, loads
+        the shipped seccomp policy, has pids.max (v1 and v2) and no nested
+        user namespaces.
+        """
+        lines = self.lines(self.render(settings(root_uid=200000, root_gid=300000,
+                                                id_count=65536, pids_max=512)))
+        self.assertIn("lxc.idmap = u 0 200000 65536", lines)
+        self.assertIn("lxc.idmap = g 0 300000 65536", lines)
+        self.assertIn(f"lxc.cap.drop = {' '.join(CAP_DROP)}", lines)
+        for cap in ("sys_module", "sys_rawio", "mknod", "bpf", "syslog", "sys_time"):
+            self.assertIn(cap, CAP_DROP)
+        self.assertIn(f"lxc.seccomp.profile = {DEFAULT_SECCOMP}", lines)
+        self.assertIn("lxc.cgroup.pids.max = 512", lines)
+        self.assertIn("lxc.cgroup2.pids.max = 512", lines)
+        self.assertIn(NO_NESTED_USERNS, lines)
+        nested = self.lines(self.render(settings(nested_userns=True)))
+        self.assertEqual([l for l in nested if "max_user_namespaces" in l], [])
+
+    def test_shipped_seccomp_policy(self):
+        """
+        The shipped policy is LXC's format 2 deny list and refuses LXC's
+        defaults plus the keyring, bpf, perf, kexec and module syscalls.
+        """
+        with open(DEFAULT_SECCOMP) as f:
+            lines = [l.split("#")[0].strip() for l in f]
+        self.assertEqual(lines[:2], ["2", "denylist"])
+        rules = {l.split()[0]: l.split()[1:] for l in lines[3:] if l and not l.startswith("[")}
+        for call in ("kexec_load", "kexec_file_load", "open_by_handle_at", "init_module",
+                     "finit_module", "delete_module", "keyctl", "add_key", "request_key",
+                     "bpf", "perf_event_open", "userfaultfd"):
+            self.assertEqual(rules.get(call, [None])[0], "errno", call)
+
+
 class SettingsTests(unittest.TestCase):
+
+    def test_idmap_checked(self):
+        """
+        A mapping that would overlap the node's own ids (base below the
+        size) or a tiny pids.max is refused naming the key.
+        """
+        for kw, word in ((dict(root_uid=1000), "vm.lxc.idmap.uid"),
+                         (dict(root_gid=0), "vm.lxc.idmap.gid"),
+                         (dict(pids_max=1), "vm.lxc.pids.max")):
+            with self.assertRaises(VirtError) as caught:
+                settings(**kw)
+            self.assertIn(word, str(caught.exception))
 
     def test_from_config_defaults(self):
         """
@@ -182,6 +230,9 @@ class SettingsTests(unittest.TestCase):
         self.assertEqual(s.basefs, "/var/lib/qvd/storage/basefs")
         self.assertEqual(s.template, DEFAULT_TEMPLATE)
         self.assertEqual(s.halt_signum(), signal.SIGRTMIN + 4)
+        self.assertEqual((s.root_uid, s.root_gid, s.id_count, s.pids_max),
+                         (1000000, 1000000, 65536, 2048))
+        self.assertEqual(s.seccomp_profile, DEFAULT_SECCOMP)
 
     def test_bridge_address(self):
         """
@@ -447,9 +498,89 @@ class FileSystemTests(unittest.TestCase):
         s = settings(basefs=os.path.join(root, "basefs"))
         layout = Layout.of(s, spec(di_path=bad))
         with self.assertRaises(VirtError) as caught:
-            _lxcfs.ensure_basefs(layout, bad, s.basefs)
+            _lxcfs.ensure_basefs(layout, bad, s.basefs, s.idmap)
         self.assertIn(bad, str(caught.exception))
         self.assertEqual(os.listdir(s.basefs), [".locks"])
+
+
+class ShiftIdsTests(unittest.TestCase):
+
+    def setUp(self):
+        if os.geteuid() != 0:
+            raise unittest.SkipTest("chown needs root")
+        self.root = tempfile.mkdtemp()
+        self.addCleanup(lambda: __import__("shutil").rmtree(self.root, True))
+        self.idmap = IdMap(1000000, 2000000, 65536)
+
+    def make(self, name, uid, gid, mode=0o644):
+        path = os.path.join(self.root, name)
+        with open(path, "w") as f:
+            f.write(name)
+        os.chown(path, uid, gid)
+        os.chmod(path, mode)
+        return path
+
+    def test_owners_shifted_bits_kept(self):
+        """
+        Every owner moves into the range (root, users, nobody; symlinks
+        themselves; hard links once); setuid and setgid bits survive; ids
+        outside the first 65536 stay; a second run changes nothing.
+        """
+        os.chown(self.root, 0, 0)
+        su = self.make("su", 0, 0, 0o4755)
+        sg = self.make("wall", 0, 5, 0o2755)
+        user = self.make("bob", 1000, 1000)
+        nobody = self.make("nobody", 65534, 65534)
+        far = self.make("far", 70000, 70000)
+        os.link(user, os.path.join(self.root, "bob-link"))
+        os.symlink("su", os.path.join(self.root, "link"))
+        os.lchown(os.path.join(self.root, "link"), 1, 1)
+        os.mkdir(os.path.join(self.root, "dir"))
+        _lxcfs.shift_ids(self.root, self.idmap)
+
+        def owner(path):
+            st = os.lstat(path)
+            return st.st_uid, st.st_gid, st.st_mode & 0o7777
+        self.assertEqual(owner(self.root)[:2], (1000000, 2000000))
+        self.assertEqual(owner(su), (1000000, 2000000, 0o4755))
+        self.assertEqual(owner(sg), (1000000, 2000005, 0o2755))
+        self.assertEqual(owner(user), (1001000, 2001000, 0o644))
+        self.assertEqual(owner(nobody)[:2], (1065534, 2065534))
+        self.assertEqual(owner(far)[:2], (70000, 70000))
+        self.assertEqual(owner(os.path.join(self.root, "link"))[:2], (1000001, 2000001))
+        self.assertEqual(owner(os.path.join(self.root, "dir"))[:2], (1000000, 2000000))
+        self.assertEqual(_lxcfs.shift_ids(self.root, self.idmap), 0)
+
+    def test_file_capabilities_rooted_in_the_container(self):
+        """
+        A v2 file capability (which chown removes) comes back as a v3 one
+        whose root is the containers' root.
+        """
+        import struct
+        ping = self.make("ping", 0, 0, 0o755)
+        v2 = struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0)   # cap_net_raw+ep
+        os.setxattr(ping, "security.capability", v2)
+        _lxcfs.shift_ids(self.root, self.idmap)
+        value = os.getxattr(ping, "security.capability")
+        self.assertEqual(struct.unpack("<IIIIII", value),
+                         (0x03000001, 1 << 13, 0, 0, 0, 1000000))
+
+    def test_acl_ids_shifted(self):
+        """The named users and groups of a POSIX ACL move with the owners."""
+        import struct
+        path = self.make("shared", 0, 0)
+        acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in (
+            (0x01, 6, 0xFFFFFFFF), (0x02, 4, 1000), (0x04, 4, 0xFFFFFFFF),
+            (0x08, 4, 100), (0x10, 6, 0xFFFFFFFF), (0x20, 0, 0xFFFFFFFF)))
+        try:
+            os.setxattr(path, "system.posix_acl_access", acl)
+        except OSError as e:
+            raise unittest.SkipTest(f"no POSIX ACLs on {self.root}: {e}")
+        _lxcfs.shift_ids(self.root, self.idmap)
+        value = os.getxattr(path, "system.posix_acl_access")
+        ids = [struct.unpack_from("<HHI", value, at) for at in range(4, len(value), 8)]
+        self.assertIn((0x02, 4, 1001000), ids)
+        self.assertIn((0x08, 4, 2000100), ids)
 
 
 class ProcessTests(unittest.TestCase):

@@ -113,7 +113,10 @@ def prune(pattern, keep, age=PRUNE_AGE, companions=lambda path: ()):
 
 
 def _unpacked(image):
-    return [os.path.join(BASEFS_CACHE, os.path.basename(image)[:-len(".tar")])]
+    """The image's unpacked trees (one per id mapping: <name>.u<uid>-g<gid>)."""
+    name = os.path.basename(image)[:-len(".tar")]
+    return [os.path.join(BASEFS_CACHE, name),
+            *glob.glob(os.path.join(BASEFS_CACHE, glob.escape(name) + ".u*-g*"))]
 
 
 def _mtime(path):

@@ -18,6 +18,17 @@ import attrs
 from qvd.virt.interfaces import VirtError
 
 DEFAULT_TEMPLATE = os.path.join(os.path.dirname(__file__), "lxc.conf.template")
+#: The seccomp policy shipped with qvd (vm.lxc.seccomp.profile empty).
+DEFAULT_SECCOMP = os.path.join(os.path.dirname(__file__), "lxc.seccomp")
+#: Capabilities a desktop's root does without (besides LXC's common.conf
+#: drops). In a user namespace most of these grant nothing outside the
+#: container anyway; dropping them keeps what root can try small.
+#: Kept: sys_admin, net_admin, sys_ptrace, sys_resource, setuid/setgid,
+#: chown, dac_*, kill, net_raw, ... (systemd, the VMA and useradd use them,
+#: and they act only on the container's own namespaces).
+CAP_DROP = ("mac_admin", "mac_override", "sys_time", "sys_module", "sys_rawio",
+            "sys_boot", "sys_pacct", "mknod", "syslog", "wake_alarm", "block_suspend",
+            "audit_control", "linux_immutable", "bpf", "perfmon", "checkpoint_restore")
 #: DI file name endings the driver can unpack, and tar's option for each.
 DI_SUFFIXES = (
     (".tar.gz", "-z"), (".tgz", "-z"), (".tar.bz2", "-j"), (".tbz2", "-j"),
@@ -29,6 +40,33 @@ SECRET_TARGET = "etc/qvd/vma.secret"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.@+\-]+$")
 _SAFE_PATH = re.compile(r"^/[^,:\s\\]*$")
 _MAC = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
+
+
+#: What keeps a desktop's processes from making user namespaces of their own
+#: (vm.lxc.userns.nested off): the container's user namespace gets
+#: user.max_user_namespaces = 0, written from the host just before init runs
+#: (lxc.sysctl cannot: /proc/sys is read-only by then). The value belongs to
+#: that namespace; only the container's root could raise it again.
+NO_NESTED_USERNS = (
+    "lxc.hook.start-host = /bin/sh -c 'echo 0 | nsenter -U -t \"$LXC_PID\" "
+    "tee /proc/sys/user/max_user_namespaces >/dev/null'")
+
+
+@attrs.frozen
+class IdMap:
+    """
+    Host uid/gid of the containers' root and the number of ids mapped:
+    container id C{n} (C{0 <= n < count}) is host id C{uid + n} / C{gid + n}.
+    """
+    uid: int
+    gid: int
+    count: int
+
+    def host_uid(self, uid):
+        return self.uid + uid if uid < self.count else uid
+
+    def host_gid(self, gid):
+        return self.gid + gid if gid < self.count else gid
 
 
 @attrs.frozen
@@ -55,6 +93,35 @@ class LXCSettings:
     ip_start: str = "10.0.0.100"
     netmask: str = "255.255.0.0"
     use_dhcp: bool = False
+    root_uid: int = 1000000
+    root_gid: int = 1000000
+    id_count: int = 65536
+    pids_max: int = 2048
+    seccomp_profile: str = DEFAULT_SECCOMP
+    nested_userns: bool = False
+
+    def __attrs_post_init__(self):
+        if self.id_count < 1 or self.id_count > 2 ** 31:
+            raise VirtError(f"vm.lxc.idmap.size {self.id_count!r} must be between 1 and 2**31")
+        for key, value in (("uid", self.root_uid), ("gid", self.root_gid)):
+            if value < self.id_count or value + self.id_count > 2 ** 32 - 1:
+                raise VirtError(
+                    f"vm.lxc.idmap.{key} {value!r} must be at least vm.lxc.idmap.size "
+                    f"({self.id_count}) and leave the range below 2**32-1: container "
+                    f"ids must never be host ids of the node's own users (e.g. 1000000)")
+        if self.pids_max < 16:
+            raise VirtError(f"vm.lxc.pids.max {self.pids_max!r} is too small for a desktop "
+                            f"(at least 16; e.g. 2048)")
+
+    @property
+    def idmap(self):
+        """The containers' id mapping as an L{IdMap}."""
+        return IdMap(self.root_uid, self.root_gid, self.id_count)
+
+    @property
+    def id_suffix(self):
+        """What names a DI's tree unpacked for this mapping (C{.u<uid>-g<gid>})."""
+        return f".u{self.root_uid}-g{self.root_gid}"
 
     @classmethod
     def from_config(cls, config):
@@ -78,6 +145,12 @@ class LXCSettings:
             ip_start=config.get("vm.network.ip.start"),
             netmask=config.get("vm.network.netmask"),
             use_dhcp=config.getbool("vm.network.use_dhcp"),
+            root_uid=config.getint("vm.lxc.idmap.uid"),
+            root_gid=config.getint("vm.lxc.idmap.gid"),
+            id_count=config.getint("vm.lxc.idmap.size"),
+            pids_max=config.getint("vm.lxc.pids.max"),
+            seccomp_profile=config.get("vm.lxc.seccomp.profile") or DEFAULT_SECCOMP,
+            nested_userns=config.getbool("vm.lxc.userns.nested"),
         )
 
     def container_name(self, vm_id):
@@ -160,7 +233,9 @@ class Layout:
 
     @ivar name: the container's name.
     @ivar container_dir: C{<lxcpath>/<name>} (config, lxc.log).
-    @ivar basefs: the DI's unpacked tree, shared by its VMs.
+    @ivar basefs: the DI's unpacked tree with its ids shifted into the
+        containers' range (C{<basefs>/<DI name>.u<uid>-g<gid>}), shared by
+        its VMs.
     @ivar upper, work: the overlay's upper and work dirs.
     @ivar rootfs: the mount point of the VM's root filesystem.
     @ivar home_dir: the persistent home on the node.
@@ -227,7 +302,7 @@ class Layout:
         layout = cls(
             name=settings.container_name(spec.vm_id),
             container_dir=os.path.join(settings.lxcpath, settings.container_name(spec.vm_id)),
-            basefs=os.path.join(settings.basefs, base),
+            basefs=os.path.join(settings.basefs, base + settings.id_suffix),
             tar_option=option,
             upper=os.path.join(settings.overlayfs, f"{spec.di_id}-{spec.vm_id}-overlayfs"),
             work=os.path.join(settings.overlayfs, f"{spec.vm_id}-overlayfs-work"),
@@ -301,6 +376,13 @@ def render_config(settings, spec, layout, template_text, template_name=DEFAULT_T
         "home_target": layout.home_target,
         "log_file": layout.log_path,
         "template": template_name,
+        "root_uid": settings.root_uid,
+        "root_gid": settings.root_gid,
+        "id_count": settings.id_count,
+        "cap_drop": " ".join(CAP_DROP),
+        "seccomp_profile": settings.seccomp_profile,
+        "pids_max": settings.pids_max,
+        "max_user_namespaces": "" if settings.nested_userns else NO_NESTED_USERNS,
     }
     try:
         text = string.Template(template_text).substitute(values)

@@ -2,8 +2,9 @@
 Blocking file-system work of the LXC driver; the driver runs each function in
 a thread (never on the reactor thread).
 
-    lower, extra = ensure_basefs(layout, di_path, basefs_root)
-    prepare_dirs(layout, persistent=False)
+    lower, extra = ensure_basefs(layout, di_path, basefs_root, idmap)
+    prepare_dirs(layout, persistent=False, lower=lower, idmap=idmap)
+    shift_ids(tree, idmap)               # (what ensure_basefs does to a new tree)
     remove_vm_dirs(layout, persistent=False)
     leftover = kill_cgroups(name)
 """
@@ -13,13 +14,123 @@ import glob
 import os
 import shutil
 import signal
+import stat
+import struct
 import subprocess
 import time
 
 from qvd._locks import locked
 from qvd.virt.interfaces import VirtError
+from qvd.virt._lxcconfig import IdMap  # noqa: F401 (re-exported for callers)
 
 CGROUP_ROOT = "/sys/fs/cgroup"
+_CAPS = "security.capability"
+_ACLS = ("system.posix_acl_access", "system.posix_acl_default")
+_ACL_USER, _ACL_GROUP = 0x02, 0x08
+_VFS_CAP_REVISION_2, _VFS_CAP_REVISION_3 = 0x02000000, 0x03000000
+
+
+def _shift_caps(value, idmap):
+    """
+    A file capability xattr made a v3 one whose root is the containers'
+    root (honoured inside the containers only); None if it is not one.
+    """
+    if len(value) < 20:
+        return None
+    (magic,) = struct.unpack_from("<I", value)
+    if magic & 0xFF000000 == _VFS_CAP_REVISION_2:
+        body = struct.pack("<I", _VFS_CAP_REVISION_3 | (magic & 0x00FFFFFF)) + value[4:20]
+        return body + struct.pack("<I", idmap.uid)
+    if magic & 0xFF000000 == _VFS_CAP_REVISION_3 and len(value) >= 24:
+        (root,) = struct.unpack_from("<I", value, 20)
+        return value[:20] + struct.pack("<I", idmap.host_uid(root))
+    return None
+
+
+def _shift_acl(value, idmap):
+    """A POSIX ACL xattr with its named users' and groups' ids shifted."""
+    if len(value) < 4 or (len(value) - 4) % 8:
+        return value
+    out = bytearray(value)
+    for at in range(4, len(value), 8):
+        tag, _perm, ident = struct.unpack_from("<HHI", value, at)
+        if tag == _ACL_USER:
+            struct.pack_into("<I", out, at + 4, idmap.host_uid(ident))
+        elif tag == _ACL_GROUP:
+            struct.pack_into("<I", out, at + 4, idmap.host_gid(ident))
+    return bytes(out)
+
+
+def _xattrs(path, names):
+    found = {}
+    try:
+        present = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return found
+    for name in names:
+        if name in present:
+            with contextlib.suppress(OSError):
+                found[name] = os.getxattr(path, name, follow_symlinks=False)
+    return found
+
+
+def shift_ids(tree, idmap):
+    """
+    Shift the owner of every file of C{tree} (not crossing mounts) into the
+    containers' range: id C{n < idmap.count} becomes C{idmap.uid + n} (gid
+    likewise); ids already outside (shifted ones) stay. setuid/setgid bits
+    survive (chown clears them), file capabilities become v3 ones rooted at
+    the containers' root, and the ids named in POSIX ACLs move too. Hard
+    links are shifted once. Idempotent.
+
+    @return: the number of entries changed.
+    """
+    seen = set()
+    changed = 0
+    root_dev = os.lstat(tree).st_dev
+
+    def shift(path):
+        nonlocal changed
+        st = os.lstat(path)
+        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+            if (st.st_dev, st.st_ino) in seen:
+                return
+            seen.add((st.st_dev, st.st_ino))
+        uid, gid = idmap.host_uid(st.st_uid), idmap.host_gid(st.st_gid)
+        link = stat.S_ISLNK(st.st_mode)
+        extra = {} if link else _xattrs(path, (_CAPS,) + _ACLS)
+        chowned = (uid, gid) != (st.st_uid, st.st_gid)
+        if chowned:
+            os.lchown(path, uid, gid)
+            if not link and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+                os.chmod(path, stat.S_IMODE(st.st_mode))
+            changed += 1
+        for name, value in extra.items():
+            if name == _CAPS:
+                new = _shift_caps(value, idmap)
+                if new is not None and (chowned or new != value):   # chown removed it
+                    os.setxattr(path, name, new, follow_symlinks=False)
+            else:
+                new = _shift_acl(value, idmap)
+                if new != value:
+                    os.setxattr(path, name, new, follow_symlinks=False)
+
+    shift(tree)
+    for top, dirs, files in os.walk(tree):
+        for name in files:
+            shift(os.path.join(top, name))
+        kept = []
+        for name in dirs:
+            path = os.path.join(top, name)
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode) or st.st_dev != root_dev:
+                if stat.S_ISLNK(st.st_mode):
+                    shift(path)     # os.walk lists symlinks to dirs as dirs
+                continue
+            shift(path)
+            kept.append(name)
+        dirs[:] = kept
+    return changed
 
 
 def _lower_of(tree):
@@ -39,12 +150,13 @@ def _lower_of(tree):
     return None
 
 
-def ensure_basefs(layout, di_path, basefs_root):
+def ensure_basefs(layout, di_path, basefs_root, idmap):
     """
     Unpack the DI once into C{layout.basefs} (under a lock, through a
-    temporary directory renamed into place) and return (lower dir, the DI's
-    extra LXC config text). Raises L{VirtError} and leaves nothing behind when
-    the DI cannot be unpacked.
+    temporary directory renamed into place) with its ids shifted into
+    C{idmap}'s range (L{shift_ids}), and return (lower dir, the DI's extra
+    LXC config text). Raises L{VirtError} and leaves nothing behind when the
+    DI cannot be unpacked.
     """
     name = os.path.basename(layout.basefs)
     with locked(os.path.join(basefs_root, ".locks", name + ".lock"), mode=0o600):
@@ -72,6 +184,7 @@ def ensure_basefs(layout, di_path, basefs_root):
                     raise VirtError(
                         f"disk image {di_path} holds no root filesystem (no etc/ and "
                         f"sbin/ at its top or under rootfs/)")
+                shift_ids(temp, idmap)
                 os.rename(temp, layout.basefs)
             except BaseException:
                 shutil.rmtree(temp, ignore_errors=True)
@@ -104,23 +217,58 @@ def _discard(path):
         raise VirtError(f"cannot remove {aside}: remove it by hand")
 
 
-def prepare_dirs(layout, persistent, lower):
+def prepare_dirs(layout, persistent, lower, idmap):
     """
     Create the VM's directories: a fresh work dir, the upper dir (emptied
     unless C{persistent}), the root mount point, the home and the container
     directory. The upper dir gets the owner and mode of the C{lower} root:
-    overlayfs shows the upper dir's as those of C{/}.
+    overlayfs shows the upper dir's as those of C{/}. The home belongs to the
+    containers' root; a home made for a privileged container (owned by host
+    root) has its ids shifted once (L{shift_ids}). A persistent upper dir
+    made before the mapping is shifted likewise.
+
+    The container's root (an unprivileged host uid) must reach the root
+    mount point, the home and the agent's secret: the container directory
+    is 0711 and every parent must be searchable by others
+    (L{check_searchable}).
     """
     if not persistent:
         _discard(layout.upper)
     _discard(layout.work)
-    for path in (layout.upper, layout.work, layout.rootfs, layout.container_dir):
-        os.makedirs(path, mode=0o700 if path != layout.rootfs else 0o755, exist_ok=True)
+    for path, mode in ((layout.upper, 0o700), (layout.work, 0o700),
+                       (layout.rootfs, 0o755), (layout.container_dir, 0o711)):
+        os.makedirs(path, mode=mode, exist_ok=True)
+    os.chmod(layout.container_dir, 0o711)
     root = os.stat(lower)
+    if persistent and os.stat(layout.upper).st_uid < idmap.count:
+        shift_ids(layout.upper, idmap)
     os.chown(layout.upper, root.st_uid, root.st_gid)
     os.chmod(layout.upper, root.st_mode & 0o7777)
     if not os.path.isdir(layout.home_dir):
         os.makedirs(layout.home_dir, mode=0o755)
+        os.chown(layout.home_dir, idmap.uid, idmap.gid)
+    elif os.stat(layout.home_dir).st_uid < idmap.count:
+        shift_ids(layout.home_dir, idmap)
+    check_searchable(layout.rootfs, layout.home_dir, layout.container_dir)
+
+
+def check_searchable(*paths):
+    """
+    L{VirtError} naming the first parent directory of C{paths} that others
+    cannot search (no o+x): the container's root, an unprivileged host
+    user, could not reach what LXC mounts into the container.
+    """
+    for path in paths:
+        parent = os.path.dirname(os.path.abspath(path))
+        while True:
+            if not os.stat(parent).st_mode & stat.S_IXOTH:
+                raise VirtError(
+                    f"{parent} is not searchable by others (mode "
+                    f"{stat.S_IMODE(os.stat(parent).st_mode):o}): unprivileged containers "
+                    f"cannot reach {path}; run chmod o+x {parent}")
+            if parent == "/":
+                break
+            parent = os.path.dirname(parent)
 
 
 def write_secret(path, text, uid=0, gid=0):
@@ -186,7 +334,11 @@ def cgroup_dirs(name, root=CGROUP_ROOT):
 def _procs(directory):
     pids = set()
     for sub, _, _ in os.walk(directory):
-        for line in read_text(os.path.join(sub, "cgroup.procs")).split():
+        try:
+            text = read_text(os.path.join(sub, "cgroup.procs"))
+        except OSError:     # ENODEV: the cgroup went while we read it
+            continue
+        for line in text.split():
             if line.isdigit():
                 pids.add(int(line))
     return pids

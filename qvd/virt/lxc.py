@@ -11,8 +11,13 @@ The LXC virt driver: desktops as privileged system containers.
     yield driver.cleanup(spec)            # mounts, veth, cgroups, dirs
 
 Per VM (reference 4.6; paths from L{qvd.virt._lxcconfig.Layout}):
-- the DI (a rootfs tarball) is unpacked once into C{path.storage.basefs/<name>}
-  and shared read-only by all its VMs;
+- the DI (a rootfs tarball) is unpacked once into
+  C{path.storage.basefs/<name>.u<uid>-g<gid>} with its ids shifted into the
+  containers' range (C{vm.lxc.idmap.*}) and shared read-only by all its VMs;
+- each container runs in a user namespace (its root is host uid
+  C{vm.lxc.idmap.uid}), without the capabilities of
+  L{qvd.virt._lxcconfig.CAP_DROP}, under the seccomp policy
+  C{vm.lxc.seccomp.profile} and with C{pids.max} = C{vm.lxc.pids.max};
 - an overlayfs (upper and work dirs in C{path.storage.overlayfs}) is mounted
   on C{path.storage.rootfs/<vm_id>-fs}; the upper dir is emptied at each boot
   unless C{spec.persistent_overlay};
@@ -168,10 +173,12 @@ class LXCDriver:
             raise VirtError(f"VM {spec.vm_id}: container {layout.name} is {state}; stop it first")
         try:
             lower, extra = yield self._to_thread(
-                _lxcfs.ensure_basefs, layout, spec.di_path, self.settings.basefs)
+                _lxcfs.ensure_basefs, layout, spec.di_path, self.settings.basefs,
+                self.settings.idmap)
             yield self._unmount_below(layout.rootfs)
             yield self._delete_veth(layout.veth)
-            yield self._to_thread(_lxcfs.prepare_dirs, layout, spec.persistent_overlay, lower)
+            yield self._to_thread(_lxcfs.prepare_dirs, layout, spec.persistent_overlay, lower,
+                                  self.settings.idmap)
             if spec.use_overlay:
                 argv = ["mount", "-t", "overlay", "-o", overlay_options(lower, layout),
                         "overlay", layout.rootfs]
@@ -184,7 +191,9 @@ class LXCDriver:
             if not template:
                 raise VirtError(f"LXC config template {self.settings.template} is missing or empty")
             if spec.vma_secret:
-                yield self._to_thread(_lxcfs.write_secret, layout.secret_path, spec.vma_secret)
+                # Readable by the container's root only (its host ids).
+                yield self._to_thread(_lxcfs.write_secret, layout.secret_path, spec.vma_secret,
+                                      self.settings.root_uid, self.settings.root_gid)
             text = render_config(self.settings, spec, layout, template,
                                  self.settings.template, extra)
             yield self._to_thread(_lxcfs.write_atomically, layout.config_path, text)

@@ -88,6 +88,7 @@ class HKDOnLXCTests(HKDTestMixin, pg.DatabaseTestMixin, unittest.TestCase):
             from qvd.testing.images import minimal_lxc_image
             image = minimal_lxc_image(stream=sys.stderr)
             root = tempfile.mkdtemp(prefix=f"qvdt-hkd{PID}-", dir="/var/tmp")
+            os.chmod(root, 0o755)  # containers' root (unprivileged) walks through it
             images = os.path.join(root, "storage", "images")
             os.makedirs(images)
             # Named after the cached image, so the shared unpacked tree

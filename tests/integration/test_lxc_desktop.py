@@ -71,6 +71,7 @@ class LXCDesktopTests(unittest.TestCase):
         from qvd.testing.images import lxc_test_basefs, minimal_lxc_image
         self.image = minimal_lxc_image(stream=sys.stderr)
         self.root = tempfile.mkdtemp(prefix="qvdt-lxcd-", dir="/var/tmp")
+        os.chmod(self.root, 0o755)  # containers' root (unprivileged) walks through it
         self.addCleanup(self.scrub)
         self.config = Config(keys=declared_keys(), node={
             "path.run": f"{self.root}/run",

@@ -6,6 +6,7 @@ Timings are printed to stderr ("lxc-timing: ...").
 """
 
 import errno
+import glob
 import os
 import shutil
 import socket
@@ -200,7 +201,7 @@ class LXCDriverIntegrationTests(unittest.TestCase):
         first, second = self.spec(5, di_path=image), self.spec(6, di_path=image)
         yield defer.gatherResults([self.driver.prepare(first), self.driver.prepare(second)])
         self.assertEqual([n for n in os.listdir(basefs) if n.startswith(f"tiny-{PID}")],
-                         [f"tiny-{PID}"])
+                         [f"tiny-{PID}{self.driver.settings.id_suffix}"])
         self.assertEqual([n for n in os.listdir(basefs) if n.startswith(f"untar-{os.getpid()}-")],
                          [])
         for spec in (first, second):
@@ -294,8 +295,9 @@ def _remove_base(basefs, name):
     """
     Remove a test DI's base fs and lock from the shared base fs cache.
     """
-    subprocess.run(["rm", "-rf", "--one-file-system", os.path.join(basefs, name)])
-    for path in (os.path.join(basefs, ".locks", name + ".lock"),):
+    for tree in glob.glob(os.path.join(basefs, name + ".u*-g*")):
+        subprocess.run(["rm", "-rf", "--one-file-system", tree])
+    for path in glob.glob(os.path.join(basefs, ".locks", name + ".u*-g*.lock")):
         if os.path.exists(path):
             os.unlink(path)
 
@@ -312,6 +314,7 @@ def _fixture():
     if time.monotonic() - start > 1:
         _timing(f"test image ready in {time.monotonic() - start:.1f} s")
     root = tempfile.mkdtemp(prefix="qvdt-lxc-", dir="/var/tmp")
+    os.chmod(root, 0o755)  # containers' root (unprivileged) walks through it
     config = Config(keys=declared_keys(), node={
         "path.run": os.path.join(root, "run"),
         "path.storage.root": os.path.join(root, "storage"),
