@@ -94,6 +94,6 @@ class ImportTests(unittest.TestCase):
         tree = image_tree(os.path.abspath(self.mktemp()))
         self.probe(DEBIAN_PYTHON if os.path.exists(DEBIAN_PYTHON) else sys.executable, tree)
         packages = sorted(os.listdir(os.path.join(tree, "qvd")))
-        self.assertEqual(packages, ["__init__.py", "config", "logs.py", "protocols", "vma"])
+        self.assertEqual(packages, ["__init__.py", "_listen.py", "config", "logs.py", "protocols", "vma"])
         for absent in ("l7r", "hkd", "db", "admin", "virt", "testing", "client", "di"):
             self.assertFalse(os.path.exists(os.path.join(tree, "qvd", absent)), absent)
