@@ -277,6 +277,11 @@ class Stack:
         "hkd.firewall.refresh.interval": "0.5",
     }
 
+    #: The subnets and interface letters of the stacks started in this
+    #: process and not stopped yet: two of them sharing either would share a
+    #: bridge or addresses, and both would break.
+    _live = {}
+
     def __init__(self, tag="e2e", subnet_base=217, fast=True):
         self.fast = fast
         pid = os.getpid()
@@ -305,7 +310,13 @@ class Stack:
     def start(self, stream=sys.stderr):
         from qvd.l7r import tls
         from qvd.testing.images import minimal_lxc_image
+        for other in Stack._live.values():
+            if other.subnet == self.subnet or other.tag[0] == self.tag[0]:
+                raise AssertionError(
+                    f"stack {self.tag!r} would share {self.subnet} or the interface letter"
+                    f" {self.tag[0]!r} with the running stack {other.tag!r}")
         image = minimal_lxc_image(stream=stream)
+        Stack._live[id(self)] = self
         pg.cluster()  # started (and its exit hook registered) before ours: ours runs first
         self.root = tempfile.mkdtemp(prefix=f"qvdt-{self.tag}{os.getpid()}-", dir="/var/tmp")
         os.chmod(self.root, 0o755)
@@ -391,6 +402,7 @@ class Stack:
         if not self.started:
             return
         self.started = False
+        Stack._live.pop(id(self), None)
         for proc in reversed(self.processes):
             if proc in (self.hkd, self.l7r) or proc.poll() is not None:
                 continue

@@ -177,7 +177,7 @@ def nxagent_options(props, settings, cookie=None):
         if item.split("=", 1)[0] in CLIENT_DENIED_OPTIONS:
             raise OptionsError(
                 f"qvd.client.nxagent.extra_args may not set {item.split('=', 1)[0]!r}: "
-                "the session's NX cookie comes from the L7R")
+                "the node sets the session's cookie, listener, files and channels")
         options.append(item)
     if settings.printing and _truthy(props.get("qvd.client.printing.enabled", "0")):
         channel = "smb" if props.get("qvd.client.os") == "windows" else "cups"

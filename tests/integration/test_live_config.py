@@ -20,7 +20,7 @@ QVD_ADMIN = os.path.join(os.path.dirname(os.path.realpath(e2e.TWISTD)), "qvd-adm
 
 
 def _node():
-    stack = e2e.Stack("live", subnet_base=223)
+    stack = e2e.Stack("live", subnet_base=225)
     stack.start()
     stack.add_user("ana", "ana-secret")
     return stack

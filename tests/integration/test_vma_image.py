@@ -184,8 +184,7 @@ class VMAInImage(ProcessesMixin, unittest.TestCase):
 
         self.assertEqual((yield client.x_start({
             "qvd.vm.user.name": "alice", "qvd.vm.user.uid": "2345",
-            "qvd.client.link": "lan", "qvd.client.geometry": "800x600",
-            "qvd.client.nxagent.extra_args": "loopback=1"})), "starting")
+            "qvd.client.link": "lan", "qvd.client.geometry": "800x600"})), "starting")
         yield self.wait_state(client, "listening")
         self.assertIn("alice:x:2345:", self.in_image("/etc/passwd"))
 

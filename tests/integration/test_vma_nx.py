@@ -195,8 +195,7 @@ class VMAWithNX(ProcessesMixin, unittest.TestCase):
         self.assertIsNone((yield client.ping()))
         self.assertEqual((yield client.x_state()), "stopped")
         params = {"qvd.client.link": "lan", "qvd.client.geometry": "800x600",
-                  "qvd.client.fullscreen": "0", "qvd.client.keyboard": "pc105/us",
-                  "qvd.client.nxagent.extra_args": "loopback=1"}
+                  "qvd.client.fullscreen": "0", "qvd.client.keyboard": "pc105/us"}
         t0 = time.monotonic()
         self.assertEqual((yield client.x_start(params)), "starting")
         yield self.wait_state(client, "listening")

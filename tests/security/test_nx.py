@@ -26,7 +26,7 @@ NX_LOG = "/var/log/qvd/qvd-nxagent.log"
 
 
 def _node():
-    stack = e2e.Stack("ck", subnet_base=223)
+    stack = e2e.Stack("kk", subnet_base=227)
     stack.start()
     stack.bob = stack.add_user("bob", "bob-secret")
     return stack
