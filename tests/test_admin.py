@@ -41,7 +41,6 @@ class AdminTestCase(pg.DatabaseTestMixin, unittest.TestCase):
         with open(self.config, "w") as f:
             f.write(f"database.host = {pg.cluster().socketdir}\n"
                     f"database.name = {self.dbname}\n"
-                    "database.user = postgres\n"
                     f"path.storage.root = {self.storage}\n")
 
     def admin(self, *argv, random=None):
@@ -597,7 +596,7 @@ class DatabaseCommandTests(AdminTestCase):
         cluster = PrivateCluster(root)
         self.addCleanup(cluster.destroy)
         with open(self.config, "w") as f:
-            f.write(f"path.db = {root}\ndatabase.user = postgres\n")
+            f.write(f"path.db = {root}\n")
         began = time.monotonic()
         self.ok("db", "init")
         elapsed = time.monotonic() - began

@@ -18,6 +18,7 @@ from qvd.l7r.auth.chain import PLUGINS, TOO_MANY, Authenticator
 from qvd.l7r.auth.interfaces import AuthFailed, AuthResult, IAuthenticator
 from qvd.l7r.auth.plugin import IAuthPlugin
 from qvd.testing.auth import AcceptingPlugin, FakeAuthenticator
+from qvd.testing import pg
 from qvd.testing.pg import DatabaseTestMixin
 
 NOW = 1_700_000_000
@@ -53,7 +54,7 @@ class AuthTestCase(DatabaseTestMixin, unittest.TestCase):
 
     def setUp(self):
         super().setUp()
-        self.db = Database(self.dsn, reactor, size=2)
+        self.db = Database(pg.role_dsn(self.dbname, "l7r"), reactor, size=2)
         self.addCleanup(self.db.stop)
         self.clock = task.Clock()
         self.clock.advance(NOW)

@@ -20,7 +20,7 @@ class LiveConfigTests(pg.DatabaseTestMixin, unittest.TestCase):
     @defer.inlineCallbacks
     def make(self, node=None):
         self.events = []
-        db = Database(self.dsn, reactor, size=2)
+        db = Database(pg.role_dsn(self.dbname, "l7r"), reactor, size=2)
         yield db.start()
         self.addCleanup(db.stop)
         listener = Listener(self.dsn, reactor, keepalive=0.2)

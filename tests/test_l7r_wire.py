@@ -26,6 +26,7 @@ from qvd.protocols import http
 from qvd.testing.fakeauth import FakeAuthenticator
 from qvd.testing.fakevma import EchoFactory, FakeVMA
 from qvd.testing.l7rclient import RawClient
+from qvd.testing import pg
 from qvd.testing.pg import DatabaseTestMixin
 
 PASSWORD_HASH = legacy_hash("secret", "qvd1234")  # fast to verify; argon2 is the auth tests' business
@@ -128,7 +129,7 @@ class L7RWireMixin(DatabaseTestMixin):
 
     async def start_l7r(self, **extra):
         svc = L7RService(self.config(**extra), "ssl:0:interface=127.0.0.1", reactor=reactor,
-                         dsn=self.dsn, authenticator=FakeAuthenticator)
+                         dsn=pg.role_dsn(self.dbname, "l7r"), authenticator=FakeAuthenticator)
         await svc.start()
         self.addCleanup(lambda: defer.ensureDeferred(svc.stop()))
         return svc
@@ -514,7 +515,7 @@ ConnectTests.request = _request_final
 class RealAuthenticatorTests(L7RWireMixin, unittest.TestCase):
     async def start_l7r(self, **extra):
         svc = L7RService(self.config(**extra), "ssl:0:interface=127.0.0.1", reactor=reactor,
-                         dsn=self.dsn, authenticator=None)
+                         dsn=pg.role_dsn(self.dbname, "l7r"), authenticator=None)
         await svc.start()
         self.addCleanup(lambda: defer.ensureDeferred(svc.stop()))
         return svc
@@ -760,7 +761,7 @@ class TLSTests(L7RWireMixin, unittest.TestCase):
         key = os.path.join(self.ssl_dir, "key.pem")
         os.chmod(key, 0o644)
         svc = L7RService(self.config(), "ssl:0:interface=127.0.0.1", reactor=reactor,
-                         dsn=self.dsn, authenticator=FakeAuthenticator)
+                         dsn=pg.role_dsn(self.dbname, "l7r"), authenticator=FakeAuthenticator)
         self.addCleanup(lambda: defer.ensureDeferred(svc.stop()))
         e = await self.assertFailure(defer.ensureDeferred(svc.start()), tls.TLSConfigError)
         self.assertEqual(str(e), f"the L7R's private key {key} is accessible by every user "

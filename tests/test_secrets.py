@@ -47,8 +47,10 @@ class DatabaseMessageTests(unittest.TestCase):
     def write_config(self, password):
         path = self.mktemp()
         with open(path, "w") as f:
-            f.write("database.host = 127.0.0.1\ndatabase.port = 1\n"
-                    f"database.password = {password}\nnodename = n1\n")
+            f.write("database.host = 127.0.0.1\ndatabase.port = 1\nnodename = n1\n")
+            for key in ("database.password", "database.password.superuser",
+                        "database.password.l7r", "database.password.hkd"):
+                f.write(f"{key} = {password}\n")
         return path
 
     def test_admin_connection_error(self):
@@ -72,7 +74,7 @@ class DatabaseMessageTests(unittest.TestCase):
         from qvd.config import Config
         from qvd.db.settings import database_dsn
         from qvd.hkd.tap import find_host
-        dsn = database_dsn(Config.load(self.write_config("'s3 cr3t'")))
+        dsn = database_dsn(Config.load(self.write_config("'s3 cr3t'")), "hkd")
         e = self.assertRaises(SystemExit, find_host, dsn, "n1")
         self.assertIn("password=***", str(e))
         self.assertNotIn("cr3t", str(e))

@@ -235,29 +235,76 @@ def build_parser():
 # ---------------------------------------------------------------------------
 
 def db_init(ctx, args):
-    from qvd.db import migrate, settings, sync
-    dsn = settings.database_dsn(ctx.config)
-    name = ctx.config.get("database.name")
-    admin_dsn = _replace_dbname(dsn, "postgres")
-    created = sync.ensure_database(admin_dsn, name)
-    with sync.connect(dsn) as conn:
-        applied = migrate.upgrade(conn)
+    """
+    As the superuser: the roles of qvd's programs and the database, owned by
+    the admin role (objects an older qvd made as the superuser change hands);
+    then, as the admin role, the migrations and the daemons' grants.
+    """
+    from qvd.db import roles, settings, sync
+    config = ctx.config
+    name = config.get("database.name")
+    names = roles.names(config)
+    try:
+        with sync.connect(settings.database_dsn(config, "superuser", dbname="postgres")) as conn:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                made = roles.ensure(cur, names)
+                created = _ensure_owned_database(cur, name, names["admin"])
+        adopted = 0
+        if not created:
+            with sync.connect(settings.database_dsn(config, "superuser")) as conn:
+                with conn.cursor() as cur:
+                    adopted = roles.adopt(cur, names["admin"])
+                conn.commit()
+    except roles.SuperuserRefused as e:
+        raise AdminError(str(e)) from None
+    applied = _migrate_and_grant(config, names)
     parts = [f"database {name!r} " + ("created" if created else "exists")]
+    if made:
+        parts.append("role(s) " + ", ".join(made) + " created")
+    if adopted:
+        parts.append(f"{adopted} object(s) given to {names['admin']!r}")
     parts.append(f"{len(applied)} migration(s) applied" if applied else "schema up to date")
-    return C.Result(", ".join(parts), data={"created": created, "applied": applied})
+    return C.Result(", ".join(parts), data={"created": created, "applied": applied,
+                                            "roles_created": made, "adopted": adopted})
+
+
+def _ensure_owned_database(cur, name, owner):
+    """Create database C{name} owned by C{owner}, or make C{owner} its owner."""
+    from psycopg2 import sql
+    cur.execute("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s", (name,))
+    row = cur.fetchone()
+    if row is None:
+        cur.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(
+            sql.Identifier(name), sql.Identifier(owner)))
+        return True
+    if row[0] != owner:
+        cur.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(
+            sql.Identifier(name), sql.Identifier(owner)))
+    return False
+
+
+def _migrate_and_grant(config, names):
+    from qvd.db import migrate, roles, settings, sync
+    with sync.connect(settings.database_dsn(config)) as conn:
+        with conn.cursor() as cur:
+            roles.refuse_superuser(cur, f"{PROG} (database.user)")
+        conn.rollback()
+        applied = migrate.upgrade(conn)
+        with conn.cursor() as cur:
+            roles.grant(cur, names)
+        conn.commit()
+    return applied
 
 
 def db_upgrade(ctx, args):
-    from qvd.db import migrate, settings, sync
-    with sync.connect(settings.database_dsn(ctx.config)) as conn:
-        applied = migrate.upgrade(conn)
+    from qvd.db import roles
+    try:
+        applied = _migrate_and_grant(ctx.config, roles.names(ctx.config))
+    except roles.SuperuserRefused as e:
+        raise AdminError(str(e)) from None
     return C.Result(("applied " + ", ".join(applied)) if applied else "schema up to date",
                     data={"applied": applied})
-
-
-def _replace_dbname(dsn, name):
-    parts = [p for p in dsn.split() if not p.startswith("dbname=")]
-    return " ".join(parts + [f"dbname={name}"])
 
 
 # ---------------------------------------------------------------------------

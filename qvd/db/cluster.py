@@ -3,13 +3,21 @@ A private PostgreSQL cluster, reachable only through a unix socket.
 
     cluster = PrivateCluster("/var/lib/qvd/db")
     cluster.ensure()            # initdb when new, pg_ctl start when stopped
-    dsn = cluster.dsn("qvd")    # "host=/var/lib/qvd/db/run dbname=qvd user=postgres"
+    dsn = cluster.dsn("qvd", user="qvd_l7r")
+                                # "host=/var/lib/qvd/db/run dbname=qvd user=qvd_l7r"
     cluster.stop()
 
 Used by every qvd program when the configuration names no database host, and
 by the test suite (one cluster per test run). PostgreSQL refuses to run as root,
 so when we are root the server runs as the C{postgres} user, which owns the
 data directory.
+
+Authentication is C{peer} on the unix socket, never C{trust}: the operating
+system users root, postgres and the one running us may log in as the
+superuser and as the roles of C{roles} (qvd's programs, L{qvd.db.roles}),
+nobody else as anyone (pg_ident.conf's map C{qvd}). C{pg_hba.conf} and
+C{pg_ident.conf} are qvd's: L{ensure} writes them again when they differ
+(a cluster made by an older qvd with C{trust}, a role renamed) and reloads.
 """
 
 import os
@@ -38,6 +46,14 @@ def _find_binary(name):
         "install postgresql-15 (deploy/setup.sh does)")
 
 
+def _user_exists(name):
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
 @attrs.define
 class PrivateCluster:
     """
@@ -49,6 +65,7 @@ class PrivateCluster:
     root: str
     fast: bool = False
     superuser: str = "postgres"
+    roles: tuple = ("qvd", "qvd_l7r", "qvd_hkd")
 
     @property
     def datadir(self):
@@ -62,8 +79,51 @@ class PrivateCluster:
     def logfile(self):
         return os.path.join(self.root, "postgresql.log")
 
-    def dsn(self, dbname="postgres"):
-        return f"host={self.socketdir} dbname={dbname} user={self.superuser}"
+    def dsn(self, dbname="postgres", user=None):
+        return f"host={self.socketdir} dbname={dbname} user={user or self.superuser}"
+
+    def auth_files(self):
+        """
+        The text of pg_hba.conf and pg_ident.conf for this cluster.
+        """
+        hba = ("# Written by qvd (qvd/db/cluster.py); rewritten when it differs.\n"
+               "# Unix socket only, peer authentication through the map \"qvd\"\n"
+               "# of pg_ident.conf: no trust, no TCP.\n"
+               "local all all peer map=qvd\n")
+        system_users = ["root"]
+        for name in ("postgres", pwd.getpwuid(os.geteuid()).pw_name):
+            if name not in system_users and _user_exists(name):
+                system_users.append(name)
+        lines = ["# Written by qvd (qvd/db/cluster.py); rewritten when it differs.",
+                 "# MAPNAME  SYSTEM-USER  DATABASE-ROLE"]
+        for system_user in system_users:
+            for role in dict.fromkeys((self.superuser,) + tuple(self.roles)):
+                lines.append(f"qvd {system_user} {role}")
+        return hba, "\n".join(lines) + "\n"
+
+    def _write_auth(self):
+        """
+        Write pg_hba.conf and pg_ident.conf when they differ. Returns True
+        when something was written.
+        """
+        owner = self._owner()
+        changed = False
+        for name, text in zip(("pg_hba.conf", "pg_ident.conf"), self.auth_files()):
+            path = os.path.join(self.datadir, name)
+            try:
+                with open(path) as f:
+                    if f.read() == text:
+                        continue
+            except FileNotFoundError:
+                pass
+            with open(path + ".new", "w") as f:
+                f.write(text)
+            os.chmod(path + ".new", 0o600)
+            if owner is not None:
+                os.chown(path + ".new", owner.pw_uid, owner.pw_gid)
+            os.replace(path + ".new", path)
+            changed = True
+        return changed
 
     def _owner(self):
         if os.geteuid() != 0:
@@ -117,10 +177,11 @@ class PrivateCluster:
     def init(self):
         self._prepare_dirs()
         argv = [_find_binary("initdb"), "-D", self.datadir, "-U", self.superuser,
-                "-A", "trust", "-E", "UTF8", "--locale=C"]
+                "--auth-local=peer", "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C"]
         if self.fast:
             argv.append("--no-sync")
         self._run(argv)
+        self._write_auth()
 
     def start(self, timeout=30):
         options = (f"-c listen_addresses='' -k {self.socketdir} "
@@ -141,9 +202,12 @@ class PrivateCluster:
         began = time.monotonic()
         if not self.initialized:
             self.init()
+        changed = self._write_auth()
         if not self.running:
             self._prepare_dirs()
             self.start()
+        elif changed:
+            self._run([_find_binary("pg_ctl"), "-D", self.datadir, "reload"])
         return time.monotonic() - began
 
     def destroy(self):

@@ -39,10 +39,11 @@ def connect(dsn):
         conn.close()
 
 
-def ensure_database(dsn_admin, name, template=None):
+def ensure_database(dsn_admin, name, template=None, owner=None):
     """
-    Create database C{name} through the maintenance database C{dsn_admin}
-    unless it exists. Returns True when it was created.
+    Create database C{name} (owned by C{owner}, default the connected role)
+    through the maintenance database C{dsn_admin} unless it exists. Returns
+    True when it was created.
     """
     with connect(dsn_admin) as conn:
         conn.autocommit = True
@@ -53,6 +54,8 @@ def ensure_database(dsn_admin, name, template=None):
             sql = f'CREATE DATABASE "{name}"'
             if template:
                 sql += f' TEMPLATE "{template}" STRATEGY FILE_COPY'
+            if owner:
+                sql += f' OWNER "{owner}"'
             cur.execute(sql)
             return True
 

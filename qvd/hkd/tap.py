@@ -42,10 +42,11 @@ def find_host(dsn, nodename):
     """
     import psycopg2
 
-    from qvd.db import DatabaseError, sync
+    from qvd.db import DatabaseError, roles, sync
     try:
         with sync.connect(dsn) as conn:
             with conn.cursor() as cur:
+                roles.refuse_superuser(cur, "the HKD (database.user.hkd)")
                 cur.execute("SELECT id FROM hosts WHERE name = %s", (nodename,))
                 row = cur.fetchone()
                 cur.execute("SELECT tenant_id, key, value FROM configs")
@@ -53,9 +54,14 @@ def find_host(dsn, nodename):
                 conn.rollback()
     except DatabaseError as e:
         _fail(f"{e}; start PostgreSQL or fix database.* in the configuration")
+    except roles.SuperuserRefused as e:
+        _fail(str(e))
     except psycopg2.errors.UndefinedTable:
         _fail("the database has no qvd schema: run qvd-admin db init first "
               "(deploy/up.sh does it on a single node)")
+    except psycopg2.errors.InsufficientPrivilege as e:
+        _fail(f"the HKD's database role may not read the hosts table ({str(e).strip()}): "
+              "run 'qvd-admin db upgrade', which grants it what it needs")
     except psycopg2.Error as e:
         _fail(f"cannot read the hosts table: {str(e).strip()}")
     if row is None:
@@ -144,7 +150,7 @@ def makeService(options, driver=None, vma_factory=None):
     except OSError as e:
         _fail(f"cannot create the node lock {lock.path}: {e.strerror} (set hkd.lock.path)")
     try:
-        dsn = database_dsn(config)
+        dsn = database_dsn(config, "hkd")
     except Exception as e:
         _fail(f"cannot reach the database: {e}")
     host_id, config_rows = find_host(dsn, nodename)

@@ -30,6 +30,7 @@ from qvd.logs import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from qvd.config.live import LiveConfig
+from qvd.db import roles
 from qvd.db.listen import Listener
 from qvd.db.pool import Database, DatabaseUnavailable
 from qvd.l7r import tls
@@ -97,7 +98,7 @@ class L7RService(service.Service):
     def _failed(self, failure):
         if failure.check(defer.CancelledError) and self._stopping:
             return      # stopped while it waited for the database
-        if failure.check(tls.TLSConfigError):
+        if failure.check(tls.TLSConfigError, roles.SuperuserRefused):
             log.critical("the L7R cannot start: {error}", error=failure.getErrorMessage())
         elif failure.check(net_error.CannotListenError):
             e = failure.value
@@ -119,13 +120,15 @@ class L7RService(service.Service):
         config = self.config
         if self.dsn is None:
             from qvd.db.settings import database_dsn
-            self.dsn = database_dsn(config)
+            self.dsn = database_dsn(config, "l7r")
         self.db = Database(self.dsn, self.reactor, size=config.getint("database.pool.size"),
                            retries=config.getint("database.retry.max"))
         self.listener = Listener(self.dsn, self.reactor,
                                  keepalive=config.getfloat("database.listen.keepalive"))
         use_tls, description = split_endpoint(self.listen)
         await self._wait_for_database()
+        rows = await self.db.runQuery(roles.WHO_AM_I)
+        roles.check_not_superuser(rows[0], "the L7R (database.user.l7r)")
         self.live = LiveConfig(config, self.db, self.listener)
         await self.live.start()
         self.config = config = self.live.current

@@ -340,7 +340,6 @@ class Stack:
         values = {
             "nodename": "node1",
             "database.host": cluster.socketdir,
-            "database.user": cluster.superuser,
             "database.name": self.dbname,
             "database.listen.keepalive": "1",
             "path.state": f"{self.root}/state",

@@ -133,7 +133,7 @@ class HKDTestMixin:
             for key, value in self.values.items():
                 f.write(f"{key} = {value}\n")
             f.write(f"nodename = node1\ndatabase.host = {cluster.socketdir}\n"
-                    f"database.user = {cluster.superuser}\ndatabase.name = {self.dbname}\n")
+                    f"database.name = {self.dbname}\n")
         env = dict(os.environ, PYTHONPATH=_TREE + os.pathsep + os.environ.get("PYTHONPATH", ""))
         proc = subprocess.Popen(
             [_TWISTD, "-n", "--pidfile=", "-l", os.path.join(self.root, "hkd.log"),
@@ -154,9 +154,10 @@ class HKDTestMixin:
         config = config or hkd_config()
         hv = hv if hv is not None else FakeHypervisor(reactor)
         vma = vma if vma is not None else FakeVMA(hv)
-        db = Database(self.dsn, reactor)
-        listener = Listener(self.dsn, reactor, keepalive=0.5, max_backoff=0.5)
-        hkd = HKD(config, reactor, db, listener, hv, vma, host_id, dsn=self.dsn, **kw)
+        dsn = pg.role_dsn(self.dbname, "hkd")
+        db = Database(dsn, reactor)
+        listener = Listener(dsn, reactor, keepalive=0.5, max_backoff=0.5)
+        hkd = HKD(config, reactor, db, listener, hv, vma, host_id, dsn=dsn, **kw)
         hkd.hv, hkd.vma = hv, vma
         hkd.startService()
         self.addCleanup(lambda: defer.ensureDeferred(self._stop_hkd(hkd, db)))

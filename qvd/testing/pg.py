@@ -8,6 +8,11 @@ database, and a fresh database per test case cloned from the template.
             self.dsn            # a fresh, migrated database for this test
             self.query("SELECT count(*) FROM tenants")
 
+C{self.dsn} is the superuser's (a test sees and changes everything); the
+daemons a test runs connect as qvd's roles, as in production
+(L{role_dsn}, L{config_lines}): the template belongs to the admin role
+C{qvd} and carries the grants of L{qvd.db.roles}, and so does every clone.
+
 The cluster lives under C{$QVD_TEST_PG} (default a new directory in /tmp) and
 is stopped and removed when the test process exits.
 """
@@ -18,10 +23,13 @@ import os
 import tempfile
 import time
 
-from qvd.db import migrate, sync
+from qvd.db import migrate, roles, sync
 from qvd.db.cluster import PrivateCluster
 
 TEMPLATE = "qvd_template"
+
+#: The roles of the test cluster: the configuration's defaults.
+ROLES = {"admin": "qvd", "l7r": "qvd_l7r", "hkd": "qvd_hkd"}
 
 _cluster = None
 _counter = itertools.count(1)
@@ -37,12 +45,19 @@ def cluster():
         root = os.environ.get("QVD_TEST_PG") or tempfile.mkdtemp(prefix="qvd-test-pg-")
         if os.geteuid() == 0:
             os.chmod(root, 0o755)
-        c = PrivateCluster(root, fast=True)
+        c = PrivateCluster(root, fast=True, roles=tuple(ROLES.values()))
         timings["cluster_start"] = c.ensure()
         began = time.monotonic()
-        if sync.ensure_database(c.dsn(), TEMPLATE):
-            with sync.connect(c.dsn(TEMPLATE)) as conn:
+        with sync.connect(c.dsn()) as conn:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                roles.ensure(cur, ROLES)
+        if sync.ensure_database(c.dsn(), TEMPLATE, owner=ROLES["admin"]):
+            with sync.connect(c.dsn(TEMPLATE, user=ROLES["admin"])) as conn:
                 migrate.upgrade(conn)
+                with conn.cursor() as cur:
+                    roles.grant(cur, ROLES)
+                conn.commit()
         timings["template"] = time.monotonic() - began
         _cluster = c
         if not os.environ.get("QVD_TEST_PG"):
@@ -59,9 +74,27 @@ def fresh_database():
     c = cluster()
     name = f"t{os.getpid()}_{next(_counter)}"
     began = time.monotonic()
-    sync.ensure_database(c.dsn(), name, template=TEMPLATE)
+    sync.ensure_database(c.dsn(), name, template=TEMPLATE, owner=ROLES["admin"])
     timings.setdefault("fresh_db", []).append(time.monotonic() - began)
     return name, c.dsn(name)
+
+
+def role_dsn(dbname, kind):
+    """
+    The DSN of database C{dbname} as the role of C{kind} (admin, l7r, hkd).
+    """
+    return cluster().dsn(dbname, user=ROLES[kind])
+
+
+def config_lines(dbname):
+    """
+    Node-file lines that point qvd's programs at database C{dbname} of the
+    test cluster, each kind as its own role.
+    """
+    c = cluster()
+    return (f"database.host =\npath.db = {c.root}\ndatabase.name = {dbname}\n"
+            f"database.user = {ROLES['admin']}\ndatabase.user.l7r = {ROLES['l7r']}\n"
+            f"database.user.hkd = {ROLES['hkd']}\n")
 
 
 def drop_database(name):

@@ -12,6 +12,7 @@ from qvd.config import Config, declared_keys
 from qvd.db.pool import Database
 from qvd.l7r.auth.chain import Authenticator
 from qvd.l7r.auth.interfaces import AuthFailed
+from qvd.testing import pg
 from qvd.testing.pg import DatabaseTestMixin
 from qvd.testing.slapd import Slapd
 
@@ -90,7 +91,7 @@ class LdapTests(DatabaseTestMixin, unittest.TestCase):
         self.addCleanup(self.slapd.stop)
         self.slapd.add_ldif(LDIF)
         super().setUp()
-        self.db = Database(self.dsn, reactor, size=2)
+        self.db = Database(pg.role_dsn(self.dbname, "l7r"), reactor, size=2)
         self.addCleanup(self.db.stop)
         for login in ("alice", "bob", "twin", "a*"):
             self.query("INSERT INTO users (login, tenant_id) VALUES (%s, 1)", (login,))

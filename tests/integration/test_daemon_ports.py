@@ -57,7 +57,6 @@ class L7RPortTests(PortTestMixin, pg.DatabaseTestMixin, unittest.TestCase):
         with open(self.conf, "w") as f:
             f.write(f"nodename = node1\n"
                     f"database.host = {cluster.socketdir}\n"
-                    f"database.user = {cluster.superuser}\n"
                     f"database.name = {self.dbname}\n"
                     f"path.run = {self.dir}\n")
 

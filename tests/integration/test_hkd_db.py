@@ -317,10 +317,11 @@ class ClusterTests(HKDTestMixin, pg.DatabaseTestMixin, unittest.TestCase):
         connection goes, the other takes over.
         """
         h1, h2 = self.add_host("a"), self.add_host("b")
-        db = Database(self.dsn, reactor)
+        dsn = pg.role_dsn(self.dbname, "hkd")
+        db = Database(dsn, reactor)
         self.addCleanup(db.stop)
-        m1 = ClusterMonitor(self.dsn, db, reactor, h1)
-        m2 = ClusterMonitor(self.dsn, db, reactor, h2)
+        m1 = ClusterMonitor(dsn, db, reactor, h1)
+        m2 = ClusterMonitor(dsn, db, reactor, h2)
         self.addCleanup(m1.stop)
         self.addCleanup(m2.stop)
         await m1.tick()

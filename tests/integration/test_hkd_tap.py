@@ -32,7 +32,6 @@ class TwistdTests(HKDTestMixin, pg.DatabaseTestMixin, unittest.TestCase):
         with open(self.conf, "w") as f:
             f.write(f"nodename = node1\n"
                     f"database.host = {cluster.socketdir}\n"
-                    f"database.user = {cluster.superuser}\n"
                     f"database.name = {self.dbname}\n"
                     f"hkd.lock.path = {self.dir}/hkd.lock\n"
                     f"hkd.ticker.interval = 0.2\n"

@@ -15,6 +15,7 @@ from twisted.internet import defer, reactor, threads
 from twisted.trial import unittest
 
 from qvd.l7r.service import L7RService
+from qvd.testing import pg
 from tests.test_auth import argon2_hash
 from tests.test_l7r_wire import BASIC, L7RWireMixin, d, sleep
 
@@ -71,7 +72,7 @@ class LoginLimitTests(L7RWireMixin, unittest.TestCase):
 
     async def start_l7r(self, **extra):
         svc = L7RService(self.config(**extra), "ssl:0:interface=127.0.0.1", reactor=reactor,
-                         dsn=self.dsn)
+                         dsn=pg.role_dsn(self.dbname, "l7r"))
         await svc.start()
         self.addCleanup(lambda: defer.ensureDeferred(svc.stop()))
         return svc
