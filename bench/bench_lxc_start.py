@@ -141,9 +141,10 @@ async def run_qvd(reactor, root, image, n, overrides=None):
         vms[vm] = ip
 
     driver = LXCDriver(config, reactor)
-    db = Database(dsn, reactor)
-    hkd = HKD(config, reactor, db, Listener(dsn, reactor), driver,
-              make_vma_factory(config, reactor), host, dsn=dsn)
+    hkd_dsn = pg.role_dsn(name, "hkd")
+    db = Database(hkd_dsn, reactor)
+    hkd = HKD(config, reactor, db, Listener(hkd_dsn, reactor), driver,
+              make_vma_factory(config, reactor), host, dsn=hkd_dsn)
     hkd.startService()
     await hkd.ready
 

@@ -86,8 +86,8 @@ def serve(n):
     config = Config.load(os.devnull, overrides={
         "nodename": "bench", "path.state": tmp, "path.l7r.ssl": ssl_dir,
         "database.pool.size": "8", "internal.l7r.poll_time.x": "0.05"})
-    svc = L7RService(config, "ssl:0:interface=127.0.0.1:backlog=4096", reactor=reactor, dsn=dsn,
-                     authenticator=FakeAuthenticator)
+    svc = L7RService(config, "ssl:0:interface=127.0.0.1:backlog=4096", reactor=reactor,
+                     dsn=pg.role_dsn(name, "l7r"), authenticator=FakeAuthenticator)
 
     class Stdin(basic.LineReceiver):
         delimiter = b"\n"

@@ -38,7 +38,12 @@ GRANTS = {
         ("INSERT", "users", None),
         ("UPDATE", "users", ("password",)),
         ("INSERT", "vms", None),
-        ("INSERT, UPDATE", "vm_runtimes", None),
+        ("INSERT", "vm_runtimes", None),
+        # the session's columns, placement and the start command; not the
+        # VM's state, its secret, its block or its expiration
+        ("UPDATE", "vm_runtimes", ("host_id", "vm_cmd", "user_state", "user_state_ts",
+                                   "user_cmd", "user_ip", "real_user_id", "l7r_host_id",
+                                   "l7r_pid", "l7r_session")),
         ("INSERT, UPDATE", "vm_counters", None),
         ("INSERT, UPDATE", "host_counters", None),
         ("INSERT", "log", None),
@@ -125,15 +130,19 @@ def adopt(cur, owner):
     by the superuser). C{cur} is a superuser's cursor in that database.
     Returns how many objects changed hands.
     """
-    cur.execute("SELECT c.relname, c.relkind FROM pg_class c"
-                " JOIN pg_namespace n ON n.oid = c.relnamespace"
-                " WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p', 'v', 'S')"
-                " AND pg_get_userbyid(c.relowner) <> %s", (owner,))
-    relations = [_values(row) for row in cur.fetchall()]
     kinds = {"r": "TABLE", "p": "TABLE", "v": "VIEW", "S": "SEQUENCE"}
-    for name, kind in relations:
-        cur.execute(sql.SQL("ALTER {} {} OWNER TO {}").format(
-            sql.SQL(kinds[kind]), sql.Identifier(name), sql.Identifier(owner)))
+    count = 0
+    # Tables first: a serial column's sequence goes with its table (and may
+    # not be given away alone); then what remains.
+    for relkinds in ("('r', 'p', 'v')", "('S')"):
+        cur.execute("SELECT c.relname, c.relkind FROM pg_class c"
+                    " JOIN pg_namespace n ON n.oid = c.relnamespace"
+                    f" WHERE n.nspname = 'public' AND c.relkind IN {relkinds}"
+                    " AND pg_get_userbyid(c.relowner) <> %s", (owner,))
+        for name, kind in [_values(row) for row in cur.fetchall()]:
+            cur.execute(sql.SQL("ALTER {} {} OWNER TO {}").format(
+                sql.SQL(kinds[kind]), sql.Identifier(name), sql.Identifier(owner)))
+            count += 1
     cur.execute("SELECT p.oid::regprocedure::text FROM pg_proc p"
                 " JOIN pg_namespace n ON n.oid = p.pronamespace"
                 " WHERE n.nspname = 'public' AND pg_get_userbyid(p.proowner) <> %s", (owner,))
@@ -141,7 +150,7 @@ def adopt(cur, owner):
     for signature in functions:
         cur.execute(sql.SQL("ALTER FUNCTION {} OWNER TO {}").format(
             sql.SQL(signature), sql.Identifier(owner)))
-    return len(relations) + len(functions)
+    return count + len(functions)
 
 
 #: The connection's role and whether it is a superuser.
