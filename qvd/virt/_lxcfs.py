@@ -167,7 +167,7 @@ def ensure_basefs(layout, di_path, basefs_root, idmap):
                     f"path.storage.images (it must be shared by all nodes)")
             temp = os.path.join(
                 basefs_root, f"untar-{os.getpid()}-{int(time.time())}-{os.urandom(4).hex()}")
-            os.makedirs(temp)
+            make_dirs(temp, 0o755)
             try:
                 argv = ["tar", "-x", "-f", di_path, "-C", temp, "--numeric-owner"]
                 if layout.tar_option:
@@ -237,7 +237,8 @@ def prepare_dirs(layout, persistent, lower, idmap):
     _discard(layout.work)
     for path, mode in ((layout.upper, 0o700), (layout.work, 0o700),
                        (layout.rootfs, 0o755), (layout.container_dir, 0o711)):
-        os.makedirs(path, mode=mode, exist_ok=True)
+        make_dirs(os.path.dirname(path))
+        make_dirs(path, mode)
     os.chmod(layout.container_dir, 0o711)
     root = os.stat(lower)
     if persistent and os.stat(layout.upper).st_uid < idmap.count:
@@ -245,11 +246,44 @@ def prepare_dirs(layout, persistent, lower, idmap):
     os.chown(layout.upper, root.st_uid, root.st_gid)
     os.chmod(layout.upper, root.st_mode & 0o7777)
     if not os.path.isdir(layout.home_dir):
-        os.makedirs(layout.home_dir, mode=0o755)
+        make_dirs(os.path.dirname(layout.home_dir))
+        make_dirs(layout.home_dir, 0o755)
         os.chown(layout.home_dir, idmap.uid, idmap.gid)
     elif os.stat(layout.home_dir).st_uid < idmap.count:
         shift_ids(layout.home_dir, idmap)
     check_searchable(layout.rootfs, layout.home_dir, layout.container_dir)
+
+
+def make_dirs(path, mode=0o711):
+    """
+    Create C{path} and its missing parents, each with C{mode} whatever the
+    process's umask: twistd's daemon mode sets 077, which would hide them
+    from the containers' root, an unprivileged host user. Directories that
+    exist keep their mode.
+    """
+    path = os.path.abspath(path)
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory)
+        except FileExistsError:
+            continue
+        os.chmod(directory, mode)
+
+
+def open_to_containers(path):
+    """
+    Make qvd's own storage directory C{path} exist and be searchable by
+    others (o+x: the containers' root must pass through it), repairing one
+    an earlier start made under a 077 umask.
+    """
+    make_dirs(path)
+    current = stat.S_IMODE(os.stat(path).st_mode)
+    if not current & stat.S_IXOTH:
+        os.chmod(path, current | stat.S_IXGRP | stat.S_IXOTH)
 
 
 def check_searchable(*paths):

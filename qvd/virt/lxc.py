@@ -144,7 +144,7 @@ class LXCDriver:
             raise VirtError(f"LXC driver needs {', '.join(missing)}: apt-get install lxc iproute2")
         s = self.settings
         for path in (s.lxcpath, s.basefs, s.overlayfs, s.rootfs, s.homefs):
-            yield self._to_thread(os.makedirs, path, 0o755, True)
+            yield self._to_thread(_lxcfs.open_to_containers, path)
         yield self.ensure_bridge(self.bridge)
 
     @defer.inlineCallbacks

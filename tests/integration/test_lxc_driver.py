@@ -169,6 +169,52 @@ class LXCDriverIntegrationTests(unittest.TestCase):
         self.assertNothingLeft(spec, running.pid)
 
     @defer.inlineCallbacks
+    def test_daemon_umask(self):
+        """
+        Under twistd's daemon umask (077, deploy/up.sh's daemons) the driver
+        makes its storage, unpacks the DI and starts a desktop whose agent
+        answers and whose users walk its tree; a storage directory an
+        earlier such start left at 0700 is opened (o+x) again.
+        """
+        storage = os.path.join(self.root, "umask-storage")
+        os.makedirs(os.path.join(storage, "rootfs"))
+        os.chmod(os.path.join(storage, "rootfs"), 0o700)
+        config = Config(keys=declared_keys(), node={
+            "path.run": os.path.join(self.root, "umask-run"),
+            "path.storage.root": storage,
+            "vm.lxc.name.prefix": NAME_PREFIX,
+            "vm.lxc.veth.prefix": VETH_PREFIX,
+            "vm.network.bridge": BRIDGE,
+            "vm.lxc.bridge.address": f"{SUBNET}.1/24",
+            "vm.network.netmask": "255.255.255.0",
+        })
+        driver = LXCDriver(config, reactor)
+        spec = VMSpec(
+            vm_id=9, name="desk9", login="alice", memory=192, di_id=8, di_path=self.image,
+            ip=f"{SUBNET}.19", mac=f"54:52:00:d5:{PID % 200:02x}:19",
+            netmask="255.255.255.0", bridge=BRIDGE, gateway=f"{SUBNET}.1")
+        old = os.umask(0o077)
+        try:
+            yield driver.setUp()
+            yield driver.prepare(spec)
+            yield driver.start(spec)
+        finally:
+            os.umask(old)
+        try:
+            self.assertEqual(os.stat(os.path.join(storage, "rootfs")).st_mode & 0o011, 0o011)
+            outcome = yield threads.deferToThread(_probe, spec.ip, 3030, 30, VMA_IN_IMAGE)
+            self.assertEqual(outcome, "open" if VMA_IN_IMAGE else "refused")
+            from qvd.virt._lxcconfig import Layout
+            layout = Layout.of(driver.settings, spec)
+            modes = yield run(reactor, [
+                "lxc-attach", "-n", layout.name, "-P", driver.settings.lxcpath, "--clear-env",
+                "--", "/bin/sh", "-c",
+                "stat -c %a / /home /etc; su -s /bin/sh nobody -c 'ls /etc >/dev/null && echo walked'"])
+            self.assertEqual(modes.out.split(), ["755", "755", "755", "walked"], modes.describe())
+        finally:
+            yield driver.cleanup(spec)
+
+    @defer.inlineCallbacks
     def test_list_running_and_kill(self):
         """
         listRunning finds a running VM with its init pid; kill stops it at
