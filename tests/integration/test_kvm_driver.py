@@ -467,7 +467,7 @@ class KVMAgentSecretTests(unittest.TestCase):
         path = secret_path(self.settings, 7)
         st = os.stat(path)
         self.assertEqual(oct(st.st_mode & 0o7777), oct(0o600))
-        qemu = pwd_of(running.pid)
+        qemu = _owner_of(running.pid)
         self.assertEqual((st.st_uid, st.st_gid), qemu, "the file is not QEMU's")
         with open(f"/proc/{running.pid}/cmdline", "rb") as f:
             cmdline = f.read().replace(b"\0", b" ").decode()
@@ -515,7 +515,7 @@ class KVMAgentSecretTests(unittest.TestCase):
         self.assertEqual(os.listdir(self.settings.secret_dir), [])
 
 
-def pwd_of(pid):
+def _owner_of(pid):
     """The (uid, gid) process C{pid} runs as."""
     st = os.stat(f"/proc/{pid}")
     return st.st_uid, st.st_gid

@@ -42,6 +42,16 @@ class KVMNetworkIsolationTests(test_network.NetworkIsolationTests):
     def setUp(self):
         self.stack = NODE.get()
 
+    def test_5_ipv6_between_desktops_dropped(self):
+        """
+        Link-local IPv6 from bob's guest does not reach carol's, which has a
+        link-local address (systemd-networkd makes one: the attack is real).
+        """
+        found = self.stack.attach(self.stack.carol, "ip", "-6", "-o", "address", "show",
+                                  "dev", "eth0", "scope", "link")
+        self.assertIn("inet6 fe80:", found.stdout, found.stderr)
+        super().test_5_ipv6_between_desktops_dropped()
+
     def test_8_agent_needs_the_secret(self):
         """
         From bob's guest, as bob and as its root, his own agent refuses a
