@@ -137,6 +137,25 @@ class PrepareTests(unittest.TestCase):
         """
         qcow2.prepare_rootfs(self.root, run=self.run_)
         qcow2.prepare_rootfs(self.root, run=self.run_)
+        self.assertEqual(self.read("etc", "qvd", "vma.conf").count("vma.secret.required"), 1)
+
+    def test_agentSecretFromFwCfg(self):
+        """
+        The guest loads qemu_fw_cfg at boot and the image's VMA reads its
+        secret from the fw_cfg entry's sysfs file and requires it; the
+        keys are appended after those the image builder wrote (the last
+        one counts).
+        """
+        from qvd.config import parse_properties
+        os.makedirs(os.path.join(self.root, "etc", "qvd"))
+        with open(os.path.join(self.root, "etc", "qvd", "vma.conf"), "w") as f:
+            f.write("vma.port = 3030\nvma.secret.required = 0")
+        qcow2.prepare_rootfs(self.root, run=self.run_)
+        self.assertIn("qemu_fw_cfg", self.read("etc", "modules-load.d", "qvd-kvm.conf").split())
+        conf = parse_properties(self.read("etc", "qvd", "vma.conf"))
+        self.assertEqual(conf, {
+            "vma.port": "3030", "vma.secret.required": "1",
+            "vma.secret.file": "/sys/firmware/qemu_fw_cfg/by_name/opt/org.qvd/vma.secret/raw"})
 
     def test_mkinitramfsFails(self):
         """

@@ -8,8 +8,9 @@ import attrs
 
 from twisted.trial import unittest
 
+from qvd.protocols.simplerpc import FW_CFG_SECRET
 from qvd.virt._domain import (
-    BootFiles, DomainDisks, DomainSettings, console_log, domain_name, domain_xml,
+    BootFiles, DomainDisks, DomainSettings, console_log, dac_owner, domain_name, domain_xml,
     ip_option, kernel_cmdline, tap_name, vm_id_of,
 )
 from qvd.virt.interfaces import VMSpec
@@ -22,8 +23,19 @@ BOOT = BootFiles("/images/7-deb.qcow2.kernel", "/images/7-deb.qcow2.initrd")
 DISKS = DomainDisks("/ov/7-12-overlay.qcow2")
 
 
-def parse(spec=SPEC, settings=SETTINGS, boot=BOOT, disks=DISKS):
-    return ET.fromstring(domain_xml(spec, settings, boot, disks))
+SECRET_FILE = "/run/qvd/kvm/qvd-12.vma-secret"
+
+CAPABILITIES = """<capabilities><host>
+  <secmodel><model>none</model><doi>0</doi></secmodel>
+  <secmodel><model>dac</model><doi>0</doi>
+    <baselabel type='kvm'>+64055:+108</baselabel>
+    <baselabel type='qemu'>+64055:+64055</baselabel>
+  </secmodel>
+</host></capabilities>"""
+
+
+def parse(spec=SPEC, settings=SETTINGS, boot=BOOT, disks=DISKS, secret_file=""):
+    return ET.fromstring(domain_xml(spec, settings, boot, disks, secret_file=secret_file))
 
 
 class NamesTests(unittest.TestCase):
@@ -221,3 +233,69 @@ class DomainXMLTests(unittest.TestCase):
         self.assertIsNone(parse().find("devices/emulator"))
         root = parse(settings=DomainSettings(emulator="/usr/bin/qemu-system-x86_64"))
         self.assertEqual(root.findtext("devices/emulator"), "/usr/bin/qemu-system-x86_64")
+
+
+class SecretTests(unittest.TestCase):
+    """
+    The agent's secret reaches the guest as a fw_cfg entry read from a file.
+    """
+
+    def test_fwCfgEntryFromFile(self):
+        """
+        With a secret file the domain has one sysinfo of type fwcfg whose
+        only entry, opt/org.qvd/vma.secret, names that file and holds no
+        value of its own.
+        """
+        root = parse(secret_file=SECRET_FILE)
+        sysinfos = root.findall("sysinfo")
+        self.assertEqual([s.get("type") for s in sysinfos], ["fwcfg"])
+        entries = sysinfos[0].findall("entry")
+        self.assertEqual([e.attrib for e in entries],
+                         [{"name": "opt/org.qvd/vma.secret", "file": SECRET_FILE}])
+        self.assertEqual(FW_CFG_SECRET, "opt/org.qvd/vma.secret")
+        self.assertEqual((entries[0].text or "").strip(), "")
+
+    def test_noSecretNoEntry(self):
+        """
+        Without a secret file (a VM started without a secret) there is no
+        fwcfg sysinfo.
+        """
+        self.assertEqual(parse().findall("sysinfo"), [])
+
+    def test_fwCfgNameFits(self):
+        """
+        The entry's name fits fw_cfg's 56-byte file names (55 and a NUL).
+        """
+        self.assertLessEqual(len(FW_CFG_SECRET.encode()), 55)
+
+    def test_dacOwner(self):
+        """
+        QEMU's uid and gid come from the DAC base label of the domain type
+        in libvirt's host capabilities.
+        """
+        self.assertEqual(dac_owner(CAPABILITIES, "qemu"), (64055, 64055))
+        self.assertEqual(dac_owner(CAPABILITIES, "kvm"), (64055, 108))
+
+    def test_dacOwnerUnknown(self):
+        """
+        Without a DAC driver (or unreadable capabilities) there is no owner
+        to give the file: QEMU runs as the caller.
+        """
+        self.assertIsNone(dac_owner("<capabilities><host/></capabilities>", "qemu"))
+        self.assertIsNone(dac_owner("<not xml", "qemu"))
+        self.assertIsNone(dac_owner(CAPABILITIES.replace("+64055:+64055", "x"), "qemu"))
+
+
+class GuestAgentChannelTests(unittest.TestCase):
+
+    def test_guestAgentChannel(self):
+        """
+        With guest_agent the domain has a virtio channel named
+        org.qemu.guest_agent.0 (libvirt picks its socket); by default none.
+        """
+        self.assertEqual(parse().findall("devices/channel"), [])
+        channels = parse(settings=DomainSettings(guest_agent=True)).findall("devices/channel")
+        self.assertEqual(len(channels), 1)
+        self.assertEqual(channels[0].get("type"), "unix")
+        self.assertEqual(channels[0].find("target").attrib,
+                         {"type": "virtio", "name": "org.qemu.guest_agent.0"})

@@ -13,7 +13,12 @@ from twisted.trial import unittest
 
 from qvd.virt._accel import HostFacts
 from qvd.virt.interfaces import RunningVM, VirtError, VMSpec
-from qvd.virt.kvm import KVMDriver, KVMSettings, home_path, image_format, overlay_path
+from qvd.virt.kvm import (
+    KVMDriver, KVMSettings, home_path, image_format, overlay_path, secret_path,
+)
+
+CAPABILITIES = """<capabilities><host><secmodel><model>dac</model><doi>0</doi>
+<baselabel type='qemu'>+%d:+%d</baselabel></secmodel></host></capabilities>"""
 
 
 class SyncPool:
@@ -78,10 +83,28 @@ class NoDomain(libvirt.libvirtError):
         return "Domain not found"
 
 
+class Refused(libvirt.libvirtError):
+    def __init__(self):
+        Exception.__init__(self, "refused")
+
+    def get_error_code(self):
+        return libvirt.VIR_ERR_INTERNAL_ERROR
+
+    def get_error_message(self):
+        return "internal error: qemu unexpectedly closed the monitor"
+
+
 class FakeConn:
     def __init__(self):
         self.domains = {}
         self.created = []
+        self.secrets = []       # (mode, uid, gid, text) of the secret file at each create
+        self.refuse = False
+        # the caller's own ids: the tests need not be root to chown to them
+        self.capabilities = CAPABILITIES % (os.getuid(), os.getgid())
+
+    def getCapabilities(self):
+        return self.capabilities
 
     def lookupByName(self, name):
         if name not in self.domains:
@@ -93,6 +116,13 @@ class FakeConn:
 
     def createXML(self, xml, flags):
         self.created.append(xml)
+        if "opt/org.qvd/vma.secret" in xml:
+            path = xml.split("name=\"opt/org.qvd/vma.secret\" file=\"")[1].split("\"")[0]
+            st = os.stat(path)
+            with open(path) as f:
+                self.secrets.append((st.st_mode & 0o7777, st.st_uid, st.st_gid, f.read()))
+        if self.refuse:
+            raise Refused()
         name = xml.split("<name>")[1].split("</name>")[0]
         self.domains[name] = FakeDomain(name)
         return self.domains[name]
@@ -105,7 +135,8 @@ class DriverTests(unittest.TestCase):
         os.makedirs(self.tmp)
         self.settings = KVMSettings(
             overlays=os.path.join(self.tmp, "ov"), homes=os.path.join(self.tmp, "homes"),
-            console_dir=os.path.join(self.tmp, "log"), prefix="qvd-", uri="test:///fake")
+            console_dir=os.path.join(self.tmp, "log"), secret_dir=os.path.join(self.tmp, "run"),
+            prefix="qvd-", uri="test:///fake")
         self.reactor = Reactor()
         self.driver = KVMDriver(self.reactor, self.settings, threadpool=SyncPool(),
                                 hostFacts=HostFacts(dev_kvm=True, pvm=True, cpu_virt=False))
@@ -217,6 +248,67 @@ class DriverTests(unittest.TestCase):
         self.assertEqual(running, RunningVM(5, None))
         self.assertIn("<name>qvd-5</name>", self.conn.created[0])
         self.assertIn('<domain type="qemu">', self.conn.created[0])
+
+    def test_startHandsOverSecret(self):
+        """
+        start with a secret writes it to the VM's secret file, mode 0600,
+        owned by the user libvirt runs QEMU as (its DAC base label), before
+        the domain is created; the XML names that file and never holds the
+        secret itself (so neither does QEMU's command line); cleanup removes
+        the file.
+        """
+        self.makeImage()
+        spec = self.spec(vma_secret="s3cret-value")
+        self.successResultOf(self.driver.prepare(spec))
+        self.successResultOf(self.driver.start(spec))
+        self.assertEqual(self.conn.secrets, [(0o600, os.getuid(), os.getgid(), "s3cret-value")])
+        path = secret_path(self.settings, 5)
+        self.assertEqual(path, os.path.join(self.tmp, "run", "qvd-5.vma-secret"))
+        self.assertIn(f'file="{path}"', self.conn.created[0])
+        self.assertNotIn("s3cret-value", self.conn.created[0])
+        self.assertEqual(os.stat(os.path.dirname(path)).st_mode & 0o777, 0o711)
+        self.successResultOf(self.driver.cleanup(spec))
+        self.assertFalse(os.path.exists(path))
+        self.assertEqual(os.listdir(os.path.dirname(path)), [])
+
+    def test_startWithoutSecret(self):
+        """
+        A VM started without a secret gets no fw_cfg entry and no file.
+        """
+        self.makeImage()
+        spec = self.spec()
+        self.successResultOf(self.driver.prepare(spec))
+        self.successResultOf(self.driver.start(spec))
+        self.assertNotIn("fwcfg", self.conn.created[0])
+        self.assertFalse(os.path.exists(secret_path(self.settings, 5)))
+
+    def test_refusedStartLeavesNoSecret(self):
+        """
+        When libvirt refuses the domain the secret file is removed at once
+        and the VirtError says what libvirt said.
+        """
+        self.makeImage()
+        spec = self.spec(vma_secret="s3cret-value")
+        self.successResultOf(self.driver.prepare(spec))
+        self.conn.refuse = True
+        f = self.failureResultOf(self.driver.start(spec), VirtError)
+        self.assertIn("qemu unexpectedly closed the monitor", f.getErrorMessage())
+        self.assertEqual(len(self.conn.secrets), 1)
+        self.assertEqual(os.listdir(os.path.join(self.tmp, "run")), [])
+
+    def test_secretOwnerAskedOnce(self):
+        """
+        libvirt's capabilities are read once per domain type, not per start.
+        """
+        self.makeImage()
+        asked = []
+        caps = self.conn.getCapabilities
+        self.conn.getCapabilities = lambda: asked.append(1) or caps()
+        for vm_id in (5, 6):
+            spec = self.spec(vm_id, vma_secret="x")
+            self.successResultOf(self.driver.prepare(spec))
+            self.successResultOf(self.driver.start(spec))
+        self.assertEqual(asked, [1])
 
     def test_shutdownKillCleanup(self):
         """

@@ -27,7 +27,11 @@ TCG), units an LXC rootfs may mask (udev, getty) unmasked, C{/etc/fstab} with C{
 as root, and systemd-networkd plus systemd-network-generator enabled: the
 driver passes the VM's static address as C{ip=<ip>::<gw>:<mask>:<host>:eth0:off}
 on the kernel command line (L{qvd.virt._domain}) and the generator turns it
-into a networkd configuration at boot.
+into a networkd configuration at boot. The agent's secret comes through QEMU's
+fw_cfg: the C{qemu_fw_cfg} module is loaded at boot (C{/etc/modules-load.d})
+and the VMA's configuration (C{/etc/qvd/vma.conf}) reads the secret from its
+sysfs file (mode 0400: the guest's root only) and requires it
+(L{VMA_CONF_KVM}).
 """
 
 import lzma
@@ -41,6 +45,8 @@ import tempfile
 
 import attrs
 
+from qvd.protocols.simplerpc import FW_CFG_SECRET_RAW
+
 #: Debian packages a rootfs needs to boot as a KVM guest (dbus: systemd-logind
 #: needs it to act on the ACPI power button, i.e. libvirt's shutdown; fdisk and
 #: e2fsprogs: the agent partitions and formats the home disk, reference 3.3).
@@ -51,7 +57,23 @@ VM_PACKAGES = ("linux-image-amd64", "initramfs-tools", "udev", "systemd-sysv", "
 INITRAMFS_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "crc32c_generic", "ext4")
 
 #: Bumped whenever the image layout or prepare_rootfs changes (caches key on it).
-LAYOUT_VERSION = "qcow2-2"
+LAYOUT_VERSION = "qcow2-3"
+
+#: Modules the real system loads at boot (systemd-modules-load): the fw_cfg
+#: sysfs files through which the agent's secret arrives.
+BOOT_MODULES = ("qemu_fw_cfg",)
+
+_MODULES_LOAD = "# Written by qvd.di.qcow2: the agent's secret arrives through fw_cfg.\n"
+
+#: Appended to the image's /etc/qvd/vma.conf: the KVM driver hands the secret
+#: over as a fw_cfg entry (qvd.virt.kvm), the VMA reads it there and refuses
+#: every call without it.
+VMA_CONF_KVM = f"""\
+# Written by qvd.di.qcow2: a KVM desktop's agent secret is the fw_cfg entry the
+# node's HKD gives QEMU; only the guest's root can read it. No secret, no call.
+vma.secret.file = {FW_CFG_SECRET_RAW}
+vma.secret.required = 1
+"""
 
 _INITRAMFS_CONF = """\
 # Written by qvd.di.qcow2: a small initramfs for KVM desktops (virtio root).
@@ -135,7 +157,8 @@ def kernel_version(rootfs):
 def prepare_rootfs(rootfs, run=subprocess.run):
     """
     Make the tree C{rootfs} bootable as a KVM guest: small initramfs, fstab,
-    systemd-networkd configured from the kernel command line.
+    systemd-networkd configured from the kernel command line, the agent's
+    secret read from fw_cfg (L{BOOT_MODULES}, L{VMA_CONF_KVM}).
 
     @param run: L{subprocess.run} or a stand-in (tests).
     @return: the kernel version.
@@ -159,6 +182,19 @@ def prepare_rootfs(rootfs, run=subprocess.run):
             os.unlink(path)
     with open(os.path.join(rootfs, "etc", "fstab"), "w") as f:
         f.write(_FSTAB)
+    os.makedirs(os.path.join(rootfs, "etc", "modules-load.d"), exist_ok=True)
+    with open(os.path.join(rootfs, "etc", "modules-load.d", "qvd-kvm.conf"), "w") as f:
+        f.write(_MODULES_LOAD + "\n".join(BOOT_MODULES) + "\n")
+    vma_conf = os.path.join(rootfs, "etc", "qvd", "vma.conf")
+    os.makedirs(os.path.dirname(vma_conf), exist_ok=True)
+    try:
+        with open(vma_conf) as f:
+            current = f.read()
+    except FileNotFoundError:
+        current = ""
+    if VMA_CONF_KVM not in current:
+        with open(vma_conf, "a") as f:
+            f.write(("\n" if current and not current.endswith("\n") else "") + VMA_CONF_KVM)
     for wants, unit in _ENABLE:
         d = os.path.join(rootfs, "etc", "systemd", "system", wants)
         os.makedirs(d, exist_ok=True)

@@ -32,7 +32,10 @@ an HTTP version other than 1.1 a C{505}, after which the connection closes.
 qvd adds one header: every call of the HKD and the L7R carries the VM's
 secret (L{SECRET_HEADER}, made by L{new_secret} at each start); the VMA
 answers a call without it C{403} (L{secret_matches}). Original QVD agents
-ignore the header, so the wire stays compatible.
+ignore the header, so the wire stays compatible. A KVM desktop finds the
+secret in QEMU's firmware configuration, the fw_cfg entry L{FW_CFG_SECRET}
+(in the guest L{FW_CFG_SECRET_RAW}, readable by its root only); an LXC
+desktop in a bind-mounted file.
 
 Only the standard library is imported here (the VMA runs it on Debian's python3).
 """
@@ -45,6 +48,10 @@ from urllib.parse import quote, unquote
 
 CONTENT_TYPE = "application/json-simplerpc"
 SECRET_HEADER = "X-QVD-VMA-Secret"
+#: The fw_cfg entry that carries the secret into a KVM desktop, and where the
+#: guest kernel's C{qemu_fw_cfg} module shows it (mode 0400, root).
+FW_CFG_SECRET = "opt/org.qvd/vma.secret"
+FW_CFG_SECRET_RAW = f"/sys/firmware/qemu_fw_cfg/by_name/{FW_CFG_SECRET}/raw"
 DEFAULT_BASE = "/vma"
 
 # Status lines and text/plain bodies of the original's error replies

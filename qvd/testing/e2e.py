@@ -18,6 +18,14 @@ C{qvdt-e2e<pid>-<vm>}, veths C{qe<pid>v...}) and lives under one temp dir
 in /var/tmp; L{Stack.stop} (also run at exit) removes containers, mounts,
 interfaces, processes, files and the database. The calls block: the tests
 that use this drive subprocesses only.
+
+C{Stack("vnet", subnet_base=229, hypervisor="kvm")} runs the same node with
+KVM desktops (libvirtd + QEMU, TCG here) of the minimal KVM image
+(L{qvd.testing.kvm_image.minimal_kvm_image}): domains C{qvdt-vnet<pid>-<vm>},
+taps C{qv<pid>v<vm>}; commands run inside through the QEMU guest agent
+(L{qvd.testing.guest}), L{Stack.attach} and L{Stack.attach_as} work alike.
+TCG boots take tens of seconds: L{Stack.start_vms} boots desktops before
+their users log in.
 """
 
 import atexit
@@ -42,17 +50,28 @@ TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 COLOUR = 0x2A7FD4  # qvd.testing.images.TEST_COLOUR
 
 
-def missing():
+HYPERVISORS = ("lxc", "kvm")
+LIBVIRT_URI = "qemu:///system"
+
+
+def missing(hypervisor="lxc"):
     """
     Why the end-to-end stack cannot run here (None if it can): for SkipTest.
     """
     if os.geteuid() != 0:
-        return "the end-to-end tests need root (LXC desktops)"
-    for program in ("lxc-start", "lxc-attach", "lxc-stop", "nxproxy", "Xvfb", "ip", "nft"):
+        return f"the end-to-end tests need root ({hypervisor.upper()} desktops)"
+    programs = {"lxc": ("lxc-start", "lxc-attach", "lxc-stop"),
+                "kvm": ("libvirtd", "qemu-system-x86_64", "qemu-img")}[hypervisor]
+    for program in programs + ("nxproxy", "Xvfb", "ip", "nft"):
         if shutil.which(program) is None:
             return f"{program} is not installed"
     if not os.path.exists(TWISTD):
         return f"twistd not found next to {sys.executable}"
+    if hypervisor == "kvm":
+        try:
+            import libvirt_qemu  # noqa: F401 (the guest agent's commands)
+        except ImportError:
+            return "libvirt-python is not installed"
     from qvd.testing.images import cannot_build_reason
     return cannot_build_reason()
 
@@ -282,7 +301,10 @@ class Stack:
     #: bridge or addresses, and both would break.
     _live = {}
 
-    def __init__(self, tag="e2e", subnet_base=217, fast=True):
+    def __init__(self, tag="e2e", subnet_base=217, fast=True, hypervisor="lxc"):
+        if hypervisor not in HYPERVISORS:
+            raise ValueError(f"hypervisor {hypervisor!r} is neither of {HYPERVISORS}")
+        self.hypervisor = hypervisor
         self.fast = fast
         pid = os.getpid()
         self.tag = tag
@@ -309,13 +331,18 @@ class Stack:
 
     def start(self, stream=sys.stderr):
         from qvd.l7r import tls
-        from qvd.testing.images import minimal_lxc_image
         for other in Stack._live.values():
             if other.subnet == self.subnet or other.tag[0] == self.tag[0]:
                 raise AssertionError(
                     f"stack {self.tag!r} would share {self.subnet} or the interface letter"
                     f" {self.tag[0]!r} with the running stack {other.tag!r}")
-        image = minimal_lxc_image(stream=stream)
+        if self.hypervisor == "kvm":
+            from qvd.testing.kvm_image import minimal_kvm_image
+            subprocess.run([os.path.join(ROOT, "deploy", "services.sh")], check=False)
+            image, di_name = minimal_kvm_image(stream=stream), "minimal.qcow2"
+        else:
+            from qvd.testing.images import minimal_lxc_image
+            image, di_name = minimal_lxc_image(stream=stream), "minimal.tar"
         Stack._live[id(self)] = self
         pg.cluster()  # started (and its exit hook registered) before ours: ours runs first
         self.root = tempfile.mkdtemp(prefix=f"qvdt-{self.tag}{os.getpid()}-", dir="/var/tmp")
@@ -324,7 +351,10 @@ class Stack:
         self.started = True
         images = os.path.join(self.root, "storage", "images")
         os.makedirs(images)
-        os.symlink(image, os.path.join(images, "minimal.tar"))
+        os.symlink(image, os.path.join(images, di_name))
+        if self.hypervisor == "kvm":  # the kernel and initramfs beside it: no extraction
+            for suffix in (".kernel", ".initrd"):
+                os.symlink(image + suffix, os.path.join(images, di_name + suffix))
         self.dbname, self.dsn = pg.fresh_database()
         cluster = pg.cluster()
         self.host = self.query("INSERT INTO hosts (name, address) VALUES ('node1', %s)"
@@ -332,7 +362,7 @@ class Stack:
         self.osf = self.query("INSERT INTO osfs (tenant_id, name, memory) VALUES"
                               " (1, 'desktop', 512) RETURNING id")[0]["id"]
         di = self.query("INSERT INTO dis (osf_id, path, version) VALUES"
-                        " (%s, 'minimal.tar', '1') RETURNING id", (self.osf,))[0]["id"]
+                        " (%s, %s, '1') RETURNING id", (self.osf, di_name))[0]["id"]
         self.query("INSERT INTO di_tags (di_id, osf_id, tag) VALUES (%s, %s, 'default')",
                    (di, self.osf))
         ssl_dir = os.path.join(self.root, "ssl")
@@ -348,16 +378,33 @@ class Stack:
             "path.storage.root": f"{self.root}/storage",
             "path.storage.images": images,
             "path.l7r.ssl": ssl_dir,
-            "vm.hypervisor": "lxc",
-            "vm.lxc.name.prefix": self.prefix,
-            "vm.lxc.veth.prefix": self.veth,
+            "vm.hypervisor": self.hypervisor,
             "vm.network.bridge": self.bridge,
             "vm.network.firewall.table": self.nft_table,
             "vm.network.netmask": "255.255.255.0",
-            "vm.lxc.bridge.address": f"{self.subnet}.1/24",
             "hkd.lock.path": f"{self.root}/run/hkd.lock",
             "hkd.vm.timeout.waiting_vma": "60",
         }
+        if self.hypervisor == "kvm":
+            values.update({
+                "vm.kvm.uri": LIBVIRT_URI,
+                "vm.kvm.domain.prefix": self.prefix,
+                "vm.kvm.tap.prefix": self.veth,
+                "vm.kvm.bridge.address": f"{self.subnet}.1/24",
+                "vm.kvm.guest_agent": "1",
+                # TCG boots: tens of seconds, more with two guests on two cores
+                "hkd.vm.timeout.waiting_vma": "400",
+                "hkd.vm.timeout.powering_off": "90",
+                "hkd.vm.timeout.shutting_down": "60",
+                "hkd.vm.vma.dead.failures": "20",
+                "hkd.vm.vma.dead.seconds": "60",
+            })
+        else:
+            values.update({
+                "vm.lxc.name.prefix": self.prefix,
+                "vm.lxc.veth.prefix": self.veth,
+                "vm.lxc.bridge.address": f"{self.subnet}.1/24",
+            })
         if self.fast:
             values.update(self.FAST)
         self.conf = os.path.join(self.root, "node.conf")
@@ -423,10 +470,12 @@ class Stack:
         with contextlib.suppress(Exception):
             pg.drop_database(self.dbname)
 
-    def stop_vms(self, timeout=60):
+    def stop_vms(self, timeout=None):
         """
         Ask the HKD to stop every VM that is not stopped; wait for it.
         """
+        if timeout is None:
+            timeout = 240 if self.hypervisor == "kvm" else 60
         rows = self.query("SELECT vm_id FROM vm_runtimes WHERE vm_state <> 'stopped'")
         for row in rows:
             self.command(row["vm_id"], "stop")
@@ -436,8 +485,11 @@ class Stack:
 
     def scrub(self):
         """
-        Remove every container, mount, interface and file of this stack.
+        Remove every container or domain, mount, interface and file of this stack.
         """
+        for name in self.domains():
+            subprocess.run(["virsh", "-q", "-c", LIBVIRT_URI, "destroy", name], capture_output=True)
+            subprocess.run(["virsh", "-q", "-c", LIBVIRT_URI, "undefine", name], capture_output=True)
         if os.path.isdir(self.lxcpath):
             for name in os.listdir(self.lxcpath):
                 subprocess.run(["lxc-stop", "-k", "-n", name, "-P", self.lxcpath],
@@ -459,6 +511,14 @@ class Stack:
                               capture_output=True, text=True)
         return done.stdout if done.returncode == 0 else ""
 
+    def domains(self):
+        """The libvirt domains of this stack (KVM desktops), running or not."""
+        if self.hypervisor != "kvm":
+            return []
+        done = subprocess.run(["virsh", "-q", "-c", LIBVIRT_URI, "list", "--all", "--name"],
+                              capture_output=True, text=True)
+        return sorted(n for n in done.stdout.split() if n.startswith(self.prefix))
+
     def interfaces(self):
         return sorted(i for i in os.listdir("/sys/class/net")
                       if i.startswith(self.veth) or i == self.bridge)
@@ -471,6 +531,7 @@ class Stack:
         with open("/proc/self/mounts") as f:
             found += [line.split()[1] for line in f if f" {self.root}" in line]
         found += self.interfaces()
+        found += [f"domain {name}" for name in self.domains()]
         if self.nft_rules():
             found.append(f"nft table bridge {self.nft_table}")
         found += [f"process {p.pid}" for p in self.processes if p.poll() is None]
@@ -525,23 +586,58 @@ class Stack:
                    (self.host, cmd, vm_id))
         self.query(f"NOTIFY qvd_cmd_for_vm_on_host{int(self.host)}")
 
-    # -- containers --
+    # -- desktops --
 
     def container(self, vm_id):
+        """The name of the VM's container (LXC) or domain (KVM)."""
         return f"{self.prefix}{vm_id}"
 
-    def attach(self, vm_id, *argv):
+    def guest(self, vm_id):
+        """The guest agent of the VM's KVM domain (L{qvd.testing.guest})."""
+        from qvd.testing.guest import GuestAgent
+        return GuestAgent(LIBVIRT_URI, self.container(vm_id))
+
+    def start_vms(self, *vm_ids, timeout=None):
+        """
+        Start the VMs through the HKD (all at once) and wait until each runs
+        (its agent answers the HKD); with KVM also until its guest agent
+        answers. The seconds until the last one did.
+        """
+        began = time.monotonic()
+        for vm_id in vm_ids:
+            self.command(vm_id, "start")
+        if timeout is None:
+            timeout = 420 if self.hypervisor == "kvm" else 60
+        for vm_id in vm_ids:
+            wait_until(lambda: self.vm_row(vm_id)["vm_state"] == "running",
+                       timeout - (time.monotonic() - began), f"VM {vm_id} running", poll=0.5)
+            if self.hypervisor == "kvm":
+                self.guest(vm_id).wait_ready(timeout - (time.monotonic() - began))
+        return time.monotonic() - began
+
+    def attach(self, vm_id, *argv, timeout=30):
+        """
+        Run C{argv} inside the VM as its root (looked up on the usual PATH);
+        a C{subprocess.CompletedProcess} (text).
+        """
+        if self.hypervisor == "kvm":
+            return self.guest(vm_id).run(
+                ["/usr/bin/env", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                 *argv], timeout)
         return subprocess.run(["lxc-attach", "-P", self.lxcpath, "-n", self.container(vm_id),
-                               "--", *argv], capture_output=True, text=True, timeout=30)
+                               "--", *argv], capture_output=True, text=True, timeout=timeout)
 
     def attach_as(self, vm_id, user, *argv, timeout=30):
         """
-        Run C{argv} inside the VM's container as C{user} (a login the VMA
-        provisioned, or C{root}): what that user can do from a shell of the
-        desktop. A C{subprocess.CompletedProcess} (text).
+        Run C{argv} inside the VM's container or guest as C{user} (a login
+        the VMA provisioned, or C{root}): what that user can do from a shell
+        of the desktop. A C{subprocess.CompletedProcess} (text).
         """
         if user == "root":
-            return self.attach(vm_id, *argv)
+            return self.attach(vm_id, *argv, timeout=timeout)
+        if self.hypervisor == "kvm":
+            return self.attach(vm_id, "setpriv", f"--reuid={user}", f"--regid={user}",
+                               "--init-groups", "--reset-env", "--", *argv, timeout=timeout)
         return subprocess.run(
             ["lxc-attach", "-P", self.lxcpath, "-n", self.container(vm_id), "--",
              "setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups",
@@ -576,13 +672,14 @@ class SharedStack:
             self.stack = node.get()
     """
 
-    def __init__(self, build):
+    def __init__(self, build, hypervisor="lxc"):
         self._build = build
+        self.hypervisor = hypervisor
         self.stack = None
 
     def get(self):
         from twisted.trial.unittest import SkipTest
-        why = missing()
+        why = missing(self.hypervisor)
         if why:
             raise SkipTest(why)
         if self.stack is None:

@@ -28,6 +28,11 @@ from qvd.di import qcow2
 CACHE = os.environ.get("QVD_TEST_CACHE", "/var/cache/qvd-test")
 READY_PORT = 3030
 EXTRA_PACKAGES = ("python3", "iproute2")
+#: What tests add to the minimal KVM desktop: the QEMU guest agent, through
+#: which they run commands inside the guest (L{qvd.testing.guest}; the HKD
+#: gives domains its channel with C{vm.kvm.guest_agent = 1}). Product images
+#: have none.
+GUEST_AGENT_PACKAGES = ("qemu-guest-agent",)
 
 _LISTENER_UNIT = """\
 [Unit]
@@ -54,7 +59,8 @@ def _key():
     h = hashlib.sha256()
     for part in (qcow2.LAYOUT_VERSION, qcow2.VM_PACKAGES + EXTRA_PACKAGES, qcow2.INITRAMFS_MODULES,
                  qcow2._INITRAMFS_CONF, qcow2._NO_UDEV_SCRIPT, qcow2._FSTAB, qcow2._ENABLE,
-                 qcow2._UNMASK, _LISTENER_UNIT):
+                 qcow2._UNMASK, qcow2.BOOT_MODULES, qcow2._MODULES_LOAD, qcow2.VMA_CONF_KVM,
+                 _LISTENER_UNIT):
         h.update(repr(part).encode())
     return h.hexdigest()[:16]
 
@@ -133,7 +139,8 @@ def minimal_kvm_image(stream=None):
     if why:
         raise ImageUnavailable(why)
     config = Config(keys=declared_keys())
-    recipe = Recipe.from_config(config, "minimal", images.TEST_COLOUR, qcow2.VM_PACKAGES)
+    recipe = Recipe.from_config(config, "minimal", images.TEST_COLOUR,
+                                qcow2.VM_PACKAGES + GUEST_AGENT_PACKAGES)
     key = hashlib.sha256(
         f"{recipe.base_key()}|{recipe.colour}|{source_hash(images.QVD_SOURCE)}|{_key()}".encode()
     ).hexdigest()[:16]

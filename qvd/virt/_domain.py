@@ -4,7 +4,7 @@ The libvirt domain of a KVM desktop, as pure functions of values.
     settings = DomainSettings(accel="qemu", prefix="qvd-", ...)
     boot = BootFiles(kernel="/images/7-deb.qcow2.kernel", initrd="...initrd")
     disks = DomainDisks(root="/overlays/7-12-overlay.qcow2", home=None)
-    xml = domain_xml(spec, settings, boot, disks)
+    xml = domain_xml(spec, settings, boot, disks, secret_file="/run/qvd/kvm/qvd-12.vma-secret")
 
 Nothing here touches libvirt, files or the clock: the driver (L{qvd.virt.kvm})
 resolves paths and the acceleration, these functions only build text.
@@ -15,12 +15,19 @@ plus C{net.ifnames=0} (so the NIC is called eth0). The image enables
 systemd-network-generator, which turns that option into a systemd-networkd
 configuration at boot (L{qvd.di.qcow2}); no DHCP server is needed on the
 node bridge.
+
+The agent's secret (L{qvd.protocols.simplerpc}) reaches the guest as the
+fw_cfg entry C{opt/org.qvd/vma.secret} read by QEMU from a file (QEMU's
+command line names the file, never the secret).
 """
 
 import re
+import xml.etree.ElementTree as ET
 from xml.sax.saxutils import escape, quoteattr
 
 import attrs
+
+from qvd.protocols.simplerpc import FW_CFG_SECRET
 
 ACCELS = ("kvm", "qemu")
 _HOSTNAME = re.compile(r"[^A-Za-z0-9-]")
@@ -40,6 +47,8 @@ class DomainSettings:
     @ivar console_dir: directory of the serial console logs.
     @ivar vnc: offer VNC on 127.0.0.1.
     @ivar cmdline_extra: appended to the kernel command line.
+    @ivar guest_agent: give the domain a QEMU guest agent channel
+        (C{org.qemu.guest_agent.0}).
     """
     accel: str = "qemu"
     prefix: str = "qvd-"
@@ -50,6 +59,7 @@ class DomainSettings:
     console_dir: str = "/var/log/qvd/kvm"
     vnc: bool = False
     cmdline_extra: str = ""
+    guest_agent: bool = False
 
     def __attrs_post_init__(self):
         if self.accel not in ACCELS:
@@ -139,7 +149,29 @@ def kernel_cmdline(spec, settings, readonly=False):
     return " ".join(parts)
 
 
-def domain_xml(spec, settings, boot, disks):
+def dac_owner(capabilities, domain_type):
+    """
+    The C{(uid, gid)} QEMU runs as for domains of C{domain_type}, from the
+    DAC base label (C{+64055:+64055}) in libvirt's host C{capabilities}
+    XML, or None when libvirt names none (no DAC driver: QEMU runs as the
+    caller).
+    """
+    try:
+        root = ET.fromstring(capabilities)
+    except ET.ParseError:
+        return None
+    for model in root.iterfind("host/secmodel"):
+        if model.findtext("model") != "dac":
+            continue
+        for label in model.iterfind("baselabel"):
+            if label.get("type") == domain_type:
+                found = re.fullmatch(r"\+?(\d+):\+?(\d+)", (label.text or "").strip())
+                if found:
+                    return int(found.group(1)), int(found.group(2))
+    return None
+
+
+def domain_xml(spec, settings, boot, disks, secret_file=""):
     """
     The libvirt domain XML of the VM described by C{spec} (a
     L{qvd.virt.interfaces.VMSpec}).
@@ -150,7 +182,9 @@ def domain_xml(spec, settings, boot, disks):
     optional virtio home disk C{vdb} (reference 3.3: the VMA formats it), a
     virtio NIC on C{spec.bridge} with C{spec.mac} and the tap named
     L{tap_name}, the serial console in L{console_log}, and no USB, balloon
-    or video (lighter under TCG).
+    or video (lighter under TCG). With C{secret_file} the guest finds that
+    file's content as the fw_cfg entry C{opt/org.qvd/vma.secret}; with
+    C{settings.guest_agent} the domain has a guest agent channel.
     """
     name = domain_name(settings.prefix, spec.vm_id)
     a = quoteattr
@@ -163,6 +197,14 @@ def domain_xml(spec, settings, boot, disks):
         # libvirt puts the domain in a cgroup of its own, which by default
         # weighs like one task: give it one task's weight per vCPU.
         f"  <cputune><shares>{1024 * int(settings.cpus)}</shares></cputune>",
+    ]
+    if secret_file:
+        lines += [
+            "  <sysinfo type='fwcfg'>",
+            f"    <entry name={a(FW_CFG_SECRET)} file={a(secret_file)}/>",
+            "  </sysinfo>",
+        ]
+    lines += [
         "  <os>",
         f"    <type arch='x86_64' machine={a(settings.machine)}>hvm</type>",
         f"    <kernel>{escape(boot.kernel)}</kernel>",
@@ -217,6 +259,12 @@ def domain_xml(spec, settings, boot, disks):
         "    <controller type='usb' model='none'/>",
         "    <memballoon model='none'/>",
     ]
+    if settings.guest_agent:
+        lines += [
+            "    <channel type='unix'>",
+            "      <target type='virtio' name='org.qemu.guest_agent.0'/>",
+            "    </channel>",
+        ]
     if settings.vnc:
         lines += [
             "    <graphics type='vnc' autoport='yes' listen='127.0.0.1'>",

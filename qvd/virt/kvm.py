@@ -8,7 +8,7 @@ The KVM virt driver: desktops as libvirt/QEMU domains (C{vm.hypervisor = kvm}).
     stopped = driver.watch(spec.vm_id)   # fires on the domain's "stopped" event
     yield driver.shutdown(spec.vm_id)    # ACPI power button
     yield driver.kill(spec.vm_id)        # destroy
-    yield driver.cleanup(spec)           # no domain, overlay or tap left
+    yield driver.cleanup(spec)           # no domain, overlay, tap or secret file left
     yield driver.tearDown()              # close libvirt, stop the threads
 
 Every blocking libvirt or C{qemu-img} call runs in the driver's own thread
@@ -25,8 +25,15 @@ C{path.storage.overlays/<di_id>-<vm_id>-overlay.qcow2} over the DI (new at
 each boot unless C{spec.persistent_overlay}), the home disk is
 C{path.storage.homes/<vm_id>-data.qcow2} (created once, never removed here),
 and the guest gets its static address on the kernel command line.
+
+The agent's secret (C{spec.vma_secret}) goes to the guest through QEMU's
+fw_cfg: L{KVMDriver.start} writes it to L{secret_path} (mode 0600, owned
+by the user libvirt runs QEMU as, so the secret is never on QEMU's command
+line) and L{KVMDriver.cleanup} removes that file; inside, the guest's root
+reads it (L{qvd.protocols.simplerpc.FW_CFG_SECRET_RAW}), its users cannot.
 """
 
+import contextlib
 import fcntl
 import ipaddress
 import os
@@ -44,7 +51,8 @@ from qvd.di import qcow2
 from qvd.di.qcow2 import kernel_files
 from qvd.virt import _accel
 from qvd.virt._domain import (
-    BootFiles, DomainDisks, DomainSettings, domain_name, domain_xml, tap_name, vm_id_of,
+    BootFiles, DomainDisks, DomainSettings, dac_owner, domain_name, domain_xml, tap_name,
+    vm_id_of,
 )
 from qvd.virt.interfaces import IHypervisor, RunningVM, VirtError
 
@@ -66,6 +74,7 @@ class KVMSettings:
     overlays: str
     homes: str
     console_dir: str
+    secret_dir: str = "/run/qvd/kvm"
     uri: str = "qemu:///system"
     accel: str = "auto"
     probe_timeout: float = 10.0
@@ -76,6 +85,7 @@ class KVMSettings:
     tap_prefix: str = "qvdtap"
     vnc: bool = False
     cmdline_extra: str = "quiet"
+    guest_agent: bool = False
     threads: int = 4
     bridge: str = ""
     bridge_address: str = ""
@@ -91,6 +101,7 @@ class KVMSettings:
             overlays=config.get("path.storage.overlays"),
             homes=config.get("path.storage.homes"),
             console_dir=config.get("vm.kvm.console.dir"),
+            secret_dir=config.get("vm.kvm.secret.dir"),
             uri=config.get("vm.kvm.uri"),
             accel=config.get("vm.kvm.accel"),
             probe_timeout=config.getfloat("vm.kvm.accel.probe_timeout"),
@@ -101,6 +112,7 @@ class KVMSettings:
             tap_prefix=config.get("vm.kvm.tap.prefix"),
             vnc=config.getbool("vm.kvm.vnc"),
             cmdline_extra=config.get("vm.kvm.cmdline.extra"),
+            guest_agent=config.getbool("vm.kvm.guest_agent"),
             threads=config.getint("vm.kvm.threads"),
             bridge=config.get("vm.network.bridge"),
             bridge_address=config.get("vm.kvm.bridge.address"),
@@ -131,7 +143,8 @@ class KVMSettings:
         return DomainSettings(
             accel=domain_type, prefix=self.prefix, tap_prefix=self.tap_prefix,
             cpus=self.cpus, machine=self.machine, emulator=self.emulator,
-            console_dir=self.console_dir, vnc=self.vnc, cmdline_extra=self.cmdline_extra)
+            console_dir=self.console_dir, vnc=self.vnc, cmdline_extra=self.cmdline_extra,
+            guest_agent=self.guest_agent)
 
 
 def overlay_path(settings, spec):
@@ -146,6 +159,29 @@ def home_path(settings, vm_id):
     The persistent home disk of VM C{vm_id}.
     """
     return os.path.join(settings.homes, f"{int(vm_id)}-data.qcow2")
+
+
+def secret_path(settings, vm_id):
+    """
+    The file QEMU reads VM C{vm_id}'s agent secret from (fw_cfg).
+    """
+    return os.path.join(settings.secret_dir, f"{domain_name(settings.prefix, vm_id)}.vma-secret")
+
+
+def write_secret(path, text, owner=None):
+    """
+    Write the agent's secret to C{path}: mode 0600, owned by C{owner}
+    (C{(uid, gid)}, or the caller when None), replaced atomically.
+    """
+    tmp = f"{path}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        if owner is not None:
+            os.fchown(f.fileno(), *owner)
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def image_format(path):
@@ -215,6 +251,7 @@ class KVMDriver:
         self._reconnectCall = None
         self._stopped = False
         self._shutdownTrigger = None
+        self._qemuOwner = {}
         self.domainType = None
 
     @classmethod
@@ -352,6 +389,7 @@ class KVMDriver:
         self._conn, self._callbackIds = yield self._inThread(self._connectSync)
         for d in (self.settings.overlays, self.settings.homes, self.settings.console_dir):
             os.makedirs(d, mode=0o755, exist_ok=True)
+        self._makeSecretDir()
         if self.settings.bridge:
             yield self._inThread(self._ensureBridge, self.settings.bridge)
         facts = self._hostFacts or _accel.HostFacts.read()
@@ -373,6 +411,27 @@ class KVMDriver:
             if result.returncode != 0:
                 raise VirtError(f"cannot set up the bridge {bridge} ({' '.join(argv)}): "
                                 f"{result.stderr.strip()}")
+
+    def _makeSecretDir(self):
+        """
+        The secrets' directory: 0711 (QEMU must reach its file by name, nobody
+        may list the others).
+        """
+        os.makedirs(self.settings.secret_dir, mode=0o711, exist_ok=True)
+        os.chmod(self.settings.secret_dir, 0o711)
+
+    def _ownerForQemu(self, conn, domain_type):
+        """
+        The (uid, gid) QEMU runs as (libvirt's DAC base label), or None;
+        asked once per domain type (in a pool thread).
+        """
+        if domain_type not in self._qemuOwner:
+            try:
+                caps = conn.getCapabilities()
+            except libvirt.libvirtError as e:
+                raise VirtError(f"libvirt could not tell its capabilities: {_describe(e)}")
+            self._qemuOwner[domain_type] = dac_owner(caps, domain_type)
+        return self._qemuOwner[domain_type]
 
     def _applyDecision(self):
         decision = self._decision
@@ -514,20 +573,31 @@ class KVMDriver:
         """
         The domain XML of C{spec} under C{domain_type} (for tests and logs).
         """
+        secret = secret_path(self.settings, spec.vm_id) if spec.vma_secret else ""
         return domain_xml(spec, self.settings.domainSettings(domain_type),
-                          self._bootFiles(spec), self._disks(spec))
+                          self._bootFiles(spec), self._disks(spec), secret_file=secret)
 
     @defer.inlineCallbacks
     def start(self, spec):
+        """
+        Create the domain; with C{spec.vma_secret}, first write the file
+        QEMU reads it from (removed again when libvirt refuses the domain).
+        """
         boot = self._bootFiles(spec)
         domain_type = yield self._domainTypeFor(boot.kernel)
         xml = self.xmlFor(spec, domain_type)
 
         def create():
             conn = self._connected()
+            secret = secret_path(self.settings, spec.vm_id)
+            if spec.vma_secret:
+                self._makeSecretDir()
+                write_secret(secret, spec.vma_secret, self._ownerForQemu(conn, domain_type))
             try:
                 dom = conn.createXML(xml, 0)
             except libvirt.libvirtError as e:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(secret)
                 raise VirtError(f"libvirt could not start VM {spec.vm_id}: {_describe(e)}")
             return RunningVM(spec.vm_id, self._pid(dom.name()))
 
@@ -576,6 +646,10 @@ class KVMDriver:
             except libvirt.libvirtError as e:
                 if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
                     raise VirtError(f"libvirt could not undefine VM {spec.vm_id}: {_describe(e)}")
+        for path in (secret_path(self.settings, spec.vm_id),
+                     secret_path(self.settings, spec.vm_id) + ".tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         if not spec.persistent_overlay:
             if spec.di_id:
                 overlays = [overlay_path(self.settings, spec)]

@@ -6,9 +6,11 @@ host's nxproxy drawing the desktop into an Xvfb.
 
 One guest boot covers it all (TCG boots take tens of seconds): start
 through the database -> running with the agent answering; kill -9 of the
-HKD leaves the domain running and a new HKD adopts it; x_start -> nxproxy
-shows the colour the desktop painted; stop -> no domain, overlay or tap
-left; the home disk keeps the user's home the agent made on it.
+HKD leaves the domain running and a new HKD adopts it; x_start (with the
+VM's secret, which the agent took from fw_cfg; a call without it is
+refused) -> nxproxy shows the colour the desktop painted; stop -> no
+domain, overlay, tap or secret file left; the home disk keeps the user's
+home the agent made on it.
 
 Everything created is named after this process: bridge qbhk<pid>, domains
 qvdt-hkdk<pid>-<vm>, taps qhk<pid>t<vm>, storage under a temp dir.
@@ -217,8 +219,16 @@ class HKDOnKVMTests(HKDTestMixin, pg.DatabaseTestMixin, unittest.TestCase):
         self.assertEqual(self.query("SELECT run_attempts FROM vm_counters WHERE vm_id = %s",
                                     (vm,))[0], attempts)
 
-        # the desktop through NX
-        client = VMAClient(reactor, f"{SUBNET}.20", 3030, timeout=10)
+        # the desktop through NX; the agent takes only calls with the secret
+        # of this start (it read it from fw_cfg)
+        from qvd.vmaclient import VMAUnreachable
+        anonymous = VMAClient(reactor, f"{SUBNET}.20", 3030, timeout=10)
+        with self.assertRaises(VMAUnreachable) as refused:
+            await anonymous.x_state()
+        self.assertIn("HTTP 403", str(refused.exception))
+        secret = self.vm_row(vm)["vma_secret"]
+        self.assertTrue(secret)
+        client = VMAClient(reactor, f"{SUBNET}.20", 3030, timeout=10, secret=secret)
         self.assertEqual(await client.x_start({
             "qvd.vm.user.name": "alice", "qvd.client.link": "lan",
             "qvd.client.geometry": "800x600"}), "starting")
@@ -259,6 +269,8 @@ class HKDOnKVMTests(HKDTestMixin, pg.DatabaseTestMixin, unittest.TestCase):
                          what=f"stopped\n{self.hkd_log()}")
         self.assertIsNone(self.vm_row(vm)["vm_state_reason"])
         self.assertEqual(self.domains(), [])
+        self.assertEqual(os.listdir(os.path.join(self.root, "run", "kvm")), [],
+                         "a secret file is left")
         overlays = os.path.join(self.root, "storage", "overlays")
         self.assertEqual([n for n in os.listdir(overlays) if n.endswith("-overlay.qcow2")], [])
         self.assertEqual([i for i in os.listdir("/sys/class/net") if i.startswith(TAPS)], [])
@@ -272,6 +284,9 @@ class HKDOnKVMTests(HKDTestMixin, pg.DatabaseTestMixin, unittest.TestCase):
         proxy.wait()
         self.command(vm, "start", self.host)
         await self.wait_state(vm, "running", timeout=420)
+        self.assertNotEqual(self.vm_row(vm)["vma_secret"], secret, "a new start, a new secret")
+        client = VMAClient(reactor, f"{SUBNET}.20", 3030, timeout=10,
+                           secret=self.vm_row(vm)["vma_secret"])
         self.assertEqual(await client.x_start({
             "qvd.vm.user.name": "alice", "qvd.client.link": "lan"}), "starting")
         deadline = time.monotonic() + 120

@@ -6,7 +6,10 @@ answers on 3030) on a bridge of the test's own.
 
 Each test creates (and removes) a bridge C{qbk<pid>} with its own /24, temp
 directories for overlays, homes and console logs, and domains named
-C{qvdtk<pid>-<n>}. Only one test waits for a full guest boot.
+C{qvdtk<pid>-<n>}. Two tests wait for a full guest boot: the life cycle
+(L{KVMDriverTests.test_bootAnswersAndPowersOff}) and the agent's secret
+(L{KVMAgentSecretTests}: one guest with the guest agent channel, commands run
+inside it through L{qvd.testing.guest}).
 """
 
 import os
@@ -128,6 +131,7 @@ def _environment(test):
         overlays=os.path.join(test.base, "overlays"),
         homes=os.path.join(test.base, "homes"),
         console_dir=os.path.join(test.base, "console"),
+        secret_dir=os.path.join(test.base, "secrets"),
         accel="auto", prefix=f"qvdtk{PID}-", tap_prefix=f"qtk{PID}t", threads=3)
     test.makeDriver = lambda: KVMDriver(reactor, test.settings)
     # the bridge, with the host on .1 and VMs above
@@ -222,8 +226,10 @@ class KVMDriverTests(unittest.TestCase):
             conn.close()
 
     def assertNothingLeft(self, spec):
-        from qvd.virt.kvm import overlay_path
+        from qvd.virt.kvm import overlay_path, secret_path
         self.assertFalse(self.domainExists(spec.vm_id), "the domain is still defined")
+        self.assertFalse(os.path.exists(secret_path(self.settings, spec.vm_id)),
+                         "the secret file is left")
         self.assertFalse(os.path.exists(overlay_path(self.settings, spec)), "the overlay is left")
         self.assertFalse(os.path.exists(f"/sys/class/net/{self.settings.tap_prefix}{spec.vm_id}"),
                          "the tap is left")
@@ -361,3 +367,155 @@ class KVMDriverTests(unittest.TestCase):
                 self.assertTrue(a.read() == b.read(), f"{extracted} differs from {original}")
         self.assertIn(f"<kernel>{kernel}</kernel>", self.driver.xmlFor(spec, "qemu"))
         yield self.driver.cleanup(spec)
+
+
+CALL = """
+import sys, urllib.request, urllib.error
+url, secret = sys.argv[1], sys.argv[2]
+request = urllib.request.Request(url, headers={"X-QVD-VMA-Secret": secret} if secret else {})
+try:
+    with urllib.request.urlopen(request, timeout=10) as r:
+        print(r.status, r.read().decode().strip())
+except urllib.error.HTTPError as e:
+    print(e.code)
+except OSError as e:
+    print(type(e).__name__)
+"""
+
+READ = """
+import os, stat, sys
+for path in sys.argv[1:]:
+    try:
+        st = os.stat(path)
+        mode = "%o %d:%d" % (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
+    except OSError as e:
+        mode = type(e).__name__
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError as e:
+        text = type(e).__name__
+    print(path, mode, text)
+"""
+
+
+def _call(url, secret=""):
+    """
+    One SimpleRPC call from the host with urllib (in a thread): "200 <body>",
+    or the HTTP status of a refusal.
+    """
+    import urllib.error
+    import urllib.request
+
+    def call():
+        request = urllib.request.Request(url, headers={"X-QVD-VMA-Secret": secret} if secret else {})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as r:
+                return f"{r.status} {r.read().decode().strip()}"
+        except urllib.error.HTTPError as e:
+            return str(e.code)
+    from twisted.internet import threads
+    return threads.deferToThread(call)
+
+
+class KVMAgentSecretTests(unittest.TestCase):
+    """
+    The agent's secret in a real KVM guest (the minimal desktop image, the
+    real VMA): handed over through fw_cfg, required by the agent, readable by
+    the guest's root only. One guest for all of it (TCG boots are slow).
+    """
+    timeout = 400
+    SECRET = "kvm-agent-secret-" + "x" * 26
+
+    def setUp(self):
+        _environment(self)
+        import attrs
+        self.settings = attrs.evolve(self.settings, guest_agent=True)
+        self.driver = self.makeDriver()
+        self.addCleanup(self.driver.tearDown)
+        return self.driver.setUp()
+
+    def inGuest(self, guest, user, code, *args):
+        from twisted.internet import threads
+        return threads.deferToThread(
+            guest.run_as, user, ["/usr/bin/python3", "-c", code, *args], 60)
+
+    @defer.inlineCallbacks
+    def test_secretForTheNodeAndTheGuestRootOnly(self):
+        """
+        A guest started with a secret: QEMU reads it from a file of mode
+        0600 owned by QEMU's user (not from its command line); the agent
+        answers a call without it or with another 403 and one with it 200;
+        in the guest the fw_cfg file is mode 0400 root and holds the secret,
+        which the guest's root reads and the desktop user (uid 1000, made by
+        the agent's x_start) cannot; the agent's call from inside the guest
+        without the secret is refused as well. Cleanup leaves no file.
+        """
+        from twisted.internet import threads
+
+        from qvd.protocols.simplerpc import FW_CFG_SECRET_RAW
+        from qvd.testing.guest import GuestAgent
+        from qvd.vmaclient import VMAClient
+        from qvd.virt.kvm import secret_path
+        spec = _spec(7, vma_secret=self.SECRET)
+        self.addCleanup(self.driver.cleanup, spec)
+        yield self.driver.prepare(spec)
+        t0 = reactor.seconds()
+        running = yield self.driver.start(spec)
+
+        # the host side: a private file, the secret not on QEMU's command line
+        path = secret_path(self.settings, 7)
+        st = os.stat(path)
+        self.assertEqual(oct(st.st_mode & 0o7777), oct(0o600))
+        qemu = _owner_of(running.pid)
+        self.assertEqual((st.st_uid, st.st_gid), qemu, "the file is not QEMU's")
+        with open(f"/proc/{running.pid}/cmdline", "rb") as f:
+            cmdline = f.read().replace(b"\0", b" ").decode()
+        self.assertIn(f"name=opt/org.qvd/vma.secret,file={path}", cmdline)
+        self.assertNotIn(self.SECRET, cmdline)
+
+        took = yield _waitForPort(spec.ip, 3030, BOOT_TIMEOUT)
+        print(f"\nKVM (TCG) boot to the agent's port: {took:.1f} s")
+        url = f"http://{spec.ip}:3030/vma/ping"
+        self.assertEqual((yield _call(url)), "403")
+        self.assertEqual((yield _call(url, "wrong-" + self.SECRET)), "403")
+        self.assertEqual((yield _call(url, self.SECRET)), "200 null")
+
+        # inside: x_start makes the desktop user, as for a login
+        client = VMAClient(reactor, spec.ip, 3030, timeout=20, secret=self.SECRET)
+        self.assertEqual((yield client.x_start({"qvd.vm.user.name": "alice"})), "starting")
+        guest = GuestAgent(self.settings.uri, f"{self.settings.prefix}7")
+        ready = yield threads.deferToThread(guest.wait_ready, 120)
+        print(f"guest agent answering {ready:.1f} s later; "
+              f"{reactor.seconds() - t0:.1f} s after the start")
+        deadline = reactor.seconds() + 60
+        while True:
+            done = yield threads.deferToThread(guest.run, ["/usr/bin/id", "-u", "alice"])
+            if done.returncode == 0:
+                break
+            self.assertLess(reactor.seconds(), deadline, f"no user alice: {done.stderr}")
+            yield task.deferLater(reactor, 1, lambda: None)
+        self.assertEqual(done.stdout.strip(), "1000")
+
+        files = [FW_CFG_SECRET_RAW, "/etc/qvd/vma.secret"]
+        as_root = yield self.inGuest(guest, "root", READ, *files)
+        as_user = yield self.inGuest(guest, "alice", READ, *files)
+        print(f"as root:\n{as_root.stdout}as alice:\n{as_user.stdout}", end="")
+        root_lines = as_root.stdout.splitlines()
+        self.assertEqual(root_lines[0], f"{FW_CFG_SECRET_RAW} 400 0:0 {self.SECRET}")
+        self.assertEqual(root_lines[1], "/etc/qvd/vma.secret FileNotFoundError FileNotFoundError")
+        user_lines = as_user.stdout.splitlines()
+        self.assertEqual(user_lines[0], f"{FW_CFG_SECRET_RAW} 400 0:0 PermissionError")
+        self.assertNotIn(self.SECRET, as_user.stdout + as_user.stderr)
+        local = yield self.inGuest(guest, "alice", CALL, "http://127.0.0.1:3030/vma/ping", "")
+        self.assertEqual(local.stdout.strip(), "403")
+
+        yield self.driver.cleanup(spec)
+        self.assertFalse(os.path.exists(path))
+        self.assertEqual(os.listdir(self.settings.secret_dir), [])
+
+
+def _owner_of(pid):
+    """The (uid, gid) process C{pid} runs as."""
+    st = os.stat(f"/proc/{pid}")
+    return st.st_uid, st.st_gid
