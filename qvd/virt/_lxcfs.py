@@ -20,6 +20,7 @@ import subprocess
 import time
 
 from qvd._locks import locked
+from qvd.virt._dirs import make_dirs
 from qvd.virt.interfaces import VirtError
 from qvd.virt._lxcconfig import IdMap  # noqa: F401 (re-exported for callers)
 
@@ -252,26 +253,6 @@ def prepare_dirs(layout, persistent, lower, idmap):
     elif os.stat(layout.home_dir).st_uid < idmap.count:
         shift_ids(layout.home_dir, idmap)
     check_searchable(layout.rootfs, layout.home_dir, layout.container_dir)
-
-
-def make_dirs(path, mode=0o711):
-    """
-    Create C{path} and its missing parents, each with C{mode} whatever the
-    process's umask: twistd's daemon mode sets 077, which would hide them
-    from the containers' root, an unprivileged host user. Directories that
-    exist keep their mode.
-    """
-    path = os.path.abspath(path)
-    missing = []
-    while not os.path.isdir(path):
-        missing.append(path)
-        path = os.path.dirname(path)
-    for directory in reversed(missing):
-        try:
-            os.mkdir(directory)
-        except FileExistsError:
-            continue
-        os.chmod(directory, mode)
 
 
 def open_to_containers(path):

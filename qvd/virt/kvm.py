@@ -50,6 +50,7 @@ from zope.interface import implementer
 from qvd.di import qcow2
 from qvd.di.qcow2 import kernel_files
 from qvd.virt import _accel
+from qvd.virt._dirs import make_dirs
 from qvd.virt._domain import (
     BootFiles, DomainDisks, DomainSettings, dac_owner, domain_name, domain_xml, tap_name,
     vm_id_of,
@@ -388,7 +389,7 @@ class KVMDriver:
         self._stopped = False
         self._conn, self._callbackIds = yield self._inThread(self._connectSync)
         for d in (self.settings.overlays, self.settings.homes, self.settings.console_dir):
-            os.makedirs(d, mode=0o755, exist_ok=True)
+            make_dirs(d, 0o755)
         self._makeSecretDir()
         if self.settings.bridge:
             yield self._inThread(self._ensureBridge, self.settings.bridge)
@@ -417,7 +418,8 @@ class KVMDriver:
         The secrets' directory: 0711 (QEMU must reach its file by name, nobody
         may list the others).
         """
-        os.makedirs(self.settings.secret_dir, mode=0o711, exist_ok=True)
+        make_dirs(os.path.dirname(self.settings.secret_dir), 0o755)
+        make_dirs(self.settings.secret_dir, 0o711)
         os.chmod(self.settings.secret_dir, 0o711)
 
     def _ownerForQemu(self, conn, domain_type):
@@ -542,7 +544,7 @@ class KVMDriver:
         if not os.path.exists(kernel_files(spec.di_path)[0]):
             self._extractBootFiles(spec)
         for d in (self.settings.overlays, self.settings.homes, self.settings.console_dir):
-            os.makedirs(d, mode=0o755, exist_ok=True)
+            make_dirs(d, 0o755)
         created = []
         try:
             if spec.use_overlay:
