@@ -17,8 +17,10 @@ until C{listening}, connect to nxagent, set C{connected}, C{101}, relay
 (which puts the cookie into the client's NX greeting). Every failure raises
 L{BrokerError} with the reason the client gets inside its 503.
 
-A L{Session} is one claim of one VM by one client connection. Its waits end
-early when the VM's state changes (L{Session.wake}) and fail with
+A L{Session} is one claim of one VM by one client connection; its state is
+a L{qvd.runtime.session.UserSession} machine, which gives every step its
+deadline and says whether a claim found on the VM's row may be taken. Its
+waits end early when the VM's state changes (L{Session.wake}) and fail with
 L{SessionAborted} when the session is aborted (takeover, client gone).
 """
 
@@ -37,6 +39,7 @@ from qvd.l7r.auth import tokens
 from qvd.vmaclient import VMAError, VMAUnreachable
 from qvd.l7r.relay import Relay, connect_peer
 from qvd.protocols import http, nx
+from qvd.runtime.session import TIMEOUTS, Claim, Claimant, UserSession, claim_verdict
 from qvd._pids import pid_alive
 
 log = Logger()
@@ -130,6 +133,22 @@ class Session:
         self.released = False
         self._sleeper = None
         self.settings = BrokerSettings()
+        self.machine = UserSession()
+
+    def step(self, event, reason=None):
+        """Feed C{event} to the session's machine; its L{Transition} or None."""
+        step = self.machine.handle(event, reason)
+        if step is not None and step.new != step.old:
+            log.debug("VM {vm}: session {id} {old} -> {new} ({event})", vm=self.vm_id,
+                      id=self.id, old=step.old, new=step.new, event=event)
+        return step
+
+    def deadline(self, state):
+        """
+        When step C{state} of the machine times out (L{TIMEOUTS}), from now
+        on the reactor's clock.
+        """
+        return self.reactor.seconds() + TIMEOUTS[state](self.settings)
 
     def tell(self, text):
         self.conn.write(http.processing(text))
@@ -166,6 +185,7 @@ class Session:
         """
         if self.aborted is None:
             self.aborted = reason
+        self.step("abort", reason)
         if self.relay is not None:
             self.relay.stop(reason)
         elif self._sleeper is not None and not self._sleeper.called:
@@ -270,9 +290,13 @@ class Broker:
         runs. C{vm} is the row of L{vm_row}. Raises L{BrokerError}.
         """
         vm_id = session.vm_id
+        session.step("connect")
         await self.takeover(session)
+        session.step("claimed")
         await self.assign(session)
+        session.step("assigned")
         await self.start_and_wait(session)
+        session.step("vm_running")
         token = await self.vm_token(auth, vm_id)
         params = dict(client_params)
         params["auth_token"] = token
@@ -288,7 +312,9 @@ class Broker:
         vma = self.vma_factory(self.reactor, row["vm_address"], row["vm_vma_port"],
                                session.settings.vma_timeout, secret=row["vma_secret"] or "")
         await self.start_x(session, vma, params)
+        session.step("x_started")
         await self.wait_x(session, vma)
+        session.step("x_listening")
         await self.run_forwarder(session, row, key, on_end, cookie)
 
     _VM_COLUMNS = ("vm_id", "host_id", "vm_state", "vm_cmd", "user_state", "user_cmd",
@@ -305,23 +331,17 @@ class Broker:
             raise BrokerError(f"VM {vm_id} does not exist any more")
         return dict(zip(self._VM_COLUMNS + ("name",), rows[0]))
 
-    def _claim_is_dead(self, row):
-        if row["l7r_host_id"] is None:
-            return True
-        if row["user_state"] == "connecting" and row["age"] > self.settings.claim_max_age:
-            return True
-        if row["l7r_host_id"] == self.host_id:
-            if row["l7r_pid"] in (self.pid, os.getpid()):
-                return row["l7r_session"] not in PROCESS_SESSIONS
-            return not pid_alive(row["l7r_pid"])
-        return row["owner_state"] in ("lost", None)
+    def claimant(self):
+        """This process as a claimant of VMs (L{claim_verdict})."""
+        return Claimant(host_id=self.host_id, pids=frozenset({self.pid, os.getpid()}),
+                        live_sessions=PROCESS_SESSIONS, pid_alive=pid_alive)
 
     async def takeover(self, session):
         """
         Claim the VM's session, aborting a contending one (reference 1.5).
         """
         vm_id = session.vm_id
-        deadline = self.reactor.seconds() + session.settings.takeover
+        deadline = session.deadline("claiming")
 
         async def claim(cursor):
             await cursor.execute(
@@ -334,10 +354,11 @@ class Broker:
             if not found:
                 raise BrokerError(f"VM {vm_id} does not exist any more")
             row = dict(zip(names, found[0]))
-            if row["user_state"] == "disconnected" or self._claim_is_dead(row):
-                if row["user_state"] != "disconnected":
-                    log.info("VM {vm}: taking over a claim left by a dead L7R ({row})",
-                             vm=vm_id, row=row)
+            verdict = claim_verdict(Claim(**row), self.claimant(), self.settings.claim_max_age)
+            if verdict != "held":
+                if verdict != "free":
+                    log.info("VM {vm}: taking over a claim ({verdict}: {row})",
+                             vm=vm_id, verdict=verdict, row=row)
                 await cursor.execute(
                     "UPDATE vm_runtimes SET user_state = 'connecting', user_state_ts = now(),"
                     " l7r_host_id = %s, l7r_pid = %s, l7r_session = %s, user_cmd = NULL"
@@ -364,6 +385,7 @@ class Broker:
                      vm=vm_id, state=held["user_state"], host=held["l7r_host_id"],
                      pid=held["l7r_pid"])
             session.tell(f"Aborting contending session for VM_ID: {vm_id}")
+            session.step("held")
             if self.reactor.seconds() > deadline:
                 raise BrokerError("Unable to acquire VM, close other clients")
             await session.sleep(session.settings.poll_vm)
@@ -436,7 +458,7 @@ class Broker:
         Start a stopped VM and wait until it runs (reference 2.3).
         """
         vm_id = session.vm_id
-        deadline = self.reactor.seconds() + session.settings.vm_start
+        deadline = session.deadline("starting_vm")
         row = await self.vm_row(vm_id)
         if row["vm_state"] == "running":
             return
@@ -533,8 +555,11 @@ class Broker:
         vm_id = session.vm_id
         session.tell(f"Starting X session at VM {vm_id}")
         error = None
+        deadline = session.deadline("starting_x")
         for _ in range(session.settings.x_start_retries + 1):
             session.check()
+            if self.reactor.seconds() > deadline:
+                break
             try:
                 await vma.x_start(params)
                 return
@@ -553,7 +578,7 @@ class Broker:
         to every login).
         """
         vm_id = session.vm_id
-        deadline = self.reactor.seconds() + session.settings.x_start
+        deadline = session.deadline("waiting_x")
         session.tell(f"Waiting for X session to come up on VM {vm_id}")
         delay = min(X_POLL_FIRST, session.settings.poll_x)
         while True:
@@ -579,7 +604,7 @@ class Broker:
         passed: after a resume the agent says C{listening} as soon as
         nxagent prints "Resuming", a moment before nxagent listens again.
         """
-        deadline = self.reactor.seconds() + session.settings.nx_connect
+        deadline = session.deadline("connecting_x")
         delay = X_POLL_FIRST
         while True:
             try:
@@ -613,6 +638,7 @@ class Broker:
         except BaseException:
             peer.transport.loseConnection()
             raise
+        session.step("nx_connected")
         session.tell("Connection established")
         session.conn.write(http.switching_protocols(key))
         session.relay = Relay(session.conn, peer, on_end, clock=self.reactor.seconds,
@@ -629,12 +655,15 @@ class Broker:
         if session.released:
             return defer.succeed(None)
         session.released = True
+        session.step("failed" if session.machine.connecting else "client_gone")
         self.sessions.pop(session.id, None)
         PROCESS_SESSIONS.pop(session.id, None)
         if relay is not None and relay.duration < session.settings.short_session:
             self.count("short_sessions")
         self._pending_releases[session.id] = session.vm_id
-        return self._release_one(session.id, session.vm_id)
+        d = self._release_one(session.id, session.vm_id)
+        d.addCallback(lambda released: released and session.step("released"))
+        return d
 
     def _release_one(self, session_id, vm_id):
         d = self.db.runOperation(
@@ -644,6 +673,7 @@ class Broker:
 
         def ok(_):
             self._pending_releases.pop(session_id, None)
+            return True
 
         def failed(f):
             log.warn("cannot release VM {vm} ({error}); retrying in {delay}s", vm=vm_id,
@@ -681,14 +711,17 @@ class Broker:
             "SELECT vm_id, l7r_pid, l7r_session, user_cmd FROM vm_runtimes"
             " WHERE l7r_host_id = %s AND (user_cmd = 'abort' OR user_state <> 'disconnected')",
             (self.host_id,))
+        claimant = self.claimant()
         for vm_id, pid, session_id, cmd in rows:
             session = self.sessions.get(session_id)
             if session is not None:
                 if cmd == "abort":
                     log.info("VM {vm}: session aborted by a contending client", vm=vm_id)
                     session.abort(f"Aborted by contending session VM VM_ID: {vm_id}")
-            elif session_id not in PROCESS_SESSIONS and (pid in (self.pid, os.getpid())
-                                                         or not pid_alive(pid)):
+            # not a live session of this process: is its L7R process dead?
+            elif claim_verdict(Claim(user_state="connected", l7r_host_id=self.host_id,
+                                     l7r_pid=pid, l7r_session=session_id),
+                               claimant, self.settings.claim_max_age) == "dead_l7r":
                 log.info("VM {vm}: resetting the session left by dead L7R process {pid}",
                          vm=vm_id, pid=pid)
                 await self.db.runOperation(
