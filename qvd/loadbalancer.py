@@ -16,11 +16,10 @@ Each scores
 
     (w_ram * usable_ram + w_cpu * usable_cpu) / (vms on the host + 1) + w_random * random()
 
-and the highest score wins. L{select_host} runs the queries through a
-psycopg2 cursor (qvd-admin); the L7R runs the same SQL through its async pool
-(rows of L{HOSTS_SQL} are in the field order of L{HostLoad}, so
-C{HostLoad(*row)} works) and calls L{choose_host}, or an L{ILoadBalancer}
-such as L{DefaultLoadBalancer}.
+and the highest score wins. The one caller that runs the queries is
+L{qvd.runtime.store.place_in}, for the L7R and qvd-admin alike (rows of
+L{HOSTS_SQL} are in the field order of L{HostLoad}, so C{HostLoad(*row)}
+works).
 """
 
 import random as _random
@@ -188,24 +187,3 @@ class DefaultLoadBalancer:
 
     def choose(self, vm_name, hypervisor, hosts):
         return choose_host(vm_name, hypervisor, hosts, self.weights, self.random)
-
-
-def select_host(cursor, vm_id, vm_name, weights=Weights(), random=_random.random):
-    """
-    Choose a host for VM C{vm_id} with a psycopg2 dict cursor, inside the
-    caller's transaction. Raises L{NoHostAvailable} also when the VM has no
-    DI to boot.
-    """
-    cursor.execute(VM_DI_SQL, (vm_id,))
-    di = cursor.fetchone()
-    if di is None:
-        raise NoHostAvailable(
-            f"VM {vm_name!r} cannot start: its OSF has no DI with the VM's tag "
-            "(add one with 'qvd-admin di add' or change the tag with 'qvd-admin di tag')")
-    if di["blocked"]:
-        raise NoHostAvailable(
-            f"VM {vm_name!r} cannot start: its DI {di['di_id']} is blocked "
-            "('qvd-admin di unblock' it or tag another DI)")
-    cursor.execute(HOSTS_SQL)
-    hosts = [HostLoad(**dict(row)) for row in cursor.fetchall()]
-    return choose_host(vm_name, di_hypervisor(di["path"]), hosts, weights, random)

@@ -10,6 +10,7 @@ from twisted.trial import unittest
 
 from qvd import loadbalancer as lb
 from qvd.db import sync
+from qvd.runtime import store
 from qvd.testing.pg import DatabaseTestMixin
 
 
@@ -43,8 +44,9 @@ class MixedClusterTests(DatabaseTestMixin, unittest.TestCase):
     def select(self, name, draw=0.5):
         with sync.connect(self.dsn) as conn:
             with conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
-                return lb.select_host(cur, self.vms[name], name, lb.Weights(1, 1, 1000),
-                                      random=lambda: draw)
+                return store.run_blocking(store.place_in(
+                    store.BlockingCursor(cur), self.vms[name], name, lb.Weights(1, 1, 1000),
+                    lambda: draw))
 
     def test_kvmVMsOnKVMNodes(self):
         """

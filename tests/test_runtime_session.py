@@ -193,7 +193,7 @@ class ClockTests(unittest.TestCase):
 class ClaimVerdictTests(unittest.TestCase):
     """claim_verdict: every case of a claim found on a VM's row."""
 
-    me = Claimant(host_id=1, pids=frozenset({100}), live_sessions={"mine"},
+    me = Claimant(host_id=1, pid=100, pids=frozenset({100}), live_sessions={"mine"},
                   pid_alive=lambda pid: pid == 200)
 
     def verdict(self, **row):

@@ -9,7 +9,7 @@ import re
 
 from qvd.admin._core import (
     DIGITS, VM_SELECT, VM_STATES, AdminError, AlreadyExists, Result, UsageError, find_host,
-    find_osf, find_user, find_vm, notify, one)
+    find_osf, find_user, find_vm, one)
 from qvd.addresses import AddressError, VMRange, mac_for_ip
 
 
@@ -84,6 +84,7 @@ def vm_list(ctx, cur, args):
 
 def vm_start(ctx, cur, args):
     from qvd import loadbalancer
+    from qvd.runtime import store
     vm = find_vm(ctx, cur, args.vm)
     if vm["vm_state"] != "stopped":
         raise AdminError(f"VM {vm['name']!r} is {vm['vm_state']}, not stopped: nothing to start")
@@ -99,15 +100,15 @@ def vm_start(ctx, cur, args):
     if host_id is None:
         cfg = ctx.db_config(cur)
         try:
-            chosen = loadbalancer.select_host(
-                cur, vm["id"], vm["name"], loadbalancer.weights_from_config(cfg, vm["tenant_id"]),
-                ctx.random or random.random)
+            chosen = store.run_blocking(store.place_in(
+                store.BlockingCursor(cur), vm["id"], vm["name"],
+                loadbalancer.weights_from_config(cfg, vm["tenant_id"]),
+                ctx.random or random.random))
         except (loadbalancer.NoHostAvailable, loadbalancer.UnknownImageKind) as e:
             raise AdminError(str(e))
         host_id, host = chosen.host_id, chosen.name
-    cur.execute("UPDATE vm_runtimes SET host_id = %s, vm_cmd = 'start' WHERE vm_id = %s",
-                (host_id, vm["id"]))
-    notify(cur, f"qvd_cmd_for_vm_on_host{host_id}")
+    if store.run_blocking(store.start_vm_in(store.BlockingCursor(cur), vm["id"], host_id)) is None:
+        raise AdminError(f"VM {vm['name']!r} changed state meanwhile: try again")
     ctx.audit(cur, "vm_start", "exec", "vm", vm["id"], vm["name"], vm["tenant_id"],
               {"host": host})
     return Result(f"VM {vm['name']!r} will start on host {host!r}",
@@ -115,19 +116,20 @@ def vm_start(ctx, cur, args):
 
 
 def vm_stop(ctx, cur, args):
+    from qvd.runtime import store
     vm = find_vm(ctx, cur, args.vm)
+    ex = store.BlockingCursor(cur)
     if vm["vm_state"] == "stopped":
         if vm["vm_cmd"] != "start":
             raise AdminError(f"VM {vm['name']!r} is already stopped")
-        cur.execute("UPDATE vm_runtimes SET vm_cmd = NULL, host_id = NULL WHERE vm_id = %s",
-                    (vm["id"],))
-        notify(cur, f"qvd_cmd_for_vm_on_host{vm['host_id']}")
+        if store.run_blocking(store.cancel_start_in(ex, vm["id"])) is None:
+            raise AdminError(f"VM {vm['name']!r} changed state meanwhile: try again")
         message = f"pending start of VM {vm['name']!r} cancelled"
     elif vm["vm_state"] in ("starting", "running", "debugging"):
         if vm["vm_cmd"] == "stop":
             raise AdminError(f"VM {vm['name']!r} already has a pending stop")
-        cur.execute("UPDATE vm_runtimes SET vm_cmd = 'stop' WHERE vm_id = %s", (vm["id"],))
-        notify(cur, f"qvd_cmd_for_vm_on_host{vm['host_id']}")
+        if store.run_blocking(store.send_vm_cmd_in(ex, vm["id"], "stop", store.STOPPABLE)) is None:
+            raise AdminError(f"VM {vm['name']!r} changed state meanwhile: try again")
         message = f"VM {vm['name']!r} will stop (host {vm['host']!r})"
     else:
         raise AdminError(f"VM {vm['name']!r} is {vm['vm_state']}: it cannot be stopped now")
@@ -140,9 +142,8 @@ def vm_disconnect(ctx, cur, args):
     if vm["user_state"] not in ("connecting", "connected"):
         raise AdminError(f"no user is connected to VM {vm['name']!r} "
                          f"(user state {vm['user_state']})")
-    cur.execute("UPDATE vm_runtimes SET user_cmd = 'abort' WHERE vm_id = %s", (vm["id"],))
-    if vm["l7r_host_id"] is not None:
-        notify(cur, f"qvd_cmd_for_user_on_host{vm['l7r_host_id']}")
+    from qvd.runtime import store
+    store.run_blocking(store.abort_session_in(store.BlockingCursor(cur), vm["id"]))
     ctx.audit(cur, "vm_user_disconnect", "exec", "vm", vm["id"], vm["name"], vm["tenant_id"])
     return Result(f"user of VM {vm['name']!r} will be disconnected", data={"id": vm["id"]})
 

@@ -27,6 +27,7 @@ from twisted.internet import defer, task
 from qvd.logs import Logger
 
 from qvd.db.pool import Connection, fetch_dicts
+from qvd.runtime import store as runtime_store
 
 log = Logger()
 
@@ -134,15 +135,9 @@ class ClusterMonitor:
             lost = sorted(r[0] for r in cur.fetchall())
             if not lost:
                 return [], []
-            await cur.execute(
-                "UPDATE vm_runtimes SET user_state = 'disconnected', user_cmd = NULL,"
-                " l7r_host_id = NULL, l7r_pid = NULL, l7r_session = NULL"
-                " WHERE l7r_host_id = ANY(%s)", (lost,))
-            await cur.execute(
-                "UPDATE vm_runtimes SET user_cmd = 'abort'"
-                " WHERE host_id = ANY(%s) AND user_state <> 'disconnected'"
-                " RETURNING l7r_host_id", (lost,))
-            notify = sorted({r[0] for r in cur.fetchall() if r[0] is not None})
+            ex = runtime_store.TransactionExecutor(cur)
+            await runtime_store.reset_claims_of_nodes_in(ex, lost)
+            notify = await runtime_store.abort_sessions_on_nodes_in(ex, lost)
             await cur.execute(
                 "UPDATE vm_runtimes SET vm_state = 'stopped', host_id = NULL, vm_cmd = NULL,"
                 " vm_pid = NULL, vm_address = NULL, vm_vma_port = NULL, vm_x_port = NULL,"

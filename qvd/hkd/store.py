@@ -13,9 +13,11 @@ released a VM, this node's writes no longer touch it (the methods then return
 import os
 
 import attrs
+from twisted.internet import defer
 
 from qvd.db.pool import fetch_dicts
 from qvd.protocols.simplerpc import new_secret
+from qvd.runtime import store as runtime_store
 from qvd.virt.interfaces import VMSpec
 
 
@@ -255,11 +257,9 @@ class Store:
             " AND l7r_pid IS NOT NULL", (self.host_id,))
 
     def reset_session(self, vm_id, pid):
-        return self.db.runQuery(
-            "UPDATE vm_runtimes SET user_state = 'disconnected', user_cmd = NULL,"
-            " l7r_host_id = NULL, l7r_pid = NULL, l7r_session = NULL"
-            " WHERE vm_id = %s AND l7r_host_id = %s AND l7r_pid = %s RETURNING vm_id",
-            (vm_id, self.host_id, pid))
+        """Reset VM C{vm_id}'s claim held by L7R process C{pid} of this node (dead)."""
+        return defer.ensureDeferred(runtime_store.reset_claims_of_process_in(
+            runtime_store.PoolExecutor(self.db), vm_id, self.host_id, pid))
 
     # -- the node ---------------------------------------------------------------
 

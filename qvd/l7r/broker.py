@@ -40,6 +40,7 @@ from qvd.vmaclient import VMAError, VMAUnreachable
 from qvd.l7r.relay import Relay, connect_peer
 from qvd.protocols import http, nx
 from qvd.runtime.session import TIMEOUTS, Claim, Claimant, UserSession, claim_verdict
+from qvd.runtime.store import RuntimeStore
 from qvd._pids import pid_alive
 
 log = Logger()
@@ -198,9 +199,10 @@ class Broker:
         user's tenant's (L{tenant_settings}) once authenticated.
     """
 
-    def __init__(self, reactor, db, settings, vma_factory, random=None, pid=None):
+    def __init__(self, reactor, db, settings, vma_factory, random=None, pid=None, store=None):
         self.reactor = reactor
         self.db = db
+        self.store = store if store is not None else RuntimeStore(db)
         self.settings = settings
         self._config = None
         self._by_tenant = {}
@@ -333,7 +335,8 @@ class Broker:
 
     def claimant(self):
         """This process as a claimant of VMs (L{claim_verdict})."""
-        return Claimant(host_id=self.host_id, pids=frozenset({self.pid, os.getpid()}),
+        return Claimant(host_id=self.host_id, pid=self.pid,
+                        pids=frozenset({self.pid, os.getpid()}),
                         live_sessions=PROCESS_SESSIONS, pid_alive=pid_alive)
 
     async def takeover(self, session):
@@ -343,47 +346,26 @@ class Broker:
         vm_id = session.vm_id
         deadline = session.deadline("claiming")
 
-        async def claim(cursor):
-            await cursor.execute(
-                "SELECT r.user_state, r.l7r_host_id, r.l7r_pid, r.l7r_session,"
-                " extract(epoch FROM now() - r.user_state_ts)::float AS age,"
-                " (SELECT state FROM host_runtimes WHERE host_id = r.l7r_host_id) AS owner_state"
-                " FROM vm_runtimes r WHERE r.vm_id = %s FOR UPDATE OF r", (vm_id,))
-            names = [c.name for c in cursor.description]
-            found = cursor.fetchall()
-            if not found:
-                raise BrokerError(f"VM {vm_id} does not exist any more")
-            row = dict(zip(names, found[0]))
-            verdict = claim_verdict(Claim(**row), self.claimant(), self.settings.claim_max_age)
-            if verdict != "held":
-                if verdict != "free":
-                    log.info("VM {vm}: taking over a claim ({verdict}: {row})",
-                             vm=vm_id, verdict=verdict, row=row)
-                await cursor.execute(
-                    "UPDATE vm_runtimes SET user_state = 'connecting', user_state_ts = now(),"
-                    " l7r_host_id = %s, l7r_pid = %s, l7r_session = %s, user_cmd = NULL"
-                    " WHERE vm_id = %s", (self.host_id, self.pid, session.id, vm_id))
-                return None
-            await cursor.execute(
-                "UPDATE vm_runtimes SET user_cmd = 'abort' WHERE vm_id = %s"
-                " AND user_state IN ('connecting', 'connected')", (vm_id,))
-            await cursor.execute("SELECT pg_notify(%s, %s)",
-                                 (f"qvd_cmd_for_user_on_host{row['l7r_host_id']}", str(vm_id)))
-            return row
-
         while True:
             session.check()
             # A compare-and-set on one row under its row lock (FOR UPDATE):
             # contenders for the same VM are serialised by the lock and see
             # each other's committed claim; claims of different VMs never
             # conflict (SERIALIZABLE failed them on shared index pages).
-            held = await self.db.transaction(claim, isolation="READ COMMITTED")
-            if held is None:
+            try:
+                verdict, found = await self.store.claim(vm_id, session.id, self.claimant(),
+                                                        self.settings.claim_max_age)
+            except LookupError as e:
+                raise BrokerError(str(e))
+            if verdict != "held":
+                if verdict != "free":
+                    log.info("VM {vm}: taking over a claim ({verdict}: {claim})",
+                             vm=vm_id, verdict=verdict, claim=found)
                 session.tell(f"Session acquired for VM_ID: {vm_id}")
                 return
             log.info("VM {vm}: session held ({state}) by L7R {host}/{pid}; aborting it",
-                     vm=vm_id, state=held["user_state"], host=held["l7r_host_id"],
-                     pid=held["l7r_pid"])
+                     vm=vm_id, state=found.user_state, host=found.l7r_host_id,
+                     pid=found.l7r_pid)
             session.tell(f"Aborting contending session for VM_ID: {vm_id}")
             session.step("held")
             if self.reactor.seconds() > deadline:
@@ -392,9 +374,7 @@ class Broker:
 
     async def check_abort(self, session):
         session.check()
-        rows = await self.db.runQuery(
-            "SELECT user_cmd, l7r_session FROM vm_runtimes WHERE vm_id = %s", (session.vm_id,))
-        if not rows or rows[0][0] == "abort" or rows[0][1] != session.id:
+        if not await self.store.claim_is_ours(session.vm_id, session.id):
             raise SessionAborted(f"Aborted by contending session VM VM_ID: {session.vm_id}")
 
     async def assign(self, session):
@@ -409,9 +389,7 @@ class Broker:
         host_id = await self.choose_host(vm_id, row["name"], session.settings.weights)
 
         # One conditional UPDATE: atomic, re-checks the state it was decided on.
-        if not await self.db.runQuery(
-                "UPDATE vm_runtimes SET host_id = %s WHERE vm_id = %s"
-                " AND host_id IS NULL AND vm_state = 'stopped' RETURNING vm_id", (host_id, vm_id)):
+        if not await self.store.assign_host(vm_id, host_id):
             raise BrokerError(f"Unable to start VM {vm_id}, state changed unexpectedly")
         await self.check_abort(session)
 
@@ -421,19 +399,9 @@ class Broker:
         with C{weights} (default: the global ones).
         """
         try:
-            dis = await self.db.runQueryDicts(loadbalancer.VM_DI_SQL, (vm_id,))
-            if not dis:
-                raise loadbalancer.NoHostAvailable(
-                    f"VM {vm_name!r} cannot start: its OSF has no DI with the VM's tag")
-            if dis[0]["blocked"]:
-                raise loadbalancer.NoHostAvailable(
-                    f"VM {vm_name!r} cannot start: its DI {dis[0]['di_id']} is blocked")
-            hypervisor = loadbalancer.di_hypervisor(dis[0]["path"])
-            hosts = [loadbalancer.HostLoad(**row)
-                     for row in await self.db.runQueryDicts(loadbalancer.HOSTS_SQL)]
-            return loadbalancer.choose_host(vm_name, hypervisor, hosts,
-                                            weights or self.settings.weights,
-                                            self.random).host_id
+            chosen = await self.store.choose_host(vm_id, vm_name, weights or self.settings.weights,
+                                                  self.random)
+            return chosen.host_id
         except (loadbalancer.NoHostAvailable, loadbalancer.UnknownImageKind) as e:
             log.warn("VM {vm}: no node to start it on: {reason}", vm=vm_id, reason=e)
             raise BrokerError(f"Unable to start VM {vm_id}, can't assign to any host")
@@ -446,12 +414,7 @@ class Broker:
         @return: a Deferred firing with the node's id, or None when the VM
             was not in those states (or has no node).
         """
-        d = self.db.runQuery(
-            "WITH sent AS (UPDATE vm_runtimes SET vm_cmd = %s WHERE vm_id = %s"
-            " AND vm_state = ANY(%s) AND host_id IS NOT NULL RETURNING host_id)"
-            " SELECT host_id, pg_notify('qvd_cmd_for_vm_on_host' || host_id, %s) FROM sent",
-            (cmd, vm_id, list(from_states), str(vm_id)))
-        return d.addCallback(lambda rows: rows[0][0] if rows else None)
+        return self.store.send_vm_cmd(vm_id, cmd, from_states)
 
     async def start_and_wait(self, session):
         """
@@ -629,10 +592,7 @@ class Broker:
         try:
             session.check()
             # Still our claim and not aborted: one conditional UPDATE.
-            if not await self.db.runQuery(
-                    "UPDATE vm_runtimes SET user_state = 'connected' WHERE vm_id = %s"
-                    " AND l7r_session = %s AND user_state = 'connecting'"
-                    " AND user_cmd IS NULL RETURNING vm_id", (vm_id, session.id)):
+            if not await self.store.mark_connected(vm_id, session.id):
                 raise SessionAborted(f"Aborted by contending session VM VM_ID: {vm_id}")
             session.check()
         except BaseException:
@@ -666,10 +626,7 @@ class Broker:
         return d
 
     def _release_one(self, session_id, vm_id):
-        d = self.db.runOperation(
-            "UPDATE vm_runtimes SET user_state = 'disconnected', user_cmd = NULL,"
-            " l7r_host_id = NULL, l7r_pid = NULL, l7r_session = NULL"
-            " WHERE vm_id = %s AND l7r_session = %s", (vm_id, session_id))
+        d = self.store.release(vm_id, session_id)
 
         def ok(_):
             self._pending_releases.pop(session_id, None)
@@ -707,10 +664,7 @@ class Broker:
         """
         if self.host_id is None:
             return
-        rows = await self.db.runQuery(
-            "SELECT vm_id, l7r_pid, l7r_session, user_cmd FROM vm_runtimes"
-            " WHERE l7r_host_id = %s AND (user_cmd = 'abort' OR user_state <> 'disconnected')",
-            (self.host_id,))
+        rows = await self.store.claims_on_node(self.host_id)
         claimant = self.claimant()
         for vm_id, pid, session_id, cmd in rows:
             session = self.sessions.get(session_id)
@@ -724,11 +678,7 @@ class Broker:
                                claimant, self.settings.claim_max_age) == "dead_l7r":
                 log.info("VM {vm}: resetting the session left by dead L7R process {pid}",
                          vm=vm_id, pid=pid)
-                await self.db.runOperation(
-                    "UPDATE vm_runtimes SET user_state = 'disconnected', user_cmd = NULL,"
-                    " l7r_host_id = NULL, l7r_pid = NULL, l7r_session = NULL"
-                    " WHERE vm_id = %s AND l7r_session IS NOT DISTINCT FROM %s",
-                    (vm_id, session_id))
+                await self.store.reset_claim(vm_id, session_id)
 
     def vm_state_changed(self, payload):
         """

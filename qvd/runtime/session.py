@@ -203,11 +203,13 @@ class Claim:
 @attrs.frozen
 class Claimant:
     """
-    The L7R process that wants the claim: its node, its process ids (a
-    worker and its parent may both be named in rows), the sessions alive in
-    it, and how to tell whether another process of its node lives.
+    The L7R process that wants the claim: its node, the process id its
+    claims carry (C{pid}) and every id that means "this process" in a row
+    (C{pids}), the sessions alive in it, and how to tell whether another
+    process of its node lives.
     """
     host_id: int | None
+    pid: int
     pids: frozenset
     live_sessions: object
     pid_alive: object

@@ -1,0 +1,364 @@
+"""
+The statements that move a VM's session and its start between the L7R, the
+HKD and the admin tools: one module, one copy of each.
+
+    store = RuntimeStore(db)                   # the daemons (qvd.db.pool.Database)
+    held = await store.claim(vm_id, session_id, claimant, claim_max_age)
+    host_id = await store.start_vm(vm_id, host_id)
+
+    run_blocking(start_vm_in(BlockingCursor(cur), vm_id, host_id))   # qvd-admin, in
+                                                                     # its transaction
+
+Each statement is an C{async def ..._in(executor, ...)} over an I{executor}
+(C{await executor.rows(sql, args)} -> tuples): L{PoolExecutor} runs single
+statements in autocommit on the daemons' pool, L{TransactionExecutor} inside
+one of its transactions, L{BlockingCursor} on a psycopg2 cursor of a
+command-line tool (whose coroutine never suspends: L{run_blocking}).
+L{RuntimeStore} is the daemons' L{IRuntimeStore}; tests pass the in-memory
+fake of the test fixtures (fakeruntime.py), which passes the same suite
+(runtime_store_suite.py) as this store does on PostgreSQL.
+
+Channels notified (the NOTIFY goes out when the statement's transaction
+commits): C{qvd_cmd_for_vm_on_host<N>} to the HKD of node N for a new
+C{vm_cmd}; C{qvd_cmd_for_user_on_host<N>} to the L7Rs of node N when one of
+their sessions got C{user_cmd = 'abort'}.
+"""
+
+from twisted.internet import defer
+from zope.interface import Interface, implementer
+
+from qvd import loadbalancer
+from qvd.runtime.session import Claim, claim_verdict
+
+#: the session columns of a row set back to "nobody's" (release, reset)
+_NO_SESSION = ("user_state = 'disconnected', user_cmd = NULL,"
+               " l7r_host_id = NULL, l7r_pid = NULL, l7r_session = NULL")
+
+
+class IRuntimeStore(Interface):
+    """The session and start statements, for the daemons (Deferreds)."""
+
+    def claim(vm_id, session_id, claimant, claim_max_age):
+        """
+        Claim VM C{vm_id}'s session for C{session_id} of C{claimant} (a
+        L{qvd.runtime.session.Claimant}) when L{claim_verdict} allows it.
+        Fire with (verdict, the L{Claim} found): claimed (C{connecting})
+        unless the verdict is C{'held'}, and then the live session that
+        holds it was told to abort. C{LookupError} when the VM does not exist.
+        """
+
+    def claim_is_ours(vm_id, session_id):
+        """Fire with True while the claim is C{session_id}'s and not aborted."""
+
+    def assign_host(vm_id, host_id):
+        """Give a stopped VM without node node C{host_id}; fire with True when done."""
+
+    def send_vm_cmd(vm_id, cmd, from_states):
+        """
+        Set C{vm_cmd} of a VM with a node when its state is one of
+        C{from_states}, and notify the node; fire with the node's id or None.
+        """
+
+    def start_vm(vm_id, host_id):
+        """
+        A stopped VM without pending command gets C{vm_cmd = 'start'} on its
+        node, or on C{host_id} when it has none; fire with the node or None.
+        """
+
+    def cancel_start(vm_id):
+        """Withdraw a pending start; fire with the node it was for, or None."""
+
+    def abort_session(vm_id):
+        """Tell the VM's session to end; fire with its L7R's node, or None."""
+
+    def mark_connected(vm_id, session_id):
+        """C{connecting} -> C{connected} while the claim is ours; fire with True when done."""
+
+    def release(vm_id, session_id):
+        """Give the VM's session back if it is still C{session_id}'s; fire with True if so."""
+
+    def reset_claim(vm_id, session_id):
+        """Reset a claim left by a dead L7R process (C{session_id} may be None)."""
+
+    def claims_on_node(l7r_host_id):
+        """
+        Fire with [(vm_id, l7r_pid, l7r_session, user_cmd)] of every claim
+        held through node C{l7r_host_id} (aborted or not disconnected).
+        """
+
+    def choose_host(vm_id, vm_name, weights, random):
+        """Fire with the L{loadbalancer.HostLoad} the VM would start on (L{place_in})."""
+
+
+# -- executors -----------------------------------------------------------------
+
+class PoolExecutor:
+    """
+    Single statements in autocommit on a L{qvd.db.pool.Database} (one round
+    trip each: every statement of this module returns rows, RETURNING if
+    need be).
+    """
+
+    def __init__(self, db):
+        self.db = db
+
+    async def rows(self, sql, args=None):
+        return await self.db.runQuery(sql, args)
+
+
+class TransactionExecutor:
+    """Statements inside one transaction of the pool (its txpostgres cursor)."""
+
+    def __init__(self, cursor):
+        self.cursor = cursor
+
+    async def rows(self, sql, args=None):
+        await self.cursor.execute(sql, args)
+        return self.cursor.fetchall() if self.cursor.description else []
+
+
+class BlockingCursor:
+    """A psycopg2 cursor (plain or dict rows) of a command-line tool's transaction."""
+
+    def __init__(self, cursor):
+        self.cursor = cursor
+
+    async def rows(self, sql, args=None):
+        self.cursor.execute(sql, args)
+        if self.cursor.description is None:
+            return []
+        return [tuple(r.values()) if isinstance(r, dict) else tuple(r)
+                for r in self.cursor.fetchall()]
+
+
+def run_blocking(coroutine):
+    """
+    The result of a statement coroutine over a L{BlockingCursor}: it never
+    suspends, so it runs to its end at once.
+    """
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return done.value
+    coroutine.close()
+    raise RuntimeError("a store statement suspended on a blocking cursor")
+
+
+# -- the statements -----------------------------------------------------------
+
+async def claim_in(ex, vm_id, session_id, claimant, claim_max_age):
+    """L{IRuntimeStore.claim}, inside the caller's transaction (READ COMMITTED:
+    the row lock serialises contenders for one VM)."""
+    found = await ex.rows(
+        "SELECT r.user_state, r.l7r_host_id, r.l7r_pid, r.l7r_session,"
+        " extract(epoch FROM now() - r.user_state_ts)::float AS age,"
+        " (SELECT state FROM host_runtimes WHERE host_id = r.l7r_host_id) AS owner_state"
+        " FROM vm_runtimes r WHERE r.vm_id = %s FOR UPDATE OF r", (vm_id,))
+    if not found:
+        raise LookupError(f"VM {vm_id} does not exist any more")
+    claim = Claim(*found[0])
+    verdict = claim_verdict(claim, claimant, claim_max_age)
+    if verdict == "held":
+        await abort_session_in(ex, vm_id)
+    else:
+        await ex.rows(
+            "UPDATE vm_runtimes SET user_state = 'connecting', user_state_ts = now(),"
+            " l7r_host_id = %s, l7r_pid = %s, l7r_session = %s, user_cmd = NULL"
+            " WHERE vm_id = %s", (claimant.host_id, claimant.pid, session_id, vm_id))
+    return verdict, claim
+
+
+async def abort_session_in(ex, vm_id):
+    """
+    Tell the session of VM C{vm_id}, if any, to end (C{user_cmd = 'abort'})
+    and notify its L7Rs; the node of its L7R, or None when nobody is connected.
+    """
+    rows = await ex.rows(
+        "WITH aborted AS (UPDATE vm_runtimes SET user_cmd = 'abort' WHERE vm_id = %s"
+        " AND user_state IN ('connecting', 'connected') RETURNING l7r_host_id)"
+        " SELECT l7r_host_id, CASE WHEN l7r_host_id IS NULL THEN NULL"
+        " ELSE pg_notify('qvd_cmd_for_user_on_host' || l7r_host_id, %s) END FROM aborted",
+        (vm_id, str(vm_id)))
+    return rows[0][0] if rows else None
+
+
+async def claim_is_ours_in(ex, vm_id, session_id):
+    rows = await ex.rows(
+        "SELECT user_cmd, l7r_session FROM vm_runtimes WHERE vm_id = %s", (vm_id,))
+    return bool(rows) and rows[0][0] != "abort" and rows[0][1] == session_id
+
+
+async def assign_host_in(ex, vm_id, host_id):
+    return bool(await ex.rows(
+        "UPDATE vm_runtimes SET host_id = %s WHERE vm_id = %s"
+        " AND host_id IS NULL AND vm_state = 'stopped' RETURNING vm_id", (host_id, vm_id)))
+
+
+async def send_vm_cmd_in(ex, vm_id, cmd, from_states):
+    rows = await ex.rows(
+        "WITH sent AS (UPDATE vm_runtimes SET vm_cmd = %s WHERE vm_id = %s"
+        " AND vm_state = ANY(%s) AND host_id IS NOT NULL RETURNING host_id)"
+        " SELECT host_id, pg_notify('qvd_cmd_for_vm_on_host' || host_id, %s) FROM sent",
+        (cmd, vm_id, list(from_states), str(vm_id)))
+    return rows[0][0] if rows else None
+
+
+async def start_vm_in(ex, vm_id, host_id):
+    """
+    A stopped VM without a pending command gets node C{host_id} (or keeps
+    the one it has) and C{vm_cmd = 'start'}, and the node is notified: the
+    node's id, or None when the VM was not in that state.
+    """
+    rows = await ex.rows(
+        "WITH sent AS (UPDATE vm_runtimes SET host_id = coalesce(host_id, %s),"
+        " vm_cmd = 'start' WHERE vm_id = %s AND vm_state = 'stopped' AND vm_cmd IS NULL"
+        " RETURNING host_id)"
+        " SELECT host_id, pg_notify('qvd_cmd_for_vm_on_host' || host_id, %s) FROM sent",
+        (host_id, vm_id, str(vm_id)))
+    return rows[0][0] if rows else None
+
+
+#: the VM states a stop command applies to
+STOPPABLE = ("starting", "running", "debugging")
+
+
+async def cancel_start_in(ex, vm_id):
+    """
+    Withdraw the pending start of a stopped VM (and its node), notifying
+    that node; its id, or None when no start was pending.
+    """
+    rows = await ex.rows(
+        "WITH old AS (SELECT vm_id, host_id FROM vm_runtimes WHERE vm_id = %s FOR UPDATE),"
+        " done AS (UPDATE vm_runtimes r SET vm_cmd = NULL, host_id = NULL FROM old"
+        " WHERE r.vm_id = old.vm_id AND r.vm_state = 'stopped' AND r.vm_cmd = 'start'"
+        " RETURNING old.host_id)"
+        " SELECT host_id, pg_notify('qvd_cmd_for_vm_on_host' || host_id, %s) FROM done",
+        (vm_id, str(vm_id)))
+    return rows[0][0] if rows else None
+
+
+async def mark_connected_in(ex, vm_id, session_id):
+    return bool(await ex.rows(
+        "UPDATE vm_runtimes SET user_state = 'connected' WHERE vm_id = %s"
+        " AND l7r_session = %s AND user_state = 'connecting'"
+        " AND user_cmd IS NULL RETURNING vm_id", (vm_id, session_id)))
+
+
+async def release_in(ex, vm_id, session_id):
+    return bool(await ex.rows(f"UPDATE vm_runtimes SET {_NO_SESSION}"
+                              " WHERE vm_id = %s AND l7r_session = %s RETURNING vm_id",
+                              (vm_id, session_id)))
+
+
+async def reset_claim_in(ex, vm_id, session_id):
+    return bool(await ex.rows(
+        f"UPDATE vm_runtimes SET {_NO_SESSION}"
+        " WHERE vm_id = %s AND l7r_session IS NOT DISTINCT FROM %s RETURNING vm_id",
+        (vm_id, session_id)))
+
+
+async def reset_claims_of_process_in(ex, vm_id, l7r_host_id, l7r_pid):
+    """Reset VM C{vm_id}'s claim when L7R process C{l7r_pid} of node C{l7r_host_id} holds it."""
+    return bool(await ex.rows(
+        f"UPDATE vm_runtimes SET {_NO_SESSION}"
+        " WHERE vm_id = %s AND l7r_host_id = %s AND l7r_pid = %s RETURNING vm_id",
+        (vm_id, l7r_host_id, l7r_pid)))
+
+
+async def reset_claims_of_nodes_in(ex, host_ids):
+    """Reset every claim held through the L7Rs of the nodes C{host_ids} (lost)."""
+    return [r[0] for r in await ex.rows(
+        f"UPDATE vm_runtimes SET {_NO_SESSION} WHERE l7r_host_id = ANY(%s) RETURNING vm_id",
+        (list(host_ids),))]
+
+
+async def abort_sessions_on_nodes_in(ex, host_ids):
+    """
+    Tell every session of a VM running on the nodes C{host_ids} to end;
+    the L7R nodes to notify (the caller NOTIFYs them, once each).
+    """
+    rows = await ex.rows(
+        "UPDATE vm_runtimes SET user_cmd = 'abort'"
+        " WHERE host_id = ANY(%s) AND user_state <> 'disconnected'"
+        " RETURNING l7r_host_id", (list(host_ids),))
+    return sorted({r[0] for r in rows if r[0] is not None})
+
+
+async def claims_on_node_in(ex, l7r_host_id):
+    return [tuple(r) for r in await ex.rows(
+        "SELECT vm_id, l7r_pid, l7r_session, user_cmd FROM vm_runtimes"
+        " WHERE l7r_host_id = %s AND (user_cmd = 'abort' OR user_state <> 'disconnected')",
+        (l7r_host_id,))]
+
+
+async def place_in(ex, vm_id, vm_name, weights, random):
+    """
+    The node VM C{vm_id} would start on: its DI's kind (an LXC tarball or a
+    KVM disk) and every backend node's state and load, through
+    L{loadbalancer.choose_host}. L{loadbalancer.NoHostAvailable} says why
+    none (also when the VM has no DI to boot, or it is blocked).
+    """
+    dis = await ex.rows(loadbalancer.VM_DI_SQL, (vm_id,))
+    if not dis:
+        raise loadbalancer.NoHostAvailable(
+            f"VM {vm_name!r} cannot start: its OSF has no DI with the VM's tag "
+            "(add one with 'qvd-admin di add' or change the tag with 'qvd-admin di tag')")
+    di_id, path, blocked = dis[0]
+    if blocked:
+        raise loadbalancer.NoHostAvailable(
+            f"VM {vm_name!r} cannot start: its DI {di_id} is blocked "
+            "('qvd-admin di unblock' it or tag another DI)")
+    hosts = [loadbalancer.HostLoad(*row) for row in await ex.rows(loadbalancer.HOSTS_SQL)]
+    return loadbalancer.choose_host(vm_name, loadbalancer.di_hypervisor(path), hosts,
+                                    weights, random)
+
+
+@implementer(IRuntimeStore)
+class RuntimeStore:
+    """L{IRuntimeStore} on the daemons' pool (L{qvd.db.pool.Database})."""
+
+    def __init__(self, db):
+        self.db = db
+        self._pool = PoolExecutor(db)
+
+    def _one(self, statement, *args):
+        return defer.ensureDeferred(statement(self._pool, *args))
+
+    def claim(self, vm_id, session_id, claimant, claim_max_age):
+        return self.db.transaction(
+            lambda cursor: claim_in(TransactionExecutor(cursor), vm_id, session_id, claimant,
+                                    claim_max_age),
+            isolation="READ COMMITTED")
+
+    def claim_is_ours(self, vm_id, session_id):
+        return self._one(claim_is_ours_in, vm_id, session_id)
+
+    def assign_host(self, vm_id, host_id):
+        return self._one(assign_host_in, vm_id, host_id)
+
+    def send_vm_cmd(self, vm_id, cmd, from_states):
+        return self._one(send_vm_cmd_in, vm_id, cmd, from_states)
+
+    def start_vm(self, vm_id, host_id):
+        return self._one(start_vm_in, vm_id, host_id)
+
+    def cancel_start(self, vm_id):
+        return self._one(cancel_start_in, vm_id)
+
+    def abort_session(self, vm_id):
+        return self._one(abort_session_in, vm_id)
+
+    def mark_connected(self, vm_id, session_id):
+        return self._one(mark_connected_in, vm_id, session_id)
+
+    def release(self, vm_id, session_id):
+        return self._one(release_in, vm_id, session_id)
+
+    def reset_claim(self, vm_id, session_id):
+        return self._one(reset_claim_in, vm_id, session_id)
+
+    def claims_on_node(self, l7r_host_id):
+        return self._one(claims_on_node_in, l7r_host_id)
+
+    def choose_host(self, vm_id, vm_name, weights, random):
+        return self._one(place_in, vm_id, vm_name, weights, random)
