@@ -21,6 +21,7 @@ RESUMING = "Session: Resuming session at 'Thu Nov 26 01:19:34 2026'."
 RESUMED = "Session: Session resumed at 'Thu Nov 26 01:19:36 2026'."
 TERMINATING = "Session: Terminating session at 'Thu Nov 26 01:19:44 2026'."
 TERMINATED = "Session: Session terminated at 'Thu Nov 26 01:19:44 2026'."
+ABORTING = "Session: Aborting session at 'Thu Nov 26 01:19:45 2026'."
 
 
 @implementer(ISessionEffects)
@@ -232,6 +233,40 @@ class MachineTests(unittest.TestCase):
         self.machine.exited()
         self.assertEqual(self.machine.state, "stopped")
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_unused_session_killed_soon(self):
+        """
+        A session no client ever connected to that aborts (a client gone
+        before NX negotiated) or is stopped gets KILL after stopping_unused
+        (0.5 s), not after stopping (20 s): nothing in it to save.
+        """
+        for end in ("abort", "stop"):
+            self.setUp()
+            self.machine.start()
+            self.machine.spawned()
+            self.feed(PID, STARTING)
+            if end == "abort":
+                self.feed(ABORTING)
+            else:
+                self.machine.stop()
+            self.assertEqual(self.machine.state, "stopping")
+            self.clock.advance(0.4)
+            self.assertNotEqual(self.effects.events[-1], ("signal", "KILL"))
+            self.clock.advance(0.1)
+            self.assertEqual(self.effects.events[-1], ("signal", "KILL"))
+            self.machine.exited()
+            self.assertEqual(self.machine.state, "stopped")
+
+    def test_used_session_keeps_its_grace(self):
+        """A session that was connected once keeps the full TERM grace before KILL."""
+        self.running()
+        self.feed(FAILURE, SUSPENDING, SUSPENDED)
+        self.machine.resume()
+        self.feed(RESUMING, ABORTING)
+        self.clock.advance(19.9)
+        self.assertNotIn(("signal", "KILL"), self.effects.events)
+        self.clock.advance(0.1)
+        self.assertEqual(self.effects.events[-1], ("signal", "KILL"))
 
     def test_stop_without_process(self):
         """Stopping when no process exists goes straight to stopped."""

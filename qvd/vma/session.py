@@ -23,7 +23,9 @@ state has a timeout (L{Timeouts}; 0 disables it) with a recovery edge:
     connected     HUP                         (session time limit; 0 = none)
     suspending    TERM -> stopping            (nxagent did not suspend)
     suspended     TERM -> stopping            (idle session limit; 0 = none)
-    stopping      KILL                        (nxagent ignored TERM)
+    stopping      KILL                        (nxagent ignored TERM; after only
+                                               stopping_unused seconds for a
+                                               session never connected)
 
 C{stopped} is reached only when the session's process is gone (L{exited}),
 never from a line alone, so a new session never races the old one for the
@@ -110,6 +112,10 @@ class Timeouts:
     suspending: float = 20.0
     suspended: float = 0.0
     stopping: float = 20.0
+    #: not a state: how long a session no client ever connected to may stay
+    #: in stopping before KILL (nothing in it to save; nxagent takes 15 s to
+    #: exit on its own after an aborted negotiation)
+    stopping_unused: float = 0.5
     #: not a state: after a resume HUP, HUP again every this many seconds
     #: while nxagent has not said "Resuming" (it drops the first HUP after a
     #: suspend caused by a broken link; a second HUP 1 s later is taken:
@@ -263,6 +269,8 @@ class SessionMachine:
             self._timer.cancel()
         self._timer = None
         seconds = getattr(self._timeouts, new, 0) if new != "stopped" else 0
+        if new == "stopping" and not self.resumable:
+            seconds = self._timeouts.stopping_unused or seconds
         if seconds and seconds > 0:
             self._timer = self._clock.callLater(seconds, self._timed_out, new)
         if old != new:

@@ -243,6 +243,40 @@ class VMAWithNX(ProcessesMixin, unittest.TestCase):
               f"resumed and painted in {t_resumed:.2f}s")
 
     @defer.inlineCallbacks
+    def test_connection_dropped_before_negotiation(self):
+        """
+        A client gone right after the 101, before NX negotiates (the relay
+        connects to nxagent, then closes): nxagent aborts the session. It was
+        never used, so the VMA kills it at once instead of waiting for
+        nxagent's own exit (15 s on nx-libs 3.5.99.26), and a new x_start
+        (the user's next login) is taken within a second.
+        """
+        client = yield self.start_vma()
+        params = {"qvd.client.link": "lan", "qvd.client.geometry": "800x600"}
+        self.assertEqual((yield client.x_start(params)), "starting")
+        yield self.wait_state(client, "listening")
+        with socket.create_connection(("127.0.0.1", 4000 + self.agent_display), 5):
+            pass
+        t0 = time.monotonic()
+        states = []
+        while time.monotonic() - t0 < 30:
+            state = yield client.x_state()
+            if not states or states[-1][1] != state:
+                states.append((round(time.monotonic() - t0, 2), state))
+            if state == "stopped":
+                break
+            yield _sleep(0.05)
+        torn_down = time.monotonic() - t0
+        self.assertEqual(states[-1][1], "stopped", f"{states}\n{self.vma_log()}{self.nx_log()}")
+        self.assertLess(torn_down, 2.0, f"{states}\n{self.vma_log()}")
+        self.assertEqual((yield client.x_start(params)), "starting")
+        yield self.wait_state(client, "listening")
+        print(f"\nunused session dropped before negotiation: stopped after {torn_down:.2f} s "
+              f"({states}); a new x_start listening {time.monotonic() - t0:.2f} s after the drop")
+        self.assertEqual((yield client.x_stop()), "stopping")
+        yield self.wait_state(client, "stopped")
+
+    @defer.inlineCallbacks
     def wait_state_marker(self, seconds=10):
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline and not os.path.exists(self.marker_file):
