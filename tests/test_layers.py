@@ -37,6 +37,10 @@ class LayerTests(unittest.TestCase):
                                                                           "__pycache__")]
         self.assertEqual(self.offenders(r"qvd\.testing", *packages), [])
 
+    def test_drivers_without_the_image_builder(self):
+        """The virt drivers and the daemons import nothing of qvd.di (the image builder)."""
+        self.assertEqual(self.offenders(r"(from|import) qvd\.di\b", "virt", "hkd", "l7r"), [])
+
     def test_front_door_without_the_cli(self):
         """The L7R and the HKD import nothing of qvd.admin, nor of the agent's package."""
         self.assertEqual(self.offenders(r"(from|import) qvd\.(admin|vma)\b", "l7r", "hkd"), [])

@@ -47,8 +47,8 @@ from qvd.logs import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from qvd.di import qcow2
-from qvd.di.qcow2 import kernel_files
+from qvd import bootfiles
+from qvd.bootfiles import kernel_files
 from qvd.virt import _accel
 from qvd.virt._dirs import make_dirs
 from qvd.virt._domain import (
@@ -528,8 +528,8 @@ class KVMDriver:
             log.info("VM {vm_id}: extracting the kernel of DI {di_id} from {path}",
                      vm_id=spec.vm_id, di_id=spec.di_id, path=spec.di_path)
             try:
-                qcow2.extract_boot_files(spec.di_path, kernel, initrd, image_format(spec.di_path))
-            except qcow2.ImageError as e:
+                bootfiles.extract_boot_files(spec.di_path, kernel, initrd, image_format(spec.di_path))
+            except bootfiles.ImageError as e:
                 raise VirtError(f"DI {spec.di_id} cannot boot under KVM: {e}")
 
     def _disks(self, spec):
