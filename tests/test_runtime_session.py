@@ -8,7 +8,8 @@ from twisted.trial import unittest
 
 from qvd.l7r.broker import BrokerSettings
 from qvd.runtime.session import (
-    CONNECTING, ENTER, ROW, TIMEOUTS, TRANSITIONS, Claim, Claimant, UserSession, claim_verdict)
+    CONNECTING, ENDING, ENTER, ROW, TIMEOUTS, TRANSITIONS, Claim, Claimant, UnexpectedEvent,
+    UserSession, claim_verdict)
 
 
 class TableTests(unittest.TestCase):
@@ -89,11 +90,23 @@ class TableTests(unittest.TestCase):
         self.assertEqual(m.state, "releasing")
 
     def test_late_events_are_ignored(self):
-        """An answer of an abandoned step moves nothing."""
-        m = UserSession(state="releasing")
-        for event in ("claimed", "vm_running", "x_listening", "nx_connected", "connect"):
-            self.assertIsNone(m.handle(event))
-        self.assertEqual(m.state, "releasing")
+        """Once the session ends, an answer of an abandoned step moves nothing."""
+        for state in ENDING:
+            m = UserSession(state=state)
+            for event in ("claimed", "vm_running", "x_listening", "nx_connected", "abort",
+                          "client_gone"):
+                self.assertIsNone(m.handle(event), (state, event))
+            self.assertEqual(m.state, state)
+
+    def test_unexpected_events_are_loud(self):
+        """A connecting state given an event it has no edge for raises."""
+        for state in CONNECTING + ("connected",):
+            m = UserSession(state=state)
+            with self.assertRaises(UnexpectedEvent):
+                m.handle("released")
+            self.assertEqual(m.state, state)
+        with self.assertRaises(UnexpectedEvent):
+            UserSession(state="waiting_x").handle("vm_running")
 
     def test_first_reason_is_kept(self):
         m = UserSession(state="waiting_x")

@@ -39,7 +39,8 @@ from qvd.l7r.auth import tokens
 from qvd.vmaclient import VMAError, VMAUnreachable
 from qvd.l7r.relay import Relay, connect_peer
 from qvd.protocols import http, nx
-from qvd.runtime.session import TIMEOUTS, Claim, Claimant, UserSession, claim_verdict
+from qvd.runtime.session import (
+    ENDING, TIMEOUTS, Claim, Claimant, UserSession, claim_verdict)
 from qvd.runtime.store import RuntimeStore
 from qvd._pids import pid_alive
 
@@ -615,7 +616,8 @@ class Broker:
         if session.released:
             return defer.succeed(None)
         session.released = True
-        session.step("failed" if session.machine.connecting else "client_gone")
+        if session.machine.state not in ENDING:
+            session.step("failed" if session.machine.connecting else "client_gone")
         self.sessions.pop(session.id, None)
         PROCESS_SESSIONS.pop(session.id, None)
         if relay is not None and relay.duration < session.settings.short_session:

@@ -9,8 +9,10 @@ VM, from the claim to the release) as pure values: no I/O, no clock.
 
 The broker (L{qvd.l7r.broker}) performs each step, feeds its outcome back as
 an event and gives every state the deadline of L{TIMEOUTS}; a deadline that
-passes is the event C{timeout}. Events a state does not expect are ignored
-(C{handle} returns None), so a late answer never moves the session.
+passes is the event C{timeout}. Once the session is ending (L{ENDING}: it was
+aborted, failed or left) a late answer of an abandoned step is ignored
+(C{handle} returns None); any other event a state does not expect is a bug
+and raises L{UnexpectedEvent}.
 
 States, and the C{vm_runtimes.user_state} the session's row has in each (L{ROW})::
 
@@ -48,6 +50,9 @@ ROW = {
     "connected": "connected",
     "releasing": "disconnected",
 }
+
+#: states in which the session is ending: late events are ignored there
+ENDING = frozenset({"releasing", "disconnected"})
 
 #: the states of the connect sequence, in order
 CONNECTING = ("claiming", "assigning", "starting_vm", "starting_x", "waiting_x", "connecting_x")
@@ -121,6 +126,10 @@ TRANSITION_ACTIONS = {
 }
 
 
+class UnexpectedEvent(Exception):
+    """An event the session's current state has no edge for (a bug of the caller)."""
+
+
 @attrs.frozen
 class Transition:
     """
@@ -161,12 +170,17 @@ class UserSession:
 
     def handle(self, event, reason=None):
         """
-        Apply C{event}; the L{Transition}, or None when the current state does
-        not expect it (nothing changes then).
+        Apply C{event}; the L{Transition}, or None when the session is ending
+        and has no edge for it (a late answer: nothing changes).
+
+        @raise UnexpectedEvent: a state of the connect sequence has no edge
+            for C{event}.
         """
         new = self.target(event)
         if new is None:
-            return None
+            if self.state in ENDING:
+                return None
+            raise UnexpectedEvent(f"session in state {self.state!r} got {event!r}")
         old = self.state
         if event == "connect":
             self.reason = None
