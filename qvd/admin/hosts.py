@@ -4,6 +4,7 @@ qvd-admin commands: Hosts (nodes).
 
 from qvd.admin._core import (
     AdminError, AlreadyExists, Result, UsageError, find_host, one)
+from qvd.runtime import store
 
 
 def host_add(ctx, cur, args):
@@ -20,8 +21,7 @@ def host_add(ctx, cur, args):
     row = one(cur, "INSERT INTO hosts (name, address, frontend, backend, description) "
                    "VALUES (%s, %s, %s, %s, %s) RETURNING id",
               (args.name, args.address, args.frontend, args.backend, args.description))
-    cur.execute("INSERT INTO host_runtimes (host_id, state) VALUES (%s, 'stopped')", (row["id"],))
-    cur.execute("INSERT INTO host_counters (host_id) VALUES (%s)", (row["id"],))
+    store.run_blocking(store.add_node_in(store.BlockingCursor(cur), row["id"]))
     ctx.audit(cur, "host_create", "create", "host", row["id"], args.name, None,
               {"address": args.address, "frontend": args.frontend, "backend": args.backend})
     return Result(f"host {args.name!r} added (id {row['id']}, {args.address})",
@@ -50,7 +50,7 @@ def host_del(ctx, cur, args):
 
 def _host_block(ctx, cur, args, blocked):
     h = find_host(cur, args.name)
-    cur.execute("UPDATE host_runtimes SET blocked = %s WHERE host_id = %s", (blocked, h["id"]))
+    store.run_blocking(store.block_node_in(store.BlockingCursor(cur), h["id"], blocked))
     ctx.audit(cur, "host_update", "update", "host", h["id"], args.name, None, {"blocked": blocked})
     return Result(f"host {args.name!r} {'blocked' if blocked else 'unblocked'}",
                   data={"id": h["id"], "blocked": blocked})

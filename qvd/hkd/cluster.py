@@ -127,26 +127,13 @@ class ClusterMonitor:
         One check (see the module docstring). Fires with the lost node ids.
         """
         async def txn(cur):
-            await cur.execute(
-                "UPDATE host_runtimes SET state = 'lost', state_ts = now()"
-                " WHERE host_id <> %s AND state NOT IN ('stopped', 'lost')"
-                " AND (ok_ts IS NULL OR ok_ts < now() - make_interval(secs => %s))"
-                " RETURNING host_id", (self.host_id, self.node_timeout))
-            lost = sorted(r[0] for r in cur.fetchall())
+            ex = runtime_store.TransactionExecutor(cur)
+            lost = await runtime_store.mark_lost_nodes_in(ex, self.host_id, self.node_timeout)
             if not lost:
                 return [], []
-            ex = runtime_store.TransactionExecutor(cur)
             await runtime_store.reset_claims_of_nodes_in(ex, lost)
             notify = await runtime_store.abort_sessions_on_nodes_in(ex, lost)
-            await cur.execute(
-                "UPDATE vm_runtimes SET vm_state = 'stopped', host_id = NULL, vm_cmd = NULL,"
-                " vm_pid = NULL, vm_address = NULL, vm_vma_port = NULL, vm_x_port = NULL,"
-                " vm_ssh_port = NULL, vm_vnc_port = NULL, vm_mon_port = NULL,"
-                " vm_serial_port = NULL, vm_expiration_soft = NULL, vm_expiration_hard = NULL,"
-                " current_di_id = NULL, vma_ok_ts = NULL,"
-                " vm_state_reason = 'released: node ' || host_id || ' was lost'"
-                " WHERE host_id = ANY(%s) RETURNING vm_id", (lost,))
-            released = [r[0] for r in cur.fetchall()]
+            released = await runtime_store.release_vms_of_nodes_in(ex, lost)
             for host in notify:
                 await cur.execute(f"NOTIFY qvd_cmd_for_user_on_host{int(host)}")
             await cur.execute(

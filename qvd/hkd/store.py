@@ -1,5 +1,8 @@
 """
-Every SQL statement of the HKD, over a L{qvd.db.pool.Database}.
+The HKD's database access, over a L{qvd.db.pool.Database}: what it reads
+to start a VM, and the statements that move VM commands, VM states, the
+node's state and sessions, which are L{qvd.runtime.store}'s (one copy for
+every program).
 
     store = Store(db, host_id=3, settings=StoreSettings.from_config(config))
     spec = await store.load_for_start(vm_id)     # VMSpec, or raises StartError
@@ -50,20 +53,17 @@ class StoreSettings:
         )
 
 
-_STOPPED_RESET = """
-    vm_state = 'stopped', host_id = NULL, vm_cmd = NULL, vm_pid = NULL,
-    vm_address = NULL, vm_vma_port = NULL, vm_x_port = NULL, vm_ssh_port = NULL,
-    vm_vnc_port = NULL, vm_mon_port = NULL, vm_serial_port = NULL,
-    vm_expiration_soft = NULL, vm_expiration_hard = NULL,
-    current_di_id = NULL, vma_ok_ts = NULL
-"""
-
 
 class Store:
     def __init__(self, db, host_id, settings=None):
         self.db = db
         self.host_id = host_id
         self.settings = settings or StoreSettings()
+        self._pool = runtime_store.PoolExecutor(db)
+
+    def _one(self, statement, *args):
+        """One statement of L{qvd.runtime.store} in autocommit: a Deferred."""
+        return defer.ensureDeferred(statement(self._pool, *args))
 
     # -- VMs ---------------------------------------------------------------
 
@@ -157,23 +157,13 @@ class Store:
         return VMSpec(vm_id=vm_id, name=f"vm{vm_id}", login="", memory=0, di_id=0,
                       di_path="", ip="", mac="", netmask=s.netmask, bridge=s.bridge)
 
-    async def save_state(self, vm_id, state, reason):
+    def save_state(self, vm_id, state, reason):
         """
         Persist C{state} (and C{reason}, if given); C{stopped} also releases
         the VM from this node. Fires with the number of rows changed (0: the
         VM is no longer ours).
         """
-        if state == "stopped":
-            sql = (f"UPDATE vm_runtimes SET {_STOPPED_RESET}, vm_state_reason = %s"
-                   " WHERE vm_id = %s AND host_id = %s RETURNING vm_id")
-            args = (reason, vm_id, self.host_id)
-        else:
-            sql = ("UPDATE vm_runtimes SET vm_state = %s,"
-                   " vm_state_reason = coalesce(%s, vm_state_reason)"
-                   " WHERE vm_id = %s AND host_id = %s RETURNING vm_id")
-            args = (state, reason, vm_id, self.host_id)
-        rows = await self.db.runQuery(sql, args)
-        return len(rows)
+        return self._one(runtime_store.save_vm_state_in, vm_id, self.host_id, state, reason)
 
     def count_ok(self, vm_id):
         return self.db.runOperation(
@@ -195,9 +185,7 @@ class Store:
         """
         Take every pending stop command of this node: fires with [(vm_id, vm_state)].
         """
-        return self.db.runQuery(
-            "UPDATE vm_runtimes SET vm_cmd = NULL WHERE host_id = %s AND vm_cmd = 'stop'"
-            " RETURNING vm_id, vm_state", (self.host_id,))
+        return self._one(runtime_store.take_stops_in, self.host_id)
 
     def claim_starts(self, limit):
         """
@@ -205,26 +193,14 @@ class Store:
         node, oldest first, in one statement: they become 'starting'. Fires
         with the list of VM ids.
         """
-        async def txn(cur):
-            await cur.execute(
-                "UPDATE vm_runtimes SET vm_cmd = NULL, vm_state = 'starting',"
-                " vm_state_reason = NULL"
-                " WHERE vm_id IN (SELECT vm_id FROM vm_runtimes WHERE host_id = %s"
-                "   AND vm_cmd = 'start' AND vm_state = 'stopped'"
-                "   ORDER BY vm_state_ts, vm_id LIMIT %s)"
-                " AND host_id = %s AND vm_cmd = 'start' AND vm_state = 'stopped'"
-                " RETURNING vm_id", (self.host_id, limit, self.host_id))
-            return [r[0] for r in cur.fetchall()]
-        return self.db.transaction(txn)
+        return self.db.transaction(lambda cur: runtime_store.take_starts_in(
+            runtime_store.TransactionExecutor(cur), self.host_id, limit))
 
     def release_stopped(self, vm_id):
         """
         A stop command for a VM that does not run here: release its row.
         """
-        return self.db.runOperation(
-            f"UPDATE vm_runtimes SET {_STOPPED_RESET}"
-            " WHERE vm_id = %s AND host_id = %s AND vm_state = 'stopped'",
-            (vm_id, self.host_id))
+        return self._one(runtime_store.release_stopped_in, vm_id, self.host_id)
 
     def my_vms(self):
         """
@@ -258,43 +234,24 @@ class Store:
 
     def reset_session(self, vm_id, pid):
         """Reset VM C{vm_id}'s claim held by L7R process C{pid} of this node (dead)."""
-        return defer.ensureDeferred(runtime_store.reset_claims_of_process_in(
-            runtime_store.PoolExecutor(self.db), vm_id, self.host_id, pid))
+        return self._one(runtime_store.reset_claims_of_process_in, vm_id, self.host_id, pid)
 
     # -- the node ---------------------------------------------------------------
 
     def node_starting(self, pid, hypervisor, usable_cpu, usable_ram):
-        async def txn(cur):
-            await cur.execute(
-                "INSERT INTO host_runtimes (host_id) VALUES (%s) ON CONFLICT DO NOTHING",
-                (self.host_id,))
-            await cur.execute(
-                "INSERT INTO host_counters (host_id) VALUES (%s) ON CONFLICT DO NOTHING",
-                (self.host_id,))
-            await cur.execute(
-                "UPDATE host_runtimes SET state = 'starting', state_ts = now(), pid = %s,"
-                " ok_ts = now(), hypervisor = %s, usable_cpu = %s, usable_ram = %s,"
-                " cmd = NULL WHERE host_id = %s",
-                (pid, hypervisor, usable_cpu, usable_ram, self.host_id))
-        return self.db.transaction(txn)
+        return self.db.transaction(lambda cur: runtime_store.node_starting_in(
+            runtime_store.TransactionExecutor(cur), self.host_id, pid, hypervisor, usable_cpu,
+            usable_ram))
 
     def node_state(self, state):
-        return self.db.runOperation(
-            "UPDATE host_runtimes SET state = %s, state_ts = now() WHERE host_id = %s",
-            (state, self.host_id))
+        return self._one(runtime_store.node_state_in, self.host_id, state)
 
     def tick(self, pid):
         """
         The heartbeat. Fires with the node's state, or None if it was marked
         'lost' (then nothing is written).
         """
-        d = self.db.runQuery(
-            "UPDATE host_runtimes SET ok_ts = now(), pid = %s"
-            " WHERE host_id = %s AND state <> 'lost' RETURNING state", (pid, self.host_id))
-        return d.addCallback(lambda rows: rows[0][0] if rows else None)
+        return self._one(runtime_store.heartbeat_in, self.host_id, pid)
 
     def claim_node_stop(self):
-        d = self.db.runQuery(
-            "UPDATE host_runtimes SET cmd = NULL WHERE host_id = %s AND cmd = 'stop'"
-            " RETURNING host_id", (self.host_id,))
-        return d.addCallback(bool)
+        return self._one(runtime_store.take_node_stop_in, self.host_id)

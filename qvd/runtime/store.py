@@ -1,6 +1,6 @@
 """
-The statements that move a VM's session and its start between the L7R, the
-HKD and the admin tools: one module, one copy of each.
+The statements that move a VM's session, its commands and a node's state
+between the L7R, the HKD and the admin tools: one module, one copy of each.
 
     store = RuntimeStore(db)                   # the daemons (qvd.db.pool.Database)
     held = await store.claim(vm_id, session_id, claimant, claim_max_age)
@@ -29,6 +29,14 @@ from zope.interface import Interface, implementer
 
 from qvd import loadbalancer
 from qvd.runtime.session import Claim, claim_verdict
+
+#: a VM's run-time columns when it is on no node (stopped, released)
+_STOPPED_RESET = (
+    "vm_state = 'stopped', host_id = NULL, vm_cmd = NULL, vm_pid = NULL,"
+    " vm_address = NULL, vm_vma_port = NULL, vm_x_port = NULL, vm_ssh_port = NULL,"
+    " vm_vnc_port = NULL, vm_mon_port = NULL, vm_serial_port = NULL,"
+    " vm_expiration_soft = NULL, vm_expiration_hard = NULL,"
+    " current_di_id = NULL, vma_ok_ts = NULL")
 
 #: the session columns of a row set back to "nobody's" (release, reset)
 _NO_SESSION = ("user_state = 'disconnected', user_cmd = NULL,"
@@ -311,6 +319,121 @@ async def place_in(ex, vm_id, vm_name, weights, random):
     hosts = [loadbalancer.HostLoad(*row) for row in await ex.rows(loadbalancer.HOSTS_SQL)]
     return loadbalancer.choose_host(vm_name, loadbalancer.di_hypervisor(path), hosts,
                                     weights, random)
+
+
+# -- a node's commands and state (the HKD, its cluster monitor, qvd-admin) ---------
+
+async def take_stops_in(ex, host_id):
+    """Take every pending stop command of node C{host_id}: [(vm_id, vm_state)]."""
+    return [tuple(r) for r in await ex.rows(
+        "UPDATE vm_runtimes SET vm_cmd = NULL WHERE host_id = %s AND vm_cmd = 'stop'"
+        " RETURNING vm_id, vm_state", (host_id,))]
+
+
+async def take_starts_in(ex, host_id, limit):
+    """
+    Take at most C{limit} pending start commands of stopped VMs of node
+    C{host_id}, oldest first, in one statement: they become C{starting}.
+    The VM ids.
+    """
+    return [r[0] for r in await ex.rows(
+        "UPDATE vm_runtimes SET vm_cmd = NULL, vm_state = 'starting', vm_state_reason = NULL"
+        " WHERE vm_id IN (SELECT vm_id FROM vm_runtimes WHERE host_id = %s"
+        "   AND vm_cmd = 'start' AND vm_state = 'stopped'"
+        "   ORDER BY vm_state_ts, vm_id LIMIT %s)"
+        " AND host_id = %s AND vm_cmd = 'start' AND vm_state = 'stopped'"
+        " RETURNING vm_id", (host_id, limit, host_id))]
+
+
+async def save_vm_state_in(ex, vm_id, host_id, state, reason):
+    """
+    The VM's state as node C{host_id} sees it (and C{reason}, if given);
+    C{stopped} also releases it from the node. How many rows changed (0:
+    the VM is no longer the node's).
+    """
+    if state == "stopped":
+        sql = (f"UPDATE vm_runtimes SET {_STOPPED_RESET}, vm_state_reason = %s"
+               " WHERE vm_id = %s AND host_id = %s RETURNING vm_id")
+        args = (reason, vm_id, host_id)
+    else:
+        sql = ("UPDATE vm_runtimes SET vm_state = %s,"
+               " vm_state_reason = coalesce(%s, vm_state_reason)"
+               " WHERE vm_id = %s AND host_id = %s RETURNING vm_id")
+        args = (state, reason, vm_id, host_id)
+    return len(await ex.rows(sql, args))
+
+
+async def release_stopped_in(ex, vm_id, host_id):
+    """A stop command for a VM that does not run on node C{host_id}: release its row."""
+    return bool(await ex.rows(
+        f"UPDATE vm_runtimes SET {_STOPPED_RESET}"
+        " WHERE vm_id = %s AND host_id = %s AND vm_state = 'stopped' RETURNING vm_id",
+        (vm_id, host_id)))
+
+
+async def add_node_in(ex, host_id):
+    """The run-time rows of a node just registered (stopped, no counts)."""
+    await ex.rows("INSERT INTO host_runtimes (host_id, state) VALUES (%s, 'stopped')"
+                  " ON CONFLICT DO NOTHING RETURNING host_id", (host_id,))
+    await ex.rows("INSERT INTO host_counters (host_id) VALUES (%s)"
+                  " ON CONFLICT DO NOTHING RETURNING host_id", (host_id,))
+
+
+async def node_starting_in(ex, host_id, pid, hypervisor, usable_cpu, usable_ram):
+    """Node C{host_id}'s HKD (process C{pid}) starts: C{starting}, with its capacity."""
+    await add_node_in(ex, host_id)
+    await ex.rows(
+        "UPDATE host_runtimes SET state = 'starting', state_ts = now(), pid = %s,"
+        " ok_ts = now(), hypervisor = %s, usable_cpu = %s, usable_ram = %s,"
+        " cmd = NULL WHERE host_id = %s RETURNING host_id",
+        (pid, hypervisor, usable_cpu, usable_ram, host_id))
+
+
+async def node_state_in(ex, host_id, state):
+    return bool(await ex.rows(
+        "UPDATE host_runtimes SET state = %s, state_ts = now() WHERE host_id = %s"
+        " RETURNING host_id", (state, host_id)))
+
+
+async def heartbeat_in(ex, host_id, pid):
+    """Node C{host_id}'s heartbeat: its state, or None when it is C{lost} (nothing written)."""
+    rows = await ex.rows(
+        "UPDATE host_runtimes SET ok_ts = now(), pid = %s"
+        " WHERE host_id = %s AND state <> 'lost' RETURNING state", (pid, host_id))
+    return rows[0][0] if rows else None
+
+
+async def take_node_stop_in(ex, host_id):
+    """Take node C{host_id}'s pending stop command: True when there was one."""
+    return bool(await ex.rows(
+        "UPDATE host_runtimes SET cmd = NULL WHERE host_id = %s AND cmd = 'stop'"
+        " RETURNING host_id", (host_id,)))
+
+
+async def block_node_in(ex, host_id, blocked):
+    return bool(await ex.rows(
+        "UPDATE host_runtimes SET blocked = %s WHERE host_id = %s RETURNING host_id",
+        (blocked, host_id)))
+
+
+async def mark_lost_nodes_in(ex, monitor_host_id, node_timeout):
+    """
+    Every node but the monitor's, neither stopped nor lost, whose heartbeat
+    is older than C{node_timeout} seconds becomes C{lost}; their ids.
+    """
+    return sorted(r[0] for r in await ex.rows(
+        "UPDATE host_runtimes SET state = 'lost', state_ts = now()"
+        " WHERE host_id <> %s AND state NOT IN ('stopped', 'lost')"
+        " AND (ok_ts IS NULL OR ok_ts < now() - make_interval(secs => %s))"
+        " RETURNING host_id", (monitor_host_id, node_timeout)))
+
+
+async def release_vms_of_nodes_in(ex, host_ids):
+    """Every VM of the (lost) nodes C{host_ids} is stopped and on no node; their ids."""
+    return [r[0] for r in await ex.rows(
+        f"UPDATE vm_runtimes SET {_STOPPED_RESET},"
+        " vm_state_reason = 'released: node ' || host_id || ' was lost'"
+        " WHERE host_id = ANY(%s) RETURNING vm_id", (list(host_ids),))]
 
 
 @implementer(IRuntimeStore)
