@@ -17,11 +17,72 @@ import os
 
 import attrs
 from twisted.internet import defer
+from zope.interface import Interface, implementer
 
 from qvd.db.pool import fetch_dicts
 from qvd.protocols.simplerpc import new_secret
 from qvd.runtime import store as runtime_store
 from qvd.virt.interfaces import VMSpec
+
+
+class IStore(Interface):
+    """
+    The HKD's database access for one node: every method fires (a Deferred)
+    with what it says. The real one is L{Store}; the fake of the test
+    fixtures (fakestore.py) passes the same suite (hkd_store_suite.py).
+    """
+
+    def load_for_start(vm_id):
+        """
+        The L{VMSpec} of a VM of this node about to start, with a new agent
+        secret (recorded on its row); fails with L{StartError} when the VM is
+        gone, on another node, or has no usable DI.
+        """
+
+    def load_for_cleanup(vm_id):
+        """The best L{VMSpec} known for a VM to stop or clean up (minimal if none)."""
+
+    def minimal_spec(vm_id):
+        """A L{VMSpec} with only the VM's id and the node's network (no I/O)."""
+
+    def save_state(vm_id, state, reason):
+        """
+        The VM's state (C{stopped} also releases it from the node); fires
+        with the rows changed: 0 when the VM is no longer this node's.
+        """
+
+    def count_ok(vm_id):
+        """One more successful start of the VM."""
+
+    def set_pid(vm_id, pid):
+        """The VM's process (its init, or QEMU)."""
+
+    def touch_vma(vm_id):
+        """The VM's agent answered now."""
+
+    def claim_starts(limit):
+        """Take at most C{limit} pending starts, oldest first: the VM ids, now C{starting}."""
+
+    def claim_stops():
+        """Take every pending stop: [(vm_id, vm_state)]."""
+
+    def release_stopped(vm_id):
+        """A stop for a VM that does not run here: its row is released; True if so."""
+
+    def my_vms():
+        """[(vm_id, vm_state)] of this node's VMs that are not stopped."""
+
+    def node_starting(pid, hypervisor, usable_cpu, usable_ram):
+        """The node's HKD starts: C{starting}, with its capacity."""
+
+    def node_state(state):
+        """The node's state."""
+
+    def tick(pid):
+        """The heartbeat: the node's state, or None when it is C{lost} (nothing written)."""
+
+    def claim_node_stop():
+        """Take the node's pending stop command: True when there was one."""
 
 
 class StartError(Exception):
@@ -54,6 +115,7 @@ class StoreSettings:
 
 
 
+@implementer(IStore)
 class Store:
     def __init__(self, db, host_id, settings=None):
         self.db = db

@@ -1,0 +1,85 @@
+"""
+The HKD store's suite (qvd.testing.hkd_store_suite) against the real store
+on PostgreSQL, as the HKD's role, and against the fake the supervisor's
+tests use.
+"""
+
+import itertools
+
+from twisted.internet import reactor
+from twisted.trial import unittest
+
+from qvd.db.pool import Database
+from qvd.hkd.store import Store
+from qvd.testing import pg
+from qvd.testing.fakestore import FakeStore
+from qvd.testing.hkd_store_suite import HKDStoreTests
+
+
+class FakeHKDStoreTests(HKDStoreTests, unittest.TestCase):
+
+    def setUp(self):
+        self.node, self.other = 1, 2
+        self.store = FakeStore(host_id=self.node)
+
+    def add_vm(self, **fields):
+        return self.store.add_vm(**fields)
+
+    def vm(self, vm_id):
+        return self.store.vms[vm_id]
+
+    def set_node(self, state=None, cmd=None):
+        if state is not None:
+            self.store.node["state"] = state
+        if cmd is not None:
+            self.store.node["cmd"] = cmd
+
+
+class RealHKDStoreTests(HKDStoreTests, pg.DatabaseTestMixin, unittest.TestCase):
+
+    def setUp(self):
+        super().setUp()
+        self._n = itertools.count(1)
+        self.node = self.add_host("n1")
+        self.other = self.add_host("n2")
+        self.user = self.query("INSERT INTO users (tenant_id, login, password)"
+                               " VALUES (1, 'u', 'x') RETURNING id")[0]["id"]
+        osf = self.query("INSERT INTO osfs (tenant_id, name) VALUES (1, 'o') RETURNING id")
+        self.osf = osf[0]["id"]
+        di = self.query("INSERT INTO dis (osf_id, path, version) VALUES (%s, 'd.tar', '1')"
+                        " RETURNING id", (self.osf,))[0]["id"]
+        self.query("INSERT INTO di_tags (di_id, osf_id, tag) VALUES (%s, %s, 'default')",
+                   (di, self.osf))
+        self.db = Database(pg.role_dsn(self.dbname, "hkd"), reactor, size=2)
+        self.addCleanup(self.db.stop)
+        self.store = Store(self.db, self.node)
+        return self.db.start()
+
+    def add_host(self, name):
+        host = self.query("INSERT INTO hosts (name, address) VALUES (%s, %s) RETURNING id",
+                          (name, f"10.7.0.{next(self._n)}"))[0]["id"]
+        self.query("INSERT INTO host_runtimes (host_id) VALUES (%s)", (host,))
+        return host
+
+    def add_vm(self, host_id=None, vm_state="stopped", vm_cmd=None):
+        n = next(self._n)
+        vm = self.query("INSERT INTO vms (name, user_id, osf_id, ip, mac) VALUES"
+                        " (%s, %s, %s, %s, %s) RETURNING id",
+                        (f"vm{n}", self.user, self.osf, f"10.6.0.{n}",
+                         f"02:00:00:00:01:{n:02x}"))[0]["id"]
+        # oldest first: each VM's state is a second older than the next one's
+        self.query("INSERT INTO vm_runtimes (vm_id, host_id, vm_state, vm_cmd, vm_state_ts)"
+                   " VALUES (%s, %s, %s, %s, now() - make_interval(secs => %s))",
+                   (vm, host_id, vm_state, vm_cmd, 1000 - n))
+        return vm
+
+    def vm(self, vm_id):
+        return self.query("SELECT host_id, vm_state, vm_cmd, vm_state_reason FROM vm_runtimes"
+                          " WHERE vm_id = %s", (vm_id,))[0]
+
+    def set_node(self, state=None, cmd=None):
+        if state is not None:
+            self.query("UPDATE host_runtimes SET state = %s WHERE host_id = %s",
+                       (state, self.node))
+        if cmd is not None:
+            self.query("UPDATE host_runtimes SET cmd = %s WHERE host_id = %s", (cmd, self.node))
