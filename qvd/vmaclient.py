@@ -9,7 +9,8 @@ desktop image carries the agent, not its callers).
     d.addErrback(lambda f: f.trap(VMAUnreachable)) # no answer, or not a VMA
 
 Each call is one plain HTTP/1.1 C{GET} on a fresh connection (Twisted's
-C{Agent}); C{timeout} bounds the connection and the whole call.
+C{Agent}, connecting to a VM's address without a resolver:
+L{qvd._endpoints}); C{timeout} bounds the connection and the whole call.
 """
 
 from twisted.internet import defer
@@ -18,6 +19,7 @@ from twisted.web import client as _webclient
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 
+from qvd._endpoints import LiteralEndpointFactory
 from qvd.protocols.simplerpc import (
     SECRET_HEADER, SimpleRPCError, SimpleRPCProtocolError, build_request_path,
     parse_response_body)
@@ -61,7 +63,8 @@ class VMAClient:
         self.host = host
         self.port = int(port)
         self.timeout = timeout
-        self._agent = Agent(reactor, connectTimeout=timeout, pool=_quiet_pool(reactor))
+        self._agent = Agent.usingEndpointFactory(
+            reactor, LiteralEndpointFactory(reactor, timeout), pool=_quiet_pool(reactor))
 
     def _address(self):
         host = f"[{self.host}]" if ":" in self.host else self.host

@@ -23,8 +23,9 @@ bytes after the greeting are not looked at or copied.
 
 import time
 
-from twisted.internet import defer, endpoints, protocol
+from twisted.internet import defer, protocol
 from qvd.logs import Logger
+from qvd._endpoints import client_endpoint
 from qvd.protocols import nx
 
 log = Logger()
@@ -84,7 +85,7 @@ def connect_peer(reactor, host, port, timeout):
     """
     Connect to C{host}:C{port}; fire with a L{PeerProtocol}.
     """
-    endpoint = endpoints.HostnameEndpoint(reactor, host, port, timeout=timeout)
+    endpoint = client_endpoint(reactor, host, port, timeout)
     factory = protocol.Factory.forProtocol(PeerProtocol)
     factory.noisy = False       # no two log lines for every session
     return endpoint.connect(factory)
