@@ -88,3 +88,43 @@ class TakeoverTests(unittest.TestCase):
         self.successResultOf(defer.ensureDeferred(self.broker.takeover(session)))
         self.assertEqual(self.store.vms[vm]["l7r_session"], session.id)
         self.assertEqual(self.store.notified, [])
+
+
+class NotifyTests(unittest.TestCase):
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.broker = Broker(self.clock, None, BrokerSettings(), None, pid=100,
+                             store=FakeRuntimeStore(now=self.clock.seconds))
+
+    def test_wakes_only_the_sessions_of_that_vm(self):
+        """A state change of VM 7 wakes VM 7's sessions, no other, and none once released."""
+        mine = [self.broker.new_session(7, _Conn()) for _ in range(2)]
+        other = self.broker.new_session(8, _Conn())
+        sleeps = {s: s.sleep(60) for s in mine + [other]}
+        self.broker.vm_state_changed("7:running")
+        for s in mine:
+            self.successResultOf(sleeps[s])
+        self.assertNoResult(sleeps[other])
+        for s in mine:
+            self.broker.release(s)
+        again = mine[0].sleep(60)
+        self.broker.vm_state_changed("7:stopped")
+        self.assertNoResult(again)
+        self.clock.advance(60)
+        self.successResultOf(sleeps[other])
+
+    def test_bad_payload_logged(self):
+        """A payload without a VM id is logged and ignored, never raised."""
+        from twisted.logger import globalLogPublisher
+        seen = []
+        observer = seen.append
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        waiting = self.broker.new_session(7, _Conn()).sleep(60)
+        self.broker.vm_state_changed("garbage")
+        self.broker.vm_state_changed("")
+        self.assertNoResult(waiting)
+        payloads = [e.get("payload") for e in seen
+                    if "names no VM" in e.get("log_format", "")]
+        self.assertEqual(payloads, ["garbage", ""])

@@ -211,6 +211,7 @@ class Broker:
         self.pid = os.getpid() if pid is None else pid
         self.host_id = None
         self.sessions = {}
+        self._by_vm = {}
         self._pending_releases = {}
         self._release_call = None
         self._counts = {}
@@ -284,6 +285,7 @@ class Broker:
         session = Session(self.reactor, vm_id, conn)
         session.settings = self.tenant_settings(tenant_id)
         self.sessions[session.id] = session
+        self._by_vm.setdefault(vm_id, set()).add(session)
         PROCESS_SESSIONS[session.id] = session
         return session
 
@@ -619,6 +621,11 @@ class Broker:
         if session.machine.state not in ENDING:
             session.step("failed" if session.machine.connecting else "client_gone")
         self.sessions.pop(session.id, None)
+        waiting = self._by_vm.get(session.vm_id)
+        if waiting is not None:
+            waiting.discard(session)
+            if not waiting:
+                del self._by_vm[session.vm_id]
         PROCESS_SESSIONS.pop(session.id, None)
         if relay is not None and relay.duration < session.settings.short_session:
             self.count("short_sessions")
@@ -684,9 +691,14 @@ class Broker:
 
     def vm_state_changed(self, payload):
         """
-        A NOTIFY qvd_vm_state: wake the sessions waiting on that VM.
+        A NOTIFY qvd_vm_state: wake the sessions waiting on that VM (found
+        by its id, whatever the number of sessions: every node's state
+        changes reach every L7R).
         """
-        vm_id = payload.split(":", 1)[0]
-        for session in list(self.sessions.values()):
-            if str(session.vm_id) == vm_id:
-                session.wake()
+        try:
+            vm_id = int(payload.split(":", 1)[0])
+        except ValueError:
+            log.warn("qvd_vm_state payload {payload!r} names no VM", payload=payload)
+            return
+        for session in list(self._by_vm.get(vm_id, ())):
+            session.wake()
