@@ -30,7 +30,7 @@ from zope.interface import implementer
 from qvd.logs import Logger
 
 from qvd.db.pool import DatabaseUnavailable
-from qvd.l7r.auth.interfaces import AuthFailed
+from qvd.l7r.auth.interfaces import AuthBusy, AuthFailed
 from qvd.l7r.broker import Broker, BrokerError, BrokerSettings, PROCESS_SESSIONS
 from qvd.protocols import http
 
@@ -100,6 +100,7 @@ class L7R:
         self.broker = Broker(reactor, db, broker_settings or BrokerSettings(),
                              vma_factory or VMAClient, pid=pid)
         self.connections = set()
+        self._busy = [None, 0]          # when the last "busy" was logged, how many since
         self._abort_channel = None
         self._poll = None
         self._flush = None
@@ -211,6 +212,15 @@ class L7R:
             self.broker.count("http_requests")
         return host
 
+    def _log_busy(self, error):
+        """Logins refused as busy: logged at most every 10 s, with their count."""
+        self._busy[1] += 1
+        now = self.reactor.seconds()
+        if self._busy[0] is None or now - self._busy[0] >= 10:
+            log.warn("login refused, busy: {error} ({count} since the last such line)",
+                     error=str(error), count=self._busy[1])
+            self._busy[:] = [now, 0]
+
     async def _authenticate(self, request, conn):
         headers = request.headers_dict()
         credentials = headers.get("authorization")
@@ -225,6 +235,9 @@ class L7R:
         except AuthFailed as e:
             log.info("authentication refused from {ip}: {reason}", ip=conn.peer_ip, reason=e.reason)
             raise HTTPError(401, headers=['WWW-Authenticate: Basic realm="QVD"'])
+        except AuthBusy as e:
+            self._log_busy(e)
+            raise HTTPError(503, "Busy: too many logins at once, retry", headers=["Retry-After: 1"])
         self.broker.count("auth_ok")
         conn.auth = (credentials, result)
         return result

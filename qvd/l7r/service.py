@@ -34,6 +34,7 @@ from qvd.db import roles
 from qvd.db.listen import Listener
 from qvd.db.pool import Database, DatabaseUnavailable
 from qvd.l7r import tls
+from qvd.l7r.auth.hashpool import HashPool
 from qvd.l7r.auth.interfaces import IAuthenticator
 from qvd.l7r.broker import BrokerSettings
 from qvd.l7r.limits import CappedFactory, ConnectionCaps
@@ -79,6 +80,7 @@ class L7RService(service.Service):
         self.reactor = reactor
         self.dsn = dsn
         self.authenticator = authenticator
+        self.hash_pool = None
         self.vma_factory = vma_factory
         self.pid = pid
         self.on_failed = on_failed
@@ -140,7 +142,11 @@ class L7RService(service.Service):
             self._stamps = tls.file_stamps(config)
         await self.listener.start()
         if self.authenticator is None:
-            self.authenticator = make_authenticator(self.live, self.db, self.reactor)
+            self.hash_pool = HashPool(self.reactor, config.getint("l7r.auth.hash.workers"),
+                                      config.getint("l7r.auth.hash.queue"))
+            self.hash_pool.start()
+            self.authenticator = make_authenticator(self.live, self.db, self.reactor,
+                                                    self.hash_pool)
         elif not IAuthenticator.providedBy(self.authenticator):
             self.authenticator = self.authenticator(self.db)
         self.l7r = L7R(self.reactor, self.db, self.listener, self.authenticator,
@@ -246,9 +252,14 @@ class L7RService(service.Service):
             await self.listener.stop()
         if getattr(self, "db", None) is not None:
             await self.db.stop()
+        if self.hash_pool is not None:
+            self.hash_pool.stop()
 
 
-def make_authenticator(config, db, reactor):
-    """The authenticator of the configured plugin chain (L{qvd.l7r.auth})."""
+def make_authenticator(config, db, reactor, blocking=None):
+    """
+    The authenticator of the configured plugin chain (L{qvd.l7r.auth});
+    C{blocking} runs its password checks (a L{HashPool}).
+    """
     from qvd.l7r.auth import make_authenticator as make
-    return make(config, db, reactor)
+    return make(config, db, reactor, blocking)

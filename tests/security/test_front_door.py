@@ -151,6 +151,54 @@ class LoginLimitTests(L7RWireMixin, unittest.TestCase):
         self.assertLess(abs(w - k), 0.05, f"wrong {w:.3f} s, locked {k:.3f} s")
 
 
+class LoginStormTests(L7RWireMixin, unittest.TestCase):
+    """
+    Monday 9:00 in small: more password logins at once than the password
+    checks take (1 process, 2 waiting). The surplus is answered 503 "busy,
+    retry" at once, not after a timeout, and not counted as a failure: each
+    user then logs in.
+    """
+    overrides = {"l7r.auth.hash.workers": "1", "l7r.auth.hash.queue": "2",
+                 "l7r.auth.failure.delay": "0"}
+    USERS = 12
+
+    async def start_l7r(self, **extra):
+        svc = L7RService(self.config(**extra), "ssl:0:interface=127.0.0.1", reactor=reactor,
+                         dsn=pg.role_dsn(self.dbname, "l7r"))
+        await svc.start()
+        self.addCleanup(lambda: defer.ensureDeferred(svc.stop()))
+        return svc
+
+    def setUp(self):
+        d = super().setUp()
+
+        def users(_):
+            self.query("INSERT INTO tenants (name) VALUES ('storm')")
+            hashed = argon2_hash("pw")
+            for i in range(self.USERS):
+                self.query("INSERT INTO users (tenant_id, login, password) SELECT id, %s, %s"
+                           " FROM tenants WHERE name = 'storm'", (f"u{i}", hashed))
+        return d.addCallback(users)
+
+    @d
+    async def test_surplus_is_busy_then_succeeds(self):
+        port = self.svc.port.getHost().port
+        first = await defer.gatherResults([
+            threads.deferToThread(_login, port, f"u{i}@storm", "pw", f"127.0.1.{i + 1}")
+            for i in range(self.USERS)])
+        statuses = [status for status, _ in first]
+        self.assertEqual(set(statuses) - {200, 503}, set(), statuses)
+        self.assertIn(503, statuses, "every login was taken: the bound did not act")
+        self.assertGreaterEqual(statuses.count(200), 1)
+        busy = [i for i, status in enumerate(statuses) if status == 503]
+        self.assertLess(max(t for status, t in first if status == 503), 1.0,
+                        "a busy answer must not wait")
+        self.assertGreater(self.svc.hash_pool.refused, 0)
+        again = await threads.deferToThread(
+            lambda: [_login(port, f"u{i}@storm", "pw", f"127.0.1.{i + 1}") for i in busy])
+        self.assertEqual([status for status, _ in again], [200] * len(busy))
+
+
 class PipeliningTests(L7RWireMixin, unittest.TestCase):
 
     @d

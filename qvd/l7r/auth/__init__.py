@@ -10,12 +10,14 @@ plugin, L{tokens} for bearer tokens.
 """
 
 
-def make_authenticator(config, db, reactor):
+def make_authenticator(config, db, reactor, blocking=None):
     """
     The L{IAuthenticator} of the configured plugin chain.
 
     @param config: a L{qvd.config.Config} or a live config with C{.current}.
     @param db: a L{qvd.db.pool.Database}.
+    @param blocking: runs the password checks (L{hashpool.HashPool}); by
+        default the reactor's thread pool.
     """
     from qvd.l7r.auth.chain import Authenticator
-    return Authenticator(db, config, reactor)
+    return Authenticator(db, config, reactor, blocking=blocking)

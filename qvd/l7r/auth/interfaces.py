@@ -51,6 +51,14 @@ class AuthFailed(Exception):
         self.reason = reason
 
 
+class AuthBusy(Exception):
+    """
+    The credentials could not be checked now (every password check is busy):
+    the client is asked to retry (C{503} with C{Retry-After}); not a failed
+    attempt.
+    """
+
+
 class IAuthenticator(Interface):
     """
     Decides who a client is from its request headers.
