@@ -19,7 +19,13 @@ import hmac
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
-_hasher = PasswordHasher()
+#: argon2id at OWASP's first recommended minimum (19 MiB, 2 passes, 1 lane):
+#: 24 ms of CPU per check here, about 41 checks per second and core, so a
+#: 2-core L7R checks the 500 logins of a Monday morning burst in about 6 s.
+#: argon2-cffi's defaults (64 MiB, 3 passes, 4 lanes) cost 188 ms of CPU
+#: (5 per second and core). Hashes made with other parameters still verify
+#: and are replaced at the next login (needs_upgrade). docs/l7r.md.
+_hasher = PasswordHasher(time_cost=2, memory_cost=19456, parallelism=1)
 
 
 def hash_password(password):

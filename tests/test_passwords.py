@@ -4,6 +4,7 @@ Tests for qvd.passwords.
 
 from twisted.trial import unittest
 
+from qvd import passwords
 from qvd.passwords import hash_password, legacy_hash, verify_password
 
 
@@ -38,3 +39,18 @@ class PasswordTests(unittest.TestCase):
         self.assertEqual(verify_password(hash_password("x"), ""), (False, False))
         with self.assertRaises(ValueError):
             hash_password("")
+
+
+class ParameterTests(unittest.TestCase):
+
+    def test_hashes_of_other_parameters_verify_and_are_upgraded(self):
+        """
+        A hash made with argon2-cffi's defaults (qvd before, 64 MiB, t=3, p=4)
+        still verifies and asks to be rewritten; qvd's own do not.
+        """
+        from argon2 import PasswordHasher
+        old = PasswordHasher().hash("pw")
+        self.assertEqual(passwords.verify_password(old, "pw"), (True, True))
+        self.assertEqual(passwords.verify_password(passwords.hash_password("pw"), "pw"),
+                         (True, False))
+        self.assertIn("m=19456,t=2,p=1", passwords.hash_password("pw"))
