@@ -2,7 +2,7 @@
 Password checks in processes of their own, bounded: a login storm uses every
 core and answers "busy, retry" instead of making every login wait.
 
-    pool = HashPool(reactor, workers=4, queue=64)
+    pool = HashPool(reactor, workers=4, queue=1000)
     pool.start()
     ok, upgrade = await pool(passwords.verify_password, stored, password, salt)
     ...
@@ -48,7 +48,7 @@ class HashPool:
     @ivar refused: calls refused with L{AuthBusy} since start.
     """
 
-    def __init__(self, reactor, workers=None, queue=64):
+    def __init__(self, reactor, workers=None, queue=1000):
         self.reactor = reactor
         self.workers = workers or os.cpu_count() or 1
         self.queue = queue
