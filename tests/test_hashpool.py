@@ -63,3 +63,42 @@ class HashPoolTests(unittest.TestCase):
         with self.assertRaises(ValueError):
             yield pool(passwords.hash_password, "")
         self.assertEqual(pool.in_flight, 0)
+
+
+_CHILD = """
+import sys, time
+from twisted.internet import reactor
+from qvd.l7r.auth.hashpool import HashPool, _ready
+pool = HashPool(reactor, workers=2, queue=1)
+pool.start()
+futures = [pool._executor.submit(_ready) for _ in range(4)]
+print(" ".join(sorted({str(f.result()) for f in futures})), flush=True)
+time.sleep(60)
+"""
+
+
+class WorkerLifetimeTests(unittest.TestCase):
+
+    def test_workers_die_with_a_killed_l7r(self):
+        """SIGKILL of the process that owns the pool leaves none of its workers behind."""
+        import signal
+        import subprocess
+        import sys
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        child = subprocess.Popen([sys.executable, "-c", _CHILD], stdout=subprocess.PIPE,
+                                 text=True, env=dict(os.environ, PYTHONPATH=root))
+        try:
+            pids = [int(p) for p in child.stdout.readline().split()]
+            self.assertTrue(pids)
+            for pid in pids:
+                os.kill(pid, 0)
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+        deadline = time.monotonic() + 3
+        alive = pids
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.05)
+            alive = [pid for pid in pids if os.path.exists(f"/proc/{pid}")
+                     and open(f"/proc/{pid}/stat").read().split(") ")[1][0] != "Z"]
+        self.assertEqual(alive, [], "workers outlived the L7R")

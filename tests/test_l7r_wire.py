@@ -366,6 +366,40 @@ class ConnectTests(L7RWireMixin, unittest.TestCase):
         self.assertEqual(self.echo.connections, [])
 
     @d
+    async def test_reconnect_round_trips(self):
+        """
+        A reconnect to a running VM (the everyday login) costs at most
+        ROUND_TRIPS statements to PostgreSQL from the request to the 101
+        (15 before the claim became one statement and the VM's row was read
+        once): node, user, VM, claim, runtime row, token, properties,
+        connected.
+        """
+        from txpostgres import txpostgres
+        c, _, _ = await self.connected()
+        await c.close()
+        await self.eventually("SELECT user_state FROM vm_runtimes",
+                              [{"user_state": "disconnected"}])
+        statements = []
+        original = txpostgres.Cursor.execute
+
+        def execute(cursor, query, params=None):
+            # the host counters are flushed on a timer of their own, not by the connect
+            if not str(query).startswith("INSERT INTO host_counters"):
+                statements.append(query)
+            return original(cursor, query, params)
+        txpostgres.Cursor.execute = execute
+        try:
+            await self.connected()
+        finally:
+            txpostgres.Cursor.execute = original
+        print(f"\nreconnect to a running VM: {len(statements)} statements")
+        for q in statements:
+            print("   ", " ".join(str(q).split())[:110])
+        self.assertLessEqual(len(statements), self.ROUND_TRIPS, statements)
+
+    ROUND_TRIPS = 8
+
+    @d
     async def test_properties_override_params(self):
         """x_start gets the client's params overridden by properties (OSF < user < VM),
         then the auth params."""

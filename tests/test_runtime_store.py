@@ -36,6 +36,9 @@ class FakeRuntimeStoreTests(RuntimeStoreTests, unittest.TestCase):
     def row(self, vm_id):
         return self.store.vms[vm_id]
 
+    def user_of(self, vm_id):
+        return 77
+
     def age_claim(self, vm_id, seconds):
         self.store.vms[vm_id]["user_state_ts"] = self.clock_now - seconds
 
@@ -49,7 +52,7 @@ class FakeRuntimeStoreTests(RuntimeStoreTests, unittest.TestCase):
 class RealRuntimeStoreTests(RuntimeStoreTests, pg.DatabaseTestMixin, unittest.TestCase):
 
     COLUMNS = ("user_state", "user_cmd", "l7r_host_id", "l7r_pid", "l7r_session", "host_id",
-               "vm_state", "vm_cmd")
+               "vm_state", "vm_cmd", "real_user_id")
 
     def setUp(self):
         super().setUp()
@@ -102,6 +105,9 @@ class RealRuntimeStoreTests(RuntimeStoreTests, pg.DatabaseTestMixin, unittest.Te
     def row(self, vm_id):
         return self.query(f"SELECT {', '.join(self.COLUMNS)} FROM vm_runtimes"
                           " WHERE vm_id = %s", (vm_id,))[0]
+
+    def user_of(self, vm_id):
+        return self.user
 
     def age_claim(self, vm_id, seconds):
         self.query("UPDATE vm_runtimes SET user_state_ts = now() - make_interval(secs => %s)"

@@ -296,11 +296,14 @@ class Broker:
         """
         vm_id = session.vm_id
         session.step("connect")
-        await self.takeover(session)
+        await self.takeover(session, auth.user_id)
         session.step("claimed")
-        await self.assign(session)
+        # The VM's row, read once: assign and start_and_wait decide on it, and
+        # a running VM's address and ports are the agent's and nxagent's.
+        row = await self.vm_row(vm_id)
+        await self.assign(session, row)
         session.step("assigned")
-        await self.start_and_wait(session)
+        row = await self.start_and_wait(session, row)
         session.step("vm_running")
         token = await self.vm_token(auth, vm_id)
         params = dict(client_params)
@@ -313,7 +316,6 @@ class Broker:
         # its options, cookie included, again when it resumes), set last so
         # no property can choose it; the relay puts it into the greeting.
         params[nx.COOKIE_PARAM] = cookie = nx.new_cookie()
-        row = await self.vm_row(vm_id)
         vma = self.vma_factory(self.reactor, row["vm_address"], row["vm_vma_port"],
                                session.settings.vma_timeout, secret=row["vma_secret"] or "")
         await self.start_x(session, vma, params)
@@ -342,9 +344,10 @@ class Broker:
                         pids=frozenset({self.pid, os.getpid()}),
                         live_sessions=PROCESS_SESSIONS, pid_alive=pid_alive)
 
-    async def takeover(self, session):
+    async def takeover(self, session, user_id=None):
         """
-        Claim the VM's session, aborting a contending one (reference 1.5).
+        Claim the VM's session for user C{user_id} (C{real_user_id}),
+        aborting a contending one (reference 1.5).
         """
         vm_id = session.vm_id
         deadline = session.deadline("claiming")
@@ -357,7 +360,7 @@ class Broker:
             # conflict (SERIALIZABLE failed them on shared index pages).
             try:
                 verdict, found = await self.store.claim(vm_id, session.id, self.claimant(),
-                                                        self.settings.claim_max_age)
+                                                        self.settings.claim_max_age, user_id)
             except LookupError as e:
                 raise BrokerError(str(e))
             if verdict != "held":
@@ -380,12 +383,12 @@ class Broker:
         if not await self.store.claim_is_ours(session.vm_id, session.id):
             raise SessionAborted(f"Aborted by contending session VM VM_ID: {session.vm_id}")
 
-    async def assign(self, session):
+    async def assign(self, session, row):
         """
-        Give a stopped VM without node a node (reference 2.2).
+        Give a stopped VM without node a node (reference 2.2); C{row} is
+        the VM's (L{vm_row}).
         """
         vm_id = session.vm_id
-        row = await self.vm_row(vm_id)
         if row["host_id"] is not None:
             return
         session.tell(f"Assigning VM {vm_id} to host")
@@ -419,15 +422,15 @@ class Broker:
         """
         return self.store.send_vm_cmd(vm_id, cmd, from_states)
 
-    async def start_and_wait(self, session):
+    async def start_and_wait(self, session, row):
         """
-        Start a stopped VM and wait until it runs (reference 2.3).
+        Start a stopped VM and wait until it runs (reference 2.3); C{row} is
+        the VM's (L{vm_row}). Returns the row of the running VM.
         """
         vm_id = session.vm_id
         deadline = session.deadline("starting_vm")
-        row = await self.vm_row(vm_id)
         if row["vm_state"] == "running":
-            return
+            return row
         if row["vm_state"] == "stopped":
             session.tell("Starting virtual machine")
 
@@ -440,7 +443,7 @@ class Broker:
             row = await self.vm_row(vm_id)
             state = row["vm_state"]
             if state == "running":
-                return
+                return row
             if (state == "stopped" and row["vm_cmd"] is not None) or state == "starting":
                 if self.reactor.seconds() > deadline:
                     raise BrokerError(f"Unable to start VM {vm_id}, operation timed out!")
@@ -620,19 +623,23 @@ class Broker:
         session.released = True
         if session.machine.state not in ENDING:
             session.step("failed" if session.machine.connecting else "client_gone")
-        self.sessions.pop(session.id, None)
-        waiting = self._by_vm.get(session.vm_id)
-        if waiting is not None:
-            waiting.discard(session)
-            if not waiting:
-                del self._by_vm[session.vm_id]
-        PROCESS_SESSIONS.pop(session.id, None)
+        self.forget(session)
         if relay is not None and relay.duration < session.settings.short_session:
             self.count("short_sessions")
         self._pending_releases[session.id] = session.vm_id
         d = self._release_one(session.id, session.vm_id)
         d.addCallback(lambda released: released and session.step("released"))
         return d
+
+    def forget(self, session):
+        """Drop C{session} from this process's sessions (and from the index by VM)."""
+        self.sessions.pop(session.id, None)
+        PROCESS_SESSIONS.pop(session.id, None)
+        waiting = self._by_vm.get(session.vm_id)
+        if waiting is not None:
+            waiting.discard(session)
+            if not waiting:
+                del self._by_vm[session.vm_id]
 
     def _release_one(self, session_id, vm_id):
         d = self.store.release(vm_id, session_id)

@@ -31,7 +31,7 @@ from qvd.logs import Logger
 
 from qvd.db.pool import DatabaseUnavailable
 from qvd.l7r.auth.interfaces import AuthBusy, AuthFailed
-from qvd.l7r.broker import Broker, BrokerError, BrokerSettings, PROCESS_SESSIONS
+from qvd.l7r.broker import Broker, BrokerError, BrokerSettings
 from qvd.protocols import http
 
 log = Logger()
@@ -327,10 +327,6 @@ class L7R:
         try:
             if vm["user_id"] != auth.user_id:
                 raise BrokerError("You are not allowed to access requested virtual machine")
-            await self.db.runOperation(
-                "UPDATE vm_runtimes SET real_user_id = %s WHERE vm_id = %s",
-                (auth.user_id, vm["vm_id"]))
-
             began = self.reactor.seconds()
 
             def ended(relay):
@@ -366,8 +362,7 @@ class L7R:
         except Exception as e:
             raise self._unavailable(e)
         finally:
-            self.broker.sessions.pop(session.id, None)
-            PROCESS_SESSIONS.pop(session.id, None)
+            self.broker.forget(session)
         conn.write(http.response_with_body(200, "text/plain", b"Machine stopped\r\n"))
 
     async def authenticate_user(self, request, conn):

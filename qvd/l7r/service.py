@@ -242,6 +242,8 @@ class L7RService(service.Service):
         port, self.port = self.port, None
         if port is not None:
             await defer.maybeDeferred(port.stopListening)
+        if self.hash_pool is not None:
+            self.hash_pool.stop()
         if getattr(self, "live", None) is not None:
             self.live.unsubscribe(self._configure)
             await self.live.stop()
@@ -252,8 +254,6 @@ class L7RService(service.Service):
             await self.listener.stop()
         if getattr(self, "db", None) is not None:
             await self.db.stop()
-        if self.hash_pool is not None:
-            self.hash_pool.stop()
 
 
 def make_authenticator(config, db, reactor, blocking=None):

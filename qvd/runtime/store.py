@@ -46,10 +46,11 @@ _NO_SESSION = ("user_state = 'disconnected', user_cmd = NULL,"
 class IRuntimeStore(Interface):
     """The session and start statements, for the daemons (Deferreds)."""
 
-    def claim(vm_id, session_id, claimant, claim_max_age):
+    def claim(vm_id, session_id, claimant, claim_max_age, user_id=None):
         """
         Claim VM C{vm_id}'s session for C{session_id} of C{claimant} (a
-        L{qvd.runtime.session.Claimant}) when L{claim_verdict} allows it.
+        L{qvd.runtime.session.Claimant}), for user C{user_id} (the row's
+        C{real_user_id}), when L{claim_verdict} allows it.
         Fire with (verdict, the L{Claim} found): claimed (C{connecting})
         unless the verdict is C{'held'}, and then the live session that
         holds it was told to abort. C{LookupError} when the VM does not exist.
@@ -154,7 +155,22 @@ def run_blocking(coroutine):
 
 # -- the statements -----------------------------------------------------------
 
-async def claim_in(ex, vm_id, session_id, claimant, claim_max_age):
+async def claim_free_in(ex, vm_id, session_id, claimant, user_id=None):
+    """
+    Claim the session of VM C{vm_id} if nobody holds it, in one statement
+    (the everyday login: one round trip); True when claimed. The row lock
+    of the UPDATE serialises contenders, and its condition is checked again
+    on the row a concurrent claim left.
+    """
+    return bool(await ex.rows(
+        "UPDATE vm_runtimes SET user_state = 'connecting', user_state_ts = now(),"
+        " l7r_host_id = %s, l7r_pid = %s, l7r_session = %s, user_cmd = NULL,"
+        " real_user_id = coalesce(%s, real_user_id)"
+        " WHERE vm_id = %s AND user_state = 'disconnected' RETURNING vm_id",
+        (claimant.host_id, claimant.pid, session_id, user_id, vm_id)))
+
+
+async def claim_in(ex, vm_id, session_id, claimant, claim_max_age, user_id=None):
     """L{IRuntimeStore.claim}, inside the caller's transaction (READ COMMITTED:
     the row lock serialises contenders for one VM)."""
     found = await ex.rows(
@@ -171,8 +187,10 @@ async def claim_in(ex, vm_id, session_id, claimant, claim_max_age):
     else:
         await ex.rows(
             "UPDATE vm_runtimes SET user_state = 'connecting', user_state_ts = now(),"
-            " l7r_host_id = %s, l7r_pid = %s, l7r_session = %s, user_cmd = NULL"
-            " WHERE vm_id = %s", (claimant.host_id, claimant.pid, session_id, vm_id))
+            " l7r_host_id = %s, l7r_pid = %s, l7r_session = %s, user_cmd = NULL,"
+            " real_user_id = coalesce(%s, real_user_id)"
+            " WHERE vm_id = %s RETURNING vm_id",
+            (claimant.host_id, claimant.pid, session_id, user_id, vm_id))
     return verdict, claim
 
 
@@ -447,10 +465,14 @@ class RuntimeStore:
     def _one(self, statement, *args):
         return defer.ensureDeferred(statement(self._pool, *args))
 
-    def claim(self, vm_id, session_id, claimant, claim_max_age):
-        return self.db.transaction(
+    async def claim(self, vm_id, session_id, claimant, claim_max_age, user_id=None):
+        # Nobody holds it (the usual case): one statement. Else the claim
+        # found is judged under its row lock, in a transaction.
+        if await claim_free_in(self._pool, vm_id, session_id, claimant, user_id):
+            return "free", Claim("disconnected")
+        return await self.db.transaction(
             lambda cursor: claim_in(TransactionExecutor(cursor), vm_id, session_id, claimant,
-                                    claim_max_age),
+                                    claim_max_age, user_id),
             isolation="READ COMMITTED")
 
     def claim_is_ours(self, vm_id, session_id):

@@ -59,7 +59,7 @@ class FakeRuntimeStore:
 
     def add_vm(self, name="vm", di_path="desk.tar", di_blocked=False, **fields):
         vm_id = next(self._ids)
-        row = dict(_NOBODY, host_id=None, vm_state="stopped", vm_cmd=None,
+        row = dict(_NOBODY, host_id=None, vm_state="stopped", vm_cmd=None, real_user_id=None,
                    user_state_ts=self.now(), name=name, di_path=di_path, di_blocked=di_blocked)
         row.update(fields)
         self.vms[vm_id] = row
@@ -70,7 +70,7 @@ class FakeRuntimeStore:
 
     # -- IRuntimeStore ----------------------------------------------------------
 
-    def claim(self, vm_id, session_id, claimant, claim_max_age):
+    def claim(self, vm_id, session_id, claimant, claim_max_age, user_id=None):
         row = self.vms.get(vm_id)
         if row is None:
             return defer.fail(LookupError(f"VM {vm_id} does not exist any more"))
@@ -85,6 +85,8 @@ class FakeRuntimeStore:
             row.update(user_state="connecting", user_state_ts=self.now(),
                        l7r_host_id=claimant.host_id, l7r_pid=claimant.pid,
                        l7r_session=session_id, user_cmd=None)
+            if user_id is not None:
+                row["real_user_id"] = user_id
         return defer.succeed((verdict, claim))
 
     def _abort(self, vm_id):

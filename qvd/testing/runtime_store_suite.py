@@ -9,6 +9,7 @@ A test case mixing in L{RuntimeStoreTests} provides C{self.store} and:
     add_vm(host_id=None, vm_state="stopped", vm_cmd=None, di_path="desk.tar",
            di_blocked=False, **runtime_columns) -> vm id
     row(vm_id) -> {column: value} of the store's columns
+    user_of(vm_id) -> the id of the VM's user
     age_claim(vm_id, seconds)       # the claim was made that long ago
     assertNotified(channel)         # that channel was notified (waits a moment)
 """
@@ -32,12 +33,12 @@ class RuntimeStoreTests:
     def test_claim_free(self):
         node = self.add_host("n1")
         vm = self.add_vm()
-        verdict, claim = yield self.store.claim(vm, "s1", claimant(node), 330)
+        verdict, claim = yield self.store.claim(vm, "s1", claimant(node), 330, self.user_of(vm))
         self.assertEqual((verdict, claim.user_state), ("free", "disconnected"))
         row = self.row(vm)
         self.assertEqual((row["user_state"], row["l7r_host_id"], row["l7r_pid"],
-                          row["l7r_session"], row["user_cmd"]),
-                         ("connecting", node, 100, "s1", None))
+                          row["l7r_session"], row["user_cmd"], row["real_user_id"]),
+                         ("connecting", node, 100, "s1", None, self.user_of(vm)))
         self.assertTrue((yield self.store.claim_is_ours(vm, "s1")))
         self.assertFalse((yield self.store.claim_is_ours(vm, "s2")))
 

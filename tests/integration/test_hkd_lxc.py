@@ -316,6 +316,14 @@ class HKDOnLXCTests(HKDTestMixin, pg.DatabaseTestMixin, unittest.TestCase):
                               "qvd.client.fullscreen": "0"})
         await self.until(lambda: client.x_state().addCallback(lambda s: s == "listening"),
                          timeout=30, what="nxagent listening")
+        # nxagent says it starts the session a moment before it listens (the
+        # L7R's connect_x retries a refused connection for the same reason)
         import socket
-        with socket.create_connection((row["vm_address"], row["vm_x_port"]), timeout=5):
-            pass
+        for attempt in range(40):
+            try:
+                with socket.create_connection((row["vm_address"], row["vm_x_port"]), timeout=5):
+                    break
+            except ConnectionRefusedError:
+                if attempt == 39:
+                    raise
+                await task.deferLater(reactor, 0.05, lambda: None)

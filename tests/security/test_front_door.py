@@ -64,11 +64,8 @@ def _login(port, login, password, source="127.0.0.1"):
         return int(head.split(b" ", 2)[1]), time.monotonic() - began
 
 
-class LoginLimitTests(L7RWireMixin, unittest.TestCase):
-    """
-    The real authenticator (argon2id hashes) behind the real TLS listener.
-    """
-    overrides = {"l7r.auth.failure.delay": "0.6", "l7r.auth.ratelimit.login.max": "5"}
+class RealAuthenticatorMixin(L7RWireMixin):
+    """The L7R with its real authenticator (argon2id in its pool of processes)."""
 
     async def start_l7r(self, **extra):
         svc = L7RService(self.config(**extra), "ssl:0:interface=127.0.0.1", reactor=reactor,
@@ -76,6 +73,13 @@ class LoginLimitTests(L7RWireMixin, unittest.TestCase):
         await svc.start()
         self.addCleanup(lambda: defer.ensureDeferred(svc.stop()))
         return svc
+
+
+class LoginLimitTests(RealAuthenticatorMixin, unittest.TestCase):
+    """
+    The real authenticator (argon2id hashes) behind the real TLS listener.
+    """
+    overrides = {"l7r.auth.failure.delay": "0.6", "l7r.auth.ratelimit.login.max": "5"}
 
     def setUp(self):
         d = super().setUp()
@@ -151,7 +155,7 @@ class LoginLimitTests(L7RWireMixin, unittest.TestCase):
         self.assertLess(abs(w - k), 0.05, f"wrong {w:.3f} s, locked {k:.3f} s")
 
 
-class LoginStormTests(L7RWireMixin, unittest.TestCase):
+class LoginStormTests(RealAuthenticatorMixin, unittest.TestCase):
     """
     Monday 9:00 in small: more password logins at once than the password
     checks take (1 process, 2 waiting). The surplus is answered 503 "busy,
@@ -161,13 +165,6 @@ class LoginStormTests(L7RWireMixin, unittest.TestCase):
     overrides = {"l7r.auth.hash.workers": "1", "l7r.auth.hash.queue": "2",
                  "l7r.auth.failure.delay": "0"}
     USERS = 12
-
-    async def start_l7r(self, **extra):
-        svc = L7RService(self.config(**extra), "ssl:0:interface=127.0.0.1", reactor=reactor,
-                         dsn=pg.role_dsn(self.dbname, "l7r"))
-        await svc.start()
-        self.addCleanup(lambda: defer.ensureDeferred(svc.stop()))
-        return svc
 
     def setUp(self):
         d = super().setUp()

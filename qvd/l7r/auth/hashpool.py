@@ -23,6 +23,7 @@ share one core's worth of the interpreter for the Python around the hash.
 
 import concurrent.futures
 import concurrent.futures.process
+import contextlib
 import multiprocessing
 import os
 
@@ -34,9 +35,20 @@ from qvd.logs import Logger
 log = Logger()
 
 
-def _ready():
-    """Run in each worker at start: imports what the checks need."""
+def _worker_init():
+    """
+    In each worker process, first: die with the L7R (PR_SET_PDEATHSIG; a
+    killed L7R leaves no worker behind), and import what the checks need.
+    """
+    import ctypes
+    import signal
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
     import qvd.passwords  # noqa: F401
+
+
+def _ready():
+    """A first call in each worker, so that the processes are up before a login."""
     return os.getpid()
 
 
@@ -60,15 +72,19 @@ class HashPool:
         """Start the processes (the first logins do not pay for it)."""
         if self._executor is None:
             self._executor = concurrent.futures.ProcessPoolExecutor(
-                max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"))
+                max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_worker_init)
             for _ in range(self.workers):
                 self._executor.submit(_ready)
 
     def stop(self):
-        """Stop the processes; calls still waiting fail."""
+        """
+        Stop the processes (calls still waiting fail; a check running ends
+        first, tens of milliseconds) and wait until they are gone.
+        """
         if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+            executor, self._executor = self._executor, None
+            executor.shutdown(wait=True, cancel_futures=True)
 
     def __call__(self, function, *args):
         if self.in_flight >= self.workers + self.queue:
@@ -106,7 +122,7 @@ class HashPool:
             return
         error = future.exception()
         if isinstance(error, concurrent.futures.process.BrokenProcessPool):
-            self.stop()             # the next call starts new processes
+            self._executor = None   # the next call starts new processes
         if error is not None:
             d.errback(error)
         else:
