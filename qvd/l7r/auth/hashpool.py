@@ -9,8 +9,9 @@ core and answers "busy, retry" instead of making every login wait.
     pool.stop()
 
 A call runs C{function(*args)} in one of C{workers} processes (started once,
-with the C{spawn} method: no fork of a threaded reactor) and fires with its
-result. At most C{workers + queue} calls are in flight; one more fails at
+with the C{spawn} method: no fork of a threaded reactor; the program's main
+module must be import-safe, as twistd's is) and fires with its result. The
+processes die with the L7R however it ends (L{qvd._hashworker}). At most C{workers + queue} calls are in flight; one more fails at
 once with L{AuthBusy}, which the L7R answers C{503} with C{Retry-After}. The
 functions and their arguments must be picklable (module-level functions,
 plain values): L{qvd.passwords} and the default plugin's are.
@@ -23,28 +24,16 @@ share one core's worth of the interpreter for the Python around the hash.
 
 import concurrent.futures
 import concurrent.futures.process
-import contextlib
 import multiprocessing
 import os
 
 from twisted.internet import defer
 
+from qvd._hashworker import die_with
 from qvd.l7r.auth.interfaces import AuthBusy
 from qvd.logs import Logger
 
 log = Logger()
-
-
-def _worker_init():
-    """
-    In each worker process, first: die with the L7R (PR_SET_PDEATHSIG; a
-    killed L7R leaves no worker behind), and import what the checks need.
-    """
-    import ctypes
-    import signal
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
-    import qvd.passwords  # noqa: F401
 
 
 def _ready():
@@ -73,7 +62,7 @@ class HashPool:
         if self._executor is None:
             self._executor = concurrent.futures.ProcessPoolExecutor(
                 max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_worker_init)
+                initializer=die_with, initargs=(os.getpid(),))
             for _ in range(self.workers):
                 self._executor.submit(_ready)
 
