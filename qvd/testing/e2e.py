@@ -466,6 +466,13 @@ class Stack:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        # What a daemon started ends after it (the L7R's resource tracker of
+        # its password-check processes reads the end of its pipe, then exits).
+        sessions = {p.pid for p in self.processes}
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(
+                sid in sessions for _, sid in _sessions()):
+            time.sleep(0.05)
         self.scrub()
         with contextlib.suppress(Exception):
             pg.drop_database(self.dbname)
