@@ -465,7 +465,11 @@ class RuntimeStore:
     def _one(self, statement, *args):
         return defer.ensureDeferred(statement(self._pool, *args))
 
-    async def claim(self, vm_id, session_id, claimant, claim_max_age, user_id=None):
+    def claim(self, vm_id, session_id, claimant, claim_max_age, user_id=None):
+        return defer.ensureDeferred(
+            self._claim(vm_id, session_id, claimant, claim_max_age, user_id))
+
+    async def _claim(self, vm_id, session_id, claimant, claim_max_age, user_id):
         # Nobody holds it (the usual case): one statement. Else the claim
         # found is judged under its row lock, in a transaction.
         if await claim_free_in(self._pool, vm_id, session_id, claimant, user_id):
