@@ -129,12 +129,6 @@ def one(cur, sql, args=()):
     return cur.fetchone()
 
 
-def notify(cur, channel, payload=""):
-    cur.execute("SELECT pg_notify(%s, %s)", (channel, payload))
-
-
-
-
 def tenant_by_name(cur, name):
     row = one(cur, "SELECT id, name, blocked FROM tenants WHERE name = %s", (name,))
     if row is None:

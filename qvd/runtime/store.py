@@ -38,6 +38,12 @@ _STOPPED_RESET = (
     " vm_expiration_soft = NULL, vm_expiration_hard = NULL,"
     " current_di_id = NULL, vma_ok_ts = NULL")
 
+#: the session columns of a claim by (host, pid, session, user); the user
+#: is kept when not given
+_CLAIMED = ("user_state = 'connecting', user_state_ts = now(),"
+            " l7r_host_id = %s, l7r_pid = %s, l7r_session = %s, user_cmd = NULL,"
+            " real_user_id = coalesce(%s, real_user_id)")
+
 #: the session columns of a row set back to "nobody's" (release, reset)
 _NO_SESSION = ("user_state = 'disconnected', user_cmd = NULL,"
                " l7r_host_id = NULL, l7r_pid = NULL, l7r_session = NULL")
@@ -163,9 +169,7 @@ async def claim_free_in(ex, vm_id, session_id, claimant, user_id=None):
     on the row a concurrent claim left.
     """
     return bool(await ex.rows(
-        "UPDATE vm_runtimes SET user_state = 'connecting', user_state_ts = now(),"
-        " l7r_host_id = %s, l7r_pid = %s, l7r_session = %s, user_cmd = NULL,"
-        " real_user_id = coalesce(%s, real_user_id)"
+        f"UPDATE vm_runtimes SET {_CLAIMED}"
         " WHERE vm_id = %s AND user_state = 'disconnected' RETURNING vm_id",
         (claimant.host_id, claimant.pid, session_id, user_id, vm_id)))
 
@@ -186,10 +190,7 @@ async def claim_in(ex, vm_id, session_id, claimant, claim_max_age, user_id=None)
         await abort_session_in(ex, vm_id)
     else:
         await ex.rows(
-            "UPDATE vm_runtimes SET user_state = 'connecting', user_state_ts = now(),"
-            " l7r_host_id = %s, l7r_pid = %s, l7r_session = %s, user_cmd = NULL,"
-            " real_user_id = coalesce(%s, real_user_id)"
-            " WHERE vm_id = %s RETURNING vm_id",
+            f"UPDATE vm_runtimes SET {_CLAIMED} WHERE vm_id = %s RETURNING vm_id",
             (claimant.host_id, claimant.pid, session_id, user_id, vm_id))
     return verdict, claim
 

@@ -10,7 +10,7 @@ database, and a fresh database per test case cloned from the template.
 
 C{self.dsn} is the superuser's (a test sees and changes everything); the
 daemons a test runs connect as qvd's roles, as in production
-(L{role_dsn}, L{config_lines}): the template belongs to the admin role
+(L{role_dsn}): the template belongs to the admin role
 C{qvd} and carries the grants of L{qvd.db.roles}, and so does every clone.
 
 The cluster lives under C{$QVD_TEST_PG} (default a new directory in /tmp) and
@@ -84,17 +84,6 @@ def role_dsn(dbname, kind):
     The DSN of database C{dbname} as the role of C{kind} (admin, l7r, hkd).
     """
     return cluster().dsn(dbname, user=ROLES[kind])
-
-
-def config_lines(dbname):
-    """
-    Node-file lines that point qvd's programs at database C{dbname} of the
-    test cluster, each kind as its own role.
-    """
-    c = cluster()
-    return (f"database.host =\npath.db = {c.root}\ndatabase.name = {dbname}\n"
-            f"database.user = {ROLES['admin']}\ndatabase.user.l7r = {ROLES['l7r']}\n"
-            f"database.user.hkd = {ROLES['hkd']}\n")
 
 
 def drop_database(name):
