@@ -28,10 +28,11 @@ from ldaptor.protocols import pureldap
 from ldaptor.protocols.ldap import ldaperrors, ldapsyntax
 from ldaptor.protocols.ldap.ldapclient import LDAPClient
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.endpoints import connectProtocol, wrapClientTLS
 from twisted.internet.ssl import optionsForClientTLS
 from qvd.logs import Logger
 
+from qvd._endpoints import client_endpoint
 from qvd.l7r.auth.credentials import escape_dn_value, escape_filter_value
 from qvd.l7r.auth.plugin import AuthConfigError, Plugin
 
@@ -100,7 +101,7 @@ class LdapPlugin(Plugin):
 
     async def _connect(self, ctx, timeout):
         tls, host, port = parse_ldap_host(ctx.cfg("auth.ldap.host"))
-        endpoint = HostnameEndpoint(self.reactor, host, port, timeout=timeout)
+        endpoint = client_endpoint(self.reactor, host, port, timeout)
         if tls:
             endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)
         return await connectProtocol(endpoint, LDAPClient())
