@@ -100,9 +100,15 @@ class HashPool:
             return self._executor.submit(function, *args)
         except concurrent.futures.process.BrokenProcessPool:
             log.warn("the password check processes died; starting new ones")
-            self._executor = None
+            self._drop_broken()
             self.start()
             return self._executor.submit(function, *args)
+
+    def _drop_broken(self):
+        """Let a broken executor go (its manager thread and what is left of its processes)."""
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
 
     def _finish(self, d, future):
         self.in_flight -= 1
@@ -111,7 +117,7 @@ class HashPool:
             return
         error = future.exception()
         if isinstance(error, concurrent.futures.process.BrokenProcessPool):
-            self._executor = None   # the next call starts new processes
+            self._drop_broken()     # the next call starts new processes
         if error is not None:
             d.errback(error)
         else:
