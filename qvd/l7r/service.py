@@ -66,12 +66,19 @@ def default_endpoint(config):
 
 class L7RService(service.Service):
     def __init__(self, config, listen, reactor=None, dsn=None, authenticator=None,
-                 vma_factory=None, pid=None, on_failed=None):
+                 vma_factory=None, pid=None, on_failed=None, adopt=None, workers=1,
+                 on_ready=None):
         """
         @param authenticator: an L{IAuthenticator}, or a callable taking the
             L{Database} and returning one; None: the configured plugin chain.
         @param on_failed: called with no arguments when the service could not
             start (after the reason is logged).
+        @param adopt: (file descriptor, address family) of a listening socket
+            to accept on instead of listening on C{listen} (whose kind still
+            says whether to speak TLS): a worker of L{qvd.l7r.workers}.
+        @param workers: the L7R processes of this node sharing the port; the
+            cap on all connections (C{l7r.connections.max}) is shared out.
+        @param on_ready: called with no arguments once it accepts connections.
         """
         if reactor is None:
             from twisted.internet import reactor
@@ -84,6 +91,9 @@ class L7RService(service.Service):
         self.vma_factory = vma_factory
         self.pid = pid
         self.on_failed = on_failed
+        self.adopt = adopt
+        self.workers = workers
+        self.on_ready = on_ready
         self.port = None
         self.context_factory = None
         self._stamps = None
@@ -162,12 +172,24 @@ class L7RService(service.Service):
             self._reload_loop.clock = self.reactor
             self._reload_loop.start(config.getfloat("l7r.ssl.reload_interval"), now=False)
         self.caps = ConnectionCaps(config.getint("l7r.connections.per_address"),
-                                   config.getint("l7r.connections.max"))
+                                   self._share(config.getint("l7r.connections.max")))
         factory = CappedFactory(factory, self.caps, self.reactor)
-        endpoint = endpoints.serverFromString(self.reactor, description)
-        self.port = await endpoint.listen(factory)
-        log.info("L7R listening on {address} ({tls})", address=self.port.getHost(),
+        if self.adopt is not None:
+            fd, family = self.adopt
+            self.port = self.reactor.adoptStreamPort(fd, family, factory)
+        else:
+            endpoint = endpoints.serverFromString(self.reactor, description)
+            self.port = await endpoint.listen(factory)
+        # A worker's supervisor says "L7R listening" once all its workers accept.
+        log.info("L7R {what} on {address} ({tls})", address=self.port.getHost(),
+                 what="listening" if self.adopt is None else "worker accepting",
                  tls="TLS" if use_tls else "no TLS")
+        if self.on_ready is not None:
+            self.on_ready()
+
+    def _share(self, cap):
+        """This process's part of a cap of the whole node (0: no cap)."""
+        return cap if cap <= 0 else max(1, -(-cap // self.workers))
 
     async def _wait_for_database(self):
         """
@@ -196,7 +218,7 @@ class L7RService(service.Service):
         caps = getattr(self, "caps", None)
         if caps is not None:
             caps.per_address = config.getint("l7r.connections.per_address")
-            caps.total = config.getint("l7r.connections.max")
+            caps.total = self._share(config.getint("l7r.connections.max"))
         log.info("configuration reloaded from the database")
         if self.context_factory is not None:
             self.reload_tls()
