@@ -23,8 +23,10 @@ class VerifiedCacheTests(unittest.TestCase):
         (self.cache if cache is None else cache).remember(tenant, login, password, state, "default",
                                        params or {})
 
-    def lookup(self, login="alice", password="pw", tenant=1, state=STATE, cache=None):
-        return (self.cache if cache is None else cache).lookup(tenant, login, password, state)
+    def lookup(self, login="alice", password="pw", tenant=1, state=STATE, cache=None,
+               plugins=("default",)):
+        return (self.cache if cache is None else cache).lookup(tenant, login, password, state,
+                                                               plugins)
 
     def test_hit(self):
         """
@@ -128,6 +130,16 @@ class VerifiedCacheTests(unittest.TestCase):
             self.assertIsNone(self.lookup(state=changed), changed)
             self.assertIsNone(self.lookup(), changed)
             self.assertEqual(len(self.cache), 0)
+
+    def test_plugin_withdrawn(self):
+        """
+        An entry whose plugin may no longer be used (left the chain, stopped
+        allowing the cache) is a miss, and is dropped.
+        """
+        self.remember()
+        self.assertIsNone(self.lookup(plugins={"ldap"}))
+        self.assertIsNone(self.lookup())
+        self.assertEqual((self.cache.hits, self.cache.misses), (0, 2))
 
     def test_blocked_not_remembered(self):
         """

@@ -5,7 +5,7 @@ user whose row has not changed since is accepted again without checking it.
     cache = VerifiedCache(clock, size=10000, lifetime=300)
     state = UserState(user_id=7, password="$argon2id$...", blocked=False,
                       tenant_blocked=False, version="812:5")   # read on every login
-    hit = cache.lookup(tenant_id, login, password, state)       # Verified or None
+    hit = cache.lookup(tenant_id, login, password, state, {"default"})  # Verified or None
     if hit is None:
         ... check the password (argon2id, LDAP) ...
         cache.remember(tenant_id, login, password, state, plugin="default", params={})
@@ -164,14 +164,17 @@ class VerifiedCache:
                 break
             self._entries.popitem(last=False)
 
-    def lookup(self, tenant_id, login, password, state):
+    def lookup(self, tenant_id, login, password, state, plugins):
         """
         The acceptance remembered for these credentials, if the user's row
-        is still C{state} and the user and tenant are not blocked; an entry
-        that no longer holds is dropped.
+        is still C{state}, the user and tenant are not blocked and the plugin
+        that accepted them is one of C{plugins}; an entry that no longer
+        holds is dropped.
 
         @param state: the L{UserState} read for this login, or None when the
             user has no row (never a hit).
+        @param plugins: names of the plugins whose acceptances may be used
+            now (in the chain and allowing it).
         @return: a L{Verified}, or None: check the password.
         """
         self._expire()
@@ -179,6 +182,7 @@ class VerifiedCache:
         entry = self._entries.get(digest)
         if entry is not None and (
                 state is None or state.blocked or state.tenant_blocked
+                or entry.plugin not in plugins
                 or not hmac.compare_digest(entry.state_fingerprint, self._fingerprint(state))):
             del self._entries[digest]
             entry = None
