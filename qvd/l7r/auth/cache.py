@@ -25,18 +25,21 @@ What makes a hit sound:
     the tenant id, the canonical login and the password (length-prefixed, so
     no two triples share an encoding). The clear password is never kept; a
     hit needs the same tenant, login and password; any other password is a
-    miss and is checked as always. Refusals are never remembered.
-  - Valid only for the row it was verified against. The chain reads the
-    user's C{users} row and its tenant's on every login anyway (the blocks
-    must be checked every time); it gives the cache a L{UserState}: the row's
+    miss and is checked as always. The chain remembers only logins that
+    succeeded as a whole (second factor and block checks included).
+  - Valid only for the row it was verified against. While the cache is on,
+    the chain reads the user's C{users} row joined to its tenant's on every
+    login (one indexed query; the blocks are checked every time anyway) and
+    gives the cache a L{UserState}: the row's
     id, stored password hash, block flags and C{version}, the PostgreSQL row
     versions (C{xmin}) of the C{users} and C{tenants} rows. Every C{UPDATE}
     of either row makes a new version, so a changed password, a block (and an
     unblock after it), a deleted and re-created user or any other edit makes
     the next login check the password again; a blocked user or tenant is never
-    served from the cache. No NOTIFY is needed: nothing can change between
-    the read and the answer that a NOTIFY would have told sooner, and a lost
-    notification cannot leave a stale entry.
+    served from the cache. No NOTIFY is needed: the row is read at each
+    login, so a change is seen at the very next one; a NOTIFY could only
+    tell it sooner to a cache nobody asks in between, and a lost one would
+    leave a stale entry.
   - Short-lived. An entry lives C{lifetime} seconds from its verification; a
     hit does not extend it, so a client that keeps reconnecting has its
     password checked again every C{lifetime}. The lifetime bounds what the
@@ -208,10 +211,6 @@ class VerifiedCache:
         self._entries[digest] = Verified(plugin, params, self.clock.seconds(),
                                          self._fingerprint(state))
         self._expire()
-
-    def forget(self, tenant_id, login, password):
-        """Drop the entry of these credentials, if any."""
-        self._entries.pop(self._credentials(tenant_id, login, password), None)
 
     def clear(self):
         """Drop every entry."""
