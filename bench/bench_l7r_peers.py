@@ -743,7 +743,8 @@ def report(args, results, ciphers):
     print()
     print("Beside the figures (medians): cores busy in the window (server, client, backend,"
           " the whole machine and its softirq part: loopback TCP work, charged to whichever"
-          " process); per session: client, PostgreSQL and agent CPU-ms; client CPU-s per GB")
+          " process ran, or to none); per session: client, PostgreSQL and agent CPU-ms;"
+          " client CPU-s per GB")
     for (server, label), rs in sorted(results.items()):
         fs = [figures(label, kind_of(label), r) for r in rs]
         keys = ["server_cores", "client_cores", "backend_cores", "machine_cores",
