@@ -281,6 +281,36 @@ def raw_aes_gcm():
     return wheel, debian
 
 
+def ktls_findings():
+    """
+    Whether kernel TLS could be used here: the kernel's TLS ULP, Debian's
+    OpenSSL (the stdlib's) built with it, Python's option for it. One line each.
+    """
+    import socket
+    lines = []
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        with socket.create_connection(listener.getsockname()) as c:
+            try:
+                c.setsockopt(socket.IPPROTO_TCP, 31, b"tls")      # TCP_ULP
+                lines.append("kernel: the tls ULP is there (kTLS possible)")
+            except OSError as e:
+                lines.append(f"kernel: setsockopt(TCP_ULP, 'tls') fails: {e.strerror} "
+                             "(no CONFIG_TLS, or its module is not loaded)")
+    try:
+        done = subprocess.run(["openssl", "s_client", "-help"], capture_output=True, text=True,
+                              timeout=10)
+        built = "-ktls" in done.stdout + done.stderr
+        lines.append(f"Debian's OpenSSL ({ssl.OPENSSL_VERSION}): "
+                     + ("built with ktls" if built else "built without ktls (no -ktls option)"))
+    except OSError:
+        pass
+    lines.append("Python's ssl: " + ("has OP_ENABLE_KTLS" if hasattr(ssl, "OP_ENABLE_KTLS")
+                                      else f"no OP_ENABLE_KTLS ({sys.version.split()[0]}; 3.12+)"))
+    return lines
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gb", type=float, default=1.0, help="GB per binding and pattern")
@@ -322,6 +352,8 @@ def main():
                for k, v in rounds.items()}
     wheel, debian = raw_aes_gcm()
     print()
+    for line in ktls_findings():
+        print("kTLS: " + line)
     print(f"CPU-s per GB through the server side, TLS {args.tls}, {args.gb:g} GB each "
           f"(median of {args.rounds} rounds; ratio: stdlib / pyopenssl-twisted)")
     names = list(bindings)
