@@ -794,6 +794,9 @@ def main():
     multiprocessing.set_start_method("fork")
     wanted = args.scenarios.split(",") if args.scenarios else [s[0] for s in SCENARIOS]
     servers = [s for s in ("haproxy", "qvd") if args.only in (None, s)]
+    # Ctrl-C (also when started with SIGINT ignored, as from a script's "&") and
+    # SIGTERM both unwind through Bench.close.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     results, ciphers = {}, {}
     with Bench(args) as bench:
