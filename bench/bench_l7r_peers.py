@@ -223,12 +223,18 @@ def request_for(who):
             f"Connection: Upgrade\r\nUpgrade: QVD/1.0\r\n\r\n").encode()
 
 
-def open_stream(port, ctx, who):
+#: The client addresses the streams and sessions come from, in turn (--sources).
+SOURCES = ["127.0.0.1"]
+
+
+def open_stream(port, ctx, who, slot=0):
     """
     A TLS connection through to the backend (for qvd: after the 101), the
     greeting sent; (socket, bytes already read past the HTTP answer).
+    C{slot} chooses the client address (L{SOURCES}).
     """
-    raw = socket.create_connection(("127.0.0.1", port), timeout=60)
+    raw = socket.create_connection(("127.0.0.1", port), timeout=60,
+                                   source_address=(SOURCES[slot % len(SOURCES)], 0))
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     s = ctx.wrap_socket(raw)
     rest = b""
@@ -280,7 +286,7 @@ def client_proc(kind, port, version, whos, counts, slot0, stop, ready, errors, i
 
     def stream(i, who):
         try:
-            s, rest = open_stream(port, ctx, who[0] if who else None)
+            s, rest = open_stream(port, ctx, who[0] if who else None, slot0 + i)
         except Exception as e:
             error(f"stream setup: {e!r}")
             ready[slot0 + i] = -1
@@ -311,7 +317,8 @@ def client_proc(kind, port, version, whos, counts, slot0, stop, ready, errors, i
         k = 0
         while not stop[0]:
             try:
-                s, rest = open_stream(port, ctx, who[k % len(who)] if who else None)
+                s, rest = open_stream(port, ctx, who[k % len(who)] if who else None,
+                                      slot0 + i + k)
                 with s:
                     if k == 0 and i == 0:
                         info.put(s.version() + " " + s.cipher()[0])
@@ -703,8 +710,9 @@ def report(args, results, ciphers):
     print()
     print(f"{os.cpu_count()} CPUs, {args.runs} run(s) of {args.seconds:g} s per figure, "
           f"{args.n} streams, bulk direction {args.direction}, "
-          f"{args.client_procs} client processes; medians (ratio: median of the per-run "
-          f"qvd/HAProxy ratios)")
+          f"{args.client_procs} client processes from {len(SOURCES)} addresses, L7R workers "
+          f"{'l7r.workers default' if args.workers is None else args.workers}; medians (ratio: "
+          f"median of the per-run qvd/HAProxy ratios)")
     for server in servers:
         print(f"  {server}: " + ", ".join(f"{label} {c}" for label, c in ciphers.get(server, {}).items()))
     rows = [
@@ -777,11 +785,16 @@ def main():
     parser.add_argument("--client-procs", type=int, default=4, help="client processes")
     parser.add_argument("--haproxy-threads", type=int, default=None,
                         help="HAProxy's nbthread (default: its own, one per CPU)")
+    parser.add_argument("--sources", type=int, default=8,
+                        help="client addresses 127.0.0.1..N the connections come from in turn, "
+                             "as users come from many (default 8; the L7R's workers are "
+                             "chosen by client address)")
     parser.add_argument("--workers", type=int, default=None,
                         help="the L7R's l7r.workers (when the L7R has the setting)")
     parser.add_argument("--backend", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--vma", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    SOURCES[:] = [f"127.0.0.{i}" for i in range(1, max(1, args.sources) + 1)]
     if args.backend:
         return backend_main()
     if args.vma:
