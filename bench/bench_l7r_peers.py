@@ -16,6 +16,8 @@ run (the median of the per-run ratios):
   the L7R gets them). Not counted: the backend, the agent, PostgreSQL (shown
   apart, per session), the clients (shown apart);
 - aggregate MB/s with N streams;
+- resident memory per session (the tree's RSS with C{--idle} sessions held
+  open without traffic, less before) and CPU while they idle;
 - CPU-ms per new session and new sessions/s with 50 concurrent clients: a
   session is a new TCP connection, the TLS handshake, for qvd the
   C{connect_to_vm} request through the 101, the NX greeting, the backend's
@@ -108,6 +110,24 @@ def tree_cpu(*roots):
         total += cpu[pid]
         todo += children.get(pid, [])
     return total / CLK
+
+
+def tree_rss(root):
+    """Resident bytes of C{root} and all its descendants (VmRSS summed)."""
+    parents = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                parents[int(name)] = _stat(name)[0]
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        todo += [p for p, pp in parents.items() if pp == pid]
+    return total
 
 
 def machine_cpu():
@@ -297,7 +317,10 @@ def client_proc(kind, port, version, whos, counts, slot0, stop, ready, errors, i
         ready[slot0 + i] = 1
         try:
             with s:
-                if kind == "down":
+                if kind == "idle":
+                    while not stop[0]:
+                        time.sleep(0.2)
+                elif kind == "down":
                     buf = bytearray(READ_SIZE)
                     while not stop[0]:
                         n = s.recv_into(buf)
@@ -599,9 +622,12 @@ class Bench:
         """
         args = self.args
         root, ports = self.server(server)
-        port = ports[kind]
+        port = ports["session" if kind == "idle" else kind]
+        rss_before = tree_rss(root)
         if server == "qvd":
-            if kind == "session":
+            if kind == "idle":
+                whos = [[vm] for vm in self.make_vms(streams, "session", auth)]
+            elif kind == "session":
                 whos = [self.make_vms(VMS_PER_SESSION_CLIENT, kind, auth) for _ in range(streams)]
             else:
                 whos = [[vm] for vm in self.make_vms(streams, kind, auth)]
@@ -623,10 +649,10 @@ class Bench:
             proc.start()
             slot += len(mine)
         try:
-            deadline = time.monotonic() + 120
+            deadline = time.monotonic() + (600 if kind == "idle" else 120)
             while sum(1 for r in ready if r) < streams:
                 if time.monotonic() > deadline:
-                    raise SystemExit(f"{server} {kind}: streams not set up within 120 s")
+                    raise SystemExit(f"{server} {kind}: streams not set up in time")
                 time.sleep(0.05)
             failed = sum(1 for r in ready if r < 0)
             time.sleep(args.warmup)
@@ -641,6 +667,7 @@ class Bench:
             a = snapshot()
             time.sleep(args.seconds)
             b = snapshot()
+            rss_after = tree_rss(root)
         finally:
             stop[0] = 1
             for c in clients:
@@ -657,7 +684,8 @@ class Bench:
         result = {"wall": wall, "count": done, "server_cpu": b[2] - a[2],
                   "client_cpu": b[3] - a[3],
                   "others": {k: b[4][k] - a[4][k] for k in b[4]},
-                  "errors": errs, "failed_streams": failed, "cipher": cipher}
+                  "errors": errs, "failed_streams": failed, "cipher": cipher,
+                  "streams": streams, "rss_delta": rss_after - rss_before}
         if server == "qvd":
             time.sleep(0.5)             # the sessions' release, before the next phase
         return result
@@ -673,13 +701,19 @@ SCENARIOS = [
     ("sessions pw", "session", SESSION_CLIENTS, "1.3", "password"),
     ("N streams 1.2", "bulk", None, "1.2", "token"),
     ("sessions 1.2", "session", SESSION_CLIENTS, "1.2", "token"),
+    ("idle", "idle", None, "1.3", "token"),
 ]
 
 
 def figures(label, kind, r):
     """The printed figures of one measurement."""
     out = {}
-    if kind == "bulk":
+    if kind == "idle":
+        held = r["streams"] - r["failed_streams"]
+        out["kib_per_session"] = r["rss_delta"] / 1024 / held if held else float("nan")
+        out["idle_cpu_ms_per_s"] = 1e3 * r["server_cpu"] / r["wall"]
+        out["failed_sessions"] = r["failed_streams"]
+    elif kind == "bulk":
         gb = r["count"] / 1e9
         out["cpu_s_per_gb"] = r["server_cpu"] / gb if gb else float("nan")
         out["mb_s"] = r["count"] / 1e6 / r["wall"]
@@ -727,6 +761,9 @@ def report(args, results, ciphers):
         ("new sessions/s, 50 clients, password, TLS 1.3", "sessions pw", "sessions_s", "{:.1f}"),
         ("CPU-ms per new session, token, TLS 1.2", "sessions 1.2", "cpu_ms_per_session", "{:.2f}"),
         ("new sessions/s, 50 clients, token, TLS 1.2", "sessions 1.2", "sessions_s", "{:.0f}"),
+        (f"RSS KiB per session, {args.idle} idle sessions", "idle", "kib_per_session", "{:.1f}"),
+        (f"CPU-ms per s, {args.idle} idle sessions", "idle", "idle_cpu_ms_per_s", "{:.1f}"),
+        (f"sessions not set up, of {args.idle}", "idle", "failed_sessions", "{:.0f}"),
     ]
     width = max(len(r[0]) for r in rows) + 2
     print()
@@ -768,6 +805,8 @@ def report(args, results, ciphers):
 
 
 def kind_of(label):
+    if label == "idle":
+        return "idle"
     return "session" if label.startswith("sessions") else "bulk"
 
 
@@ -785,6 +824,8 @@ def main():
     parser.add_argument("--client-procs", type=int, default=4, help="client processes")
     parser.add_argument("--haproxy-threads", type=int, default=None,
                         help="HAProxy's nbthread (default: its own, one per CPU)")
+    parser.add_argument("--idle", type=int, default=5000,
+                        help="sessions held open without traffic in the 'idle' scenario")
     parser.add_argument("--sources", type=int, default=8,
                         help="client addresses 127.0.0.1..N the connections come from in turn, "
                              "as users come from many (default 8; the L7R's workers are "
@@ -821,7 +862,9 @@ def main():
                 for server in servers:
                     if auth == "password" and server == "haproxy":
                         continue
-                    k = args.direction if kind == "bulk" else "session"
+                    k = args.direction if kind == "bulk" else kind
+                    if kind == "idle":
+                        streams = args.idle
                     r = bench.measure(server, k, streams or args.n, version, auth)
                     results.setdefault((server, label), []).append(r)
                     ciphers.setdefault(server, {})[f"TLS {version}"] = r["cipher"]
