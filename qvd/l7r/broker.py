@@ -305,11 +305,11 @@ class Broker:
         session.step("assigned")
         row = await self.start_and_wait(session, row)
         session.step("vm_running")
-        token = await self.vm_token(auth, vm_id)
+        token, properties = await self.token_and_properties(auth, vm_id)
         params = dict(client_params)
         params["auth_token"] = token
         params["host_address"] = host_address
-        params.update(await self.combined_properties(vm_id))
+        params.update(properties)
         params.update(auth.params)
         params["qvd.slave.key"] = key = slave_key()
         # A new NX cookie for every connection (a resume too: nxagent reads
@@ -486,39 +486,39 @@ class Broker:
             self.db, auth, now=time.time(), lifetime=self.settings.token_lifetime,
             multi_use=multi_use, vm_id=vm_id)
 
-    async def vm_token(self, auth, vm_id):
+    async def token_and_properties(self, auth, vm_id):
         """
-        The token passed to the VMA as C{auth_token}: the auth parameters and
-        a token for this VM, stored in one statement (no transaction to retry).
+        The token passed to the VMA as C{auth_token} (the auth parameters and
+        a token for this VM, stored) and the VM's properties (L{PROPERTIES}),
+        in one statement: (token, {key: value}).
         """
         token = secrets.token_urlsafe(32)
-        await self.db.runOperation(
-            "WITH p AS (INSERT INTO user_auth_parameters (parameters) VALUES (%s) RETURNING id)"
-            " INSERT INTO user_tokens (token, user_id, vm_id, expiration, auth_params_id, multi_use)"
-            " SELECT %s, %s, %s, %s, p.id, true FROM p",
-            (Json(dict(auth.params)), token, auth.user_id, vm_id,
-             int(time.time()) + self.settings.token_lifetime))
-        return token
+        rows = await self.db.runQuery(
+            "WITH p AS (INSERT INTO user_auth_parameters (parameters) VALUES (%(params)s)"
+            " RETURNING id),"
+            " t AS (INSERT INTO user_tokens (token, user_id, vm_id, expiration, auth_params_id,"
+            " multi_use) SELECT %(token)s, %(user)s, %(vm)s, %(expiration)s, p.id, true FROM p)"
+            " " + self.PROPERTIES,
+            {"params": Json(dict(auth.params)), "token": token, "user": auth.user_id,
+             "vm": vm_id, "expiration": int(time.time()) + self.settings.token_lifetime})
+        return token, {key: value for key, value, _ in rows}
 
     def store_auth_params(self, auth):
         return tokens.store_auth_parameters(self.db, auth.params)
 
-    async def combined_properties(self, vm_id):
-        """
-        The VM's properties: OSF < DI < user < VM, later wins (reference 2.4).
-        """
-        rows = await self.db.runQuery(
-            "SELECT pl.key, p.value, 1 AS rank FROM vms v JOIN osf_properties p ON p.osf_id = v.osf_id"
-            " JOIN properties_list pl ON pl.id = p.property_id WHERE v.id = %(vm)s"
-            " UNION ALL SELECT pl.key, p.value, 2 FROM vm_runtimes r"
-            " JOIN di_properties p ON p.di_id = r.current_di_id"
-            " JOIN properties_list pl ON pl.id = p.property_id WHERE r.vm_id = %(vm)s"
-            " UNION ALL SELECT pl.key, p.value, 3 FROM vms v JOIN user_properties p ON p.user_id = v.user_id"
-            " JOIN properties_list pl ON pl.id = p.property_id WHERE v.id = %(vm)s"
-            " UNION ALL SELECT pl.key, p.value, 4 FROM vm_properties p"
-            " JOIN properties_list pl ON pl.id = p.property_id WHERE p.vm_id = %(vm)s"
-            " ORDER BY 3", {"vm": vm_id})
-        return {key: value for key, value, _ in rows}
+    #: The VM's properties, OSF < DI < user < VM, later wins (reference 2.4):
+    #: (key, value, rank) rows of VM C{%(vm)s}.
+    PROPERTIES = (
+        "SELECT pl.key, p.value, 1 AS rank FROM vms v JOIN osf_properties p ON p.osf_id = v.osf_id"
+        " JOIN properties_list pl ON pl.id = p.property_id WHERE v.id = %(vm)s"
+        " UNION ALL SELECT pl.key, p.value, 2 FROM vm_runtimes r"
+        " JOIN di_properties p ON p.di_id = r.current_di_id"
+        " JOIN properties_list pl ON pl.id = p.property_id WHERE r.vm_id = %(vm)s"
+        " UNION ALL SELECT pl.key, p.value, 3 FROM vms v JOIN user_properties p ON p.user_id = v.user_id"
+        " JOIN properties_list pl ON pl.id = p.property_id WHERE v.id = %(vm)s"
+        " UNION ALL SELECT pl.key, p.value, 4 FROM vm_properties p"
+        " JOIN properties_list pl ON pl.id = p.property_id WHERE p.vm_id = %(vm)s"
+        " ORDER BY 3")
 
     async def start_x(self, session, vma, params):
         vm_id = session.vm_id
