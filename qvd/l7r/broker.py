@@ -360,7 +360,8 @@ class Broker:
             # conflict (SERIALIZABLE failed them on shared index pages).
             try:
                 verdict, found = await self.store.claim(vm_id, session.id, self.claimant(),
-                                                        self.settings.claim_max_age, user_id)
+                                                        self.settings.claim_max_age, user_id,
+                                                        getattr(session.conn, "peer_ip", None))
             except LookupError as e:
                 raise BrokerError(str(e))
             if verdict != "held":

@@ -13,6 +13,11 @@ on NOTIFY C{qvd_config_changed} (ssl_configs changed); new connections use the
 new one, live sessions are kept. A bad new certificate is logged and the old
 one kept.
 
+Connections from the load balancers of C{l7r.proxy_protocol.from} start
+with a PROXY header (L{qvd.l7r.proxyheader}, outside the connection caps
+and TLS): the client address it names is the connection's peer for the
+caps and the whole L7R.
+
 The configuration is the node's under the database's layers
 (L{qvd.config.live}), read before anything else and followed while running:
 a change of a C{live} key (docs/config.md) applies to the next request or
@@ -38,6 +43,7 @@ from qvd.l7r.auth.hashpool import HashPool
 from qvd.l7r.auth.interfaces import IAuthenticator
 from qvd.l7r.broker import BrokerSettings
 from qvd.l7r.limits import CappedFactory, ConnectionCaps
+from qvd.l7r.proxyheader import BalancerConfigError, Balancers, ProxyHeaderFactory
 from qvd.l7r.server import L7R, L7RFactory, ServerSettings
 
 log = Logger()
@@ -95,6 +101,7 @@ class L7RService(service.Service):
         self.workers = workers
         self.on_ready = on_ready
         self.port = None
+        self.proxy_headers = None
         self.context_factory = None
         self._stamps = None
         self._reload_loop = None
@@ -110,7 +117,7 @@ class L7RService(service.Service):
     def _failed(self, failure):
         if failure.check(defer.CancelledError) and self._stopping:
             return      # stopped while it waited for the database
-        if failure.check(tls.TLSConfigError, roles.SuperuserRefused):
+        if failure.check(tls.TLSConfigError, roles.SuperuserRefused, BalancerConfigError):
             log.critical("the L7R cannot start: {error}", error=failure.getErrorMessage())
         elif failure.check(net_error.CannotListenError):
             e = failure.value
@@ -174,6 +181,11 @@ class L7RService(service.Service):
         self.caps = ConnectionCaps(config.getint("l7r.connections.per_address"),
                                    self._share(config.getint("l7r.connections.max")))
         factory = CappedFactory(factory, self.caps, self.reactor)
+        # Outside the caps: a balancer's connection is capped by the client
+        # address its PROXY header names.
+        factory = self.proxy_headers = ProxyHeaderFactory(
+            factory, Balancers.from_config(config), self.reactor,
+            config.getfloat("l7r.proxy_protocol.timeout"))
         if self.adopt is not None:
             fd, family = self.adopt
             self.port = self.reactor.adoptStreamPort(fd, family, factory)
@@ -183,7 +195,9 @@ class L7RService(service.Service):
         # A worker's supervisor says "L7R listening" once all its workers accept.
         log.info("L7R {what} on {address} ({tls})", address=self.port.getHost(),
                  what="listening" if self.adopt is None else "worker accepting",
-                 tls="TLS" if use_tls else "no TLS")
+                 tls=("TLS" if use_tls else "no TLS") + (
+                     f", PROXY protocol from {', '.join(map(str, headers.networks))}"
+                     if (headers := self.proxy_headers.balancers) else ""))
         if self.on_ready is not None:
             self.on_ready()
 
@@ -219,6 +233,14 @@ class L7RService(service.Service):
         if caps is not None:
             caps.per_address = config.getint("l7r.connections.per_address")
             caps.total = self._share(config.getint("l7r.connections.max"))
+        headers = self.proxy_headers
+        if headers is not None:
+            try:
+                headers.balancers = Balancers.from_config(config)
+            except BalancerConfigError as e:
+                log.error("the new l7r.proxy_protocol.from is not used (the old one "
+                          "stays): {error}", error=e)
+            headers.timeout = config.getfloat("l7r.proxy_protocol.timeout")
         log.info("configuration reloaded from the database")
         if self.context_factory is not None:
             self.reload_tls()

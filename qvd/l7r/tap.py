@@ -80,7 +80,7 @@ def makeService(options):
         from qvd.l7r._sockets import SocketError, reuseport_sockets
         from qvd.l7r.workers import L7RWorkers
         try:
-            sockets = reuseport_sockets(*address, count, config.get("l7r.workers.spread"))
+            sockets = reuseport_sockets(*address, count, worker_spread(config))
         except SocketError as e:
             raise SystemExit(f"qvd-l7r: {e}")
         except OSError as e:
@@ -95,3 +95,16 @@ def worker_count(config):
     if count < 0:
         raise SystemExit(f"qvd-l7r: l7r.workers must be 0 (one per core) or more, not {count}")
     return count or len(os.sched_getaffinity(0))
+
+
+def worker_spread(config):
+    """
+    C{l7r.workers.spread}, with C{auto} decided: C{connection} behind a
+    balancer sending the PROXY protocol (all its connections come from its
+    own address), else C{address}.
+    """
+    spread = config.get("l7r.workers.spread")
+    if spread != "auto":
+        return spread
+    balancers = [v for v in config.getlist("l7r.proxy_protocol.from") if v.strip()]
+    return "connection" if balancers else "address"

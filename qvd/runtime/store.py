@@ -38,11 +38,11 @@ _STOPPED_RESET = (
     " vm_expiration_soft = NULL, vm_expiration_hard = NULL,"
     " current_di_id = NULL, vma_ok_ts = NULL")
 
-#: the session columns of a claim by (host, pid, session, user); the user
-#: is kept when not given
+#: the session columns of a claim by (host, pid, session, user, address); user and address are
+#: kept when not given
 _CLAIMED = ("user_state = 'connecting', user_state_ts = now(),"
             " l7r_host_id = %s, l7r_pid = %s, l7r_session = %s, user_cmd = NULL,"
-            " real_user_id = coalesce(%s, real_user_id)")
+            " real_user_id = coalesce(%s, real_user_id), user_ip = coalesce(%s, user_ip)")
 
 #: the session columns of a row set back to "nobody's" (release, reset)
 _NO_SESSION = ("user_state = 'disconnected', user_cmd = NULL,"
@@ -52,11 +52,13 @@ _NO_SESSION = ("user_state = 'disconnected', user_cmd = NULL,"
 class IRuntimeStore(Interface):
     """The session and start statements, for the daemons (Deferreds)."""
 
-    def claim(vm_id, session_id, claimant, claim_max_age, user_id=None):
+    def claim(vm_id, session_id, claimant, claim_max_age, user_id=None, user_ip=None):
         """
         Claim VM C{vm_id}'s session for C{session_id} of C{claimant} (a
         L{qvd.runtime.session.Claimant}), for user C{user_id} (the row's
-        C{real_user_id}), when L{claim_verdict} allows it.
+        C{real_user_id}) connecting from address C{user_ip} (the row's
+        C{user_ip}, kept after the session as its last client), when
+        L{claim_verdict} allows it.
         Fire with (verdict, the L{Claim} found): claimed (C{connecting})
         unless the verdict is C{'held'}, and then the live session that
         holds it was told to abort. C{LookupError} when the VM does not exist.
@@ -161,7 +163,7 @@ def run_blocking(coroutine):
 
 # -- the statements -----------------------------------------------------------
 
-async def claim_free_in(ex, vm_id, session_id, claimant, user_id=None):
+async def claim_free_in(ex, vm_id, session_id, claimant, user_id=None, user_ip=None):
     """
     Claim the session of VM C{vm_id} if nobody holds it, in one statement
     (the everyday login: one round trip); True when claimed. The row lock
@@ -171,10 +173,11 @@ async def claim_free_in(ex, vm_id, session_id, claimant, user_id=None):
     return bool(await ex.rows(
         f"UPDATE vm_runtimes SET {_CLAIMED}"
         " WHERE vm_id = %s AND user_state = 'disconnected' RETURNING vm_id",
-        (claimant.host_id, claimant.pid, session_id, user_id, vm_id)))
+        (claimant.host_id, claimant.pid, session_id, user_id, user_ip or None, vm_id)))
 
 
-async def claim_in(ex, vm_id, session_id, claimant, claim_max_age, user_id=None):
+async def claim_in(ex, vm_id, session_id, claimant, claim_max_age, user_id=None,
+                   user_ip=None):
     """L{IRuntimeStore.claim}, inside the caller's transaction (READ COMMITTED:
     the row lock serialises contenders for one VM)."""
     found = await ex.rows(
@@ -191,7 +194,7 @@ async def claim_in(ex, vm_id, session_id, claimant, claim_max_age, user_id=None)
     else:
         await ex.rows(
             f"UPDATE vm_runtimes SET {_CLAIMED} WHERE vm_id = %s RETURNING vm_id",
-            (claimant.host_id, claimant.pid, session_id, user_id, vm_id))
+            (claimant.host_id, claimant.pid, session_id, user_id, user_ip or None, vm_id))
     return verdict, claim
 
 
@@ -466,18 +469,18 @@ class RuntimeStore:
     def _one(self, statement, *args):
         return defer.ensureDeferred(statement(self._pool, *args))
 
-    def claim(self, vm_id, session_id, claimant, claim_max_age, user_id=None):
+    def claim(self, vm_id, session_id, claimant, claim_max_age, user_id=None, user_ip=None):
         return defer.ensureDeferred(
-            self._claim(vm_id, session_id, claimant, claim_max_age, user_id))
+            self._claim(vm_id, session_id, claimant, claim_max_age, user_id, user_ip))
 
-    async def _claim(self, vm_id, session_id, claimant, claim_max_age, user_id):
+    async def _claim(self, vm_id, session_id, claimant, claim_max_age, user_id, user_ip):
         # Nobody holds it (the usual case): one statement. Else the claim
         # found is judged under its row lock, in a transaction.
-        if await claim_free_in(self._pool, vm_id, session_id, claimant, user_id):
+        if await claim_free_in(self._pool, vm_id, session_id, claimant, user_id, user_ip):
             return "free", Claim("disconnected")
         return await self.db.transaction(
             lambda cursor: claim_in(TransactionExecutor(cursor), vm_id, session_id, claimant,
-                                    claim_max_age, user_id),
+                                    claim_max_age, user_id, user_ip),
             isolation="READ COMMITTED")
 
     def claim_is_ours(self, vm_id, session_id):

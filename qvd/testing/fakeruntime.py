@@ -60,6 +60,7 @@ class FakeRuntimeStore:
     def add_vm(self, name="vm", di_path="desk.tar", di_blocked=False, **fields):
         vm_id = next(self._ids)
         row = dict(_NOBODY, host_id=None, vm_state="stopped", vm_cmd=None, real_user_id=None,
+                   user_ip=None,
                    user_state_ts=self.now(), name=name, di_path=di_path, di_blocked=di_blocked)
         row.update(fields)
         self.vms[vm_id] = row
@@ -70,7 +71,7 @@ class FakeRuntimeStore:
 
     # -- IRuntimeStore ----------------------------------------------------------
 
-    def claim(self, vm_id, session_id, claimant, claim_max_age, user_id=None):
+    def claim(self, vm_id, session_id, claimant, claim_max_age, user_id=None, user_ip=None):
         row = self.vms.get(vm_id)
         if row is None:
             return defer.fail(LookupError(f"VM {vm_id} does not exist any more"))
@@ -87,6 +88,8 @@ class FakeRuntimeStore:
                        l7r_session=session_id, user_cmd=None)
             if user_id is not None:
                 row["real_user_id"] = user_id
+            if user_ip:
+                row["user_ip"] = user_ip
         return defer.succeed((verdict, claim))
 
     def _abort(self, vm_id):

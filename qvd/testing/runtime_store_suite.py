@@ -43,6 +43,18 @@ class RuntimeStoreTests:
         self.assertFalse((yield self.store.claim_is_ours(vm, "s2")))
 
     @defer.inlineCallbacks
+    def test_claim_records_user_ip(self):
+        """A claim records its client's address, which stays after the release."""
+        node = self.add_host("n1")
+        vm = self.add_vm()
+        yield self.store.claim(vm, "s1", claimant(node), 330, self.user_of(vm), "203.0.113.7")
+        self.assertEqual(self.row(vm)["user_ip"], "203.0.113.7")
+        yield self.store.release(vm, "s1")
+        self.assertEqual(self.row(vm)["user_ip"], "203.0.113.7")
+        yield self.store.claim(vm, "s2", claimant(node, live=("s2",)), 330)
+        self.assertEqual(self.row(vm)["user_ip"], "203.0.113.7")
+
+    @defer.inlineCallbacks
     def test_claim_held_aborts_the_holder(self):
         """A live session of another client: told to abort, its L7R notified; no claim."""
         node = self.add_host("n1")
