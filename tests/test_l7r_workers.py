@@ -213,7 +213,7 @@ class SupervisorTests(unittest.TestCase):
     def test_log_records(self):
         """
         A worker's JSON log records are logged with its index, also when a
-        record arrives in pieces; stderr lines too.
+        record arrives in pieces cut inside a character; stderr lines too.
         """
         from twisted.logger import globalLogPublisher
         events = []
@@ -223,12 +223,14 @@ class SupervisorTests(unittest.TestCase):
         record = ('\x1e{"log_format": "VM {vm}: hello", "vm": 7, "log_namespace": "x",'
                   ' "log_level": {"name": "warn", "__class_uuid__":'
                   ' "02e59486-f24d-46ad-8224-3acdf2a5732a"}, "log_time": 5.0}\n')
-        proto.childDataReceived(1, record[:20].encode())
+        record = record.replace("hello", "h\u00e9llo").encode()
+        cut = record.index("\u00e9".encode()) + 1          # inside the two bytes of é
+        proto.childDataReceived(1, record[:cut])
         self.assertEqual(events, [])
-        proto.childDataReceived(1, record[20:].encode())
+        proto.childDataReceived(1, record[cut:])
         proto.childDataReceived(2, b"boom\n")
         from twisted.logger import LogLevel, formatEvent
         self.assertEqual([formatEvent(e) for e in events],
-                         ["[worker 1] VM 7: hello", "[worker 1] boom"])
+                         ["[worker 1] VM 7: h\u00e9llo", "[worker 1] boom"])
         self.assertEqual(events[0]["log_level"], LogLevel.warn)
         self.assertEqual(events[0]["log_namespace"], "x")

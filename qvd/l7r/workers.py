@@ -55,24 +55,26 @@ class WorkerProtocol(protocol.ProcessProtocol):
         self.index = index
         self.ready = False
         self.ended = defer.Deferred()
-        self._out = ""
-        self._err = ""
+        self._out = b""
+        self._err = b""
 
     def childDataReceived(self, fd, data):
+        # whole lines only: a read may end inside a UTF-8 character
         if fd == 1:
-            self._out += data.decode("utf-8", "replace")
-            *records, self._out = self._out.split("\n")
+            *records, self._out = (self._out + data).split(b"\n")
             for record in records:
-                self._log_record(record)
+                self._log_record(record.decode("utf-8", "replace"))
         elif fd == 2:
-            self._err += data.decode("utf-8", "replace")
-            *lines, self._err = self._err.split("\n")
+            *lines, self._err = (self._err + data).split(b"\n")
             for line in lines:
-                if line.strip():
-                    log.warn("[worker {index}] {line}", index=self.index, line=line)
+                self._log_stderr(line.decode("utf-8", "replace"))
         elif fd == 4 and not self.ready:
             self.ready = True
             self.supervisor.worker_ready(self)
+
+    def _log_stderr(self, line):
+        if line.strip():
+            log.warn("[worker {index}] {line}", index=self.index, line=line)
 
     def _log_record(self, record):
         record = record.strip().lstrip(_RECORD)
@@ -89,7 +91,8 @@ class WorkerProtocol(protocol.ProcessProtocol):
             # Every worker says why it cannot start: the reason once is enough.
             if text in self.supervisor.criticals:
                 return
-            self.supervisor.criticals.add(text)
+            if len(self.supervisor.criticals) < 100:
+                self.supervisor.criticals.add(text)
         failure = event.get("log_failure")
         if failure is not None:
             try:
@@ -103,8 +106,8 @@ class WorkerProtocol(protocol.ProcessProtocol):
             "log_time": event.get("log_time") or self.supervisor.reactor.seconds()})
 
     def processEnded(self, reason):
-        for rest in (self._out,):
-            self._log_record(rest)
+        self._log_record(self._out.decode("utf-8", "replace"))
+        self._log_stderr(self._err.decode("utf-8", "replace"))
         self.status = reason.value.exitCode if reason.check(error.ProcessTerminated) else 0
         self.signal = getattr(reason.value, "signal", None)
         self.supervisor.worker_ended(self)
