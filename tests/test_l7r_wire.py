@@ -371,9 +371,10 @@ class ConnectTests(L7RWireMixin, unittest.TestCase):
         A reconnect to a running VM (the everyday login) costs at most
         ROUND_TRIPS statements to PostgreSQL from the request to the 101
         (15 before the claim became one statement and the VM's row was read
-        once; 8 before the node's and the VM's rows were read together and
-        the token stored with the properties read): node and VM, user,
-        claim, runtime row, token and properties, connected.
+        once; 8 before the node's and the VM's rows were read together, the
+        token stored with the properties read and the row returned by the
+        claim): node and VM, user, claim with the row, token and properties,
+        connected.
         """
         from txpostgres import txpostgres
         c, _, _ = await self.connected()
@@ -398,7 +399,7 @@ class ConnectTests(L7RWireMixin, unittest.TestCase):
             print("   ", " ".join(str(q).split())[:110])
         self.assertLessEqual(len(statements), self.ROUND_TRIPS, statements)
 
-    ROUND_TRIPS = 6
+    ROUND_TRIPS = 5
 
     @d
     async def test_properties_override_params(self):

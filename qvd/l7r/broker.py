@@ -41,7 +41,7 @@ from qvd.l7r.relay import Relay, connect_peer
 from qvd.protocols import http, nx
 from qvd.runtime.session import (
     ENDING, TIMEOUTS, Claim, Claimant, UserSession, claim_verdict)
-from qvd.runtime.store import RuntimeStore
+from qvd.runtime.store import VM_COLUMNS, RuntimeStore
 from qvd._pids import pid_alive
 
 log = Logger()
@@ -296,11 +296,10 @@ class Broker:
         """
         vm_id = session.vm_id
         session.step("connect")
-        await self.takeover(session, auth.user_id)
+        # The VM's row, as the claim left it: assign and start_and_wait decide
+        # on it, and a running VM's address and ports are the agent's and nxagent's.
+        row = await self.takeover(session, auth.user_id)
         session.step("claimed")
-        # The VM's row, read once: assign and start_and_wait decide on it, and
-        # a running VM's address and ports are the agent's and nxagent's.
-        row = await self.vm_row(vm_id)
         await self.assign(session, row)
         session.step("assigned")
         row = await self.start_and_wait(session, row)
@@ -324,19 +323,16 @@ class Broker:
         session.step("x_listening")
         await self.run_forwarder(session, row, key, on_end, cookie)
 
-    _VM_COLUMNS = ("vm_id", "host_id", "vm_state", "vm_cmd", "user_state", "user_cmd",
-                   "l7r_session", "vm_address", "vm_vma_port", "vm_x_port", "vma_secret")
-
     async def vm_row(self, vm_id):
         """
-        The VM's runtime row (L{_VM_COLUMNS}) plus its C{name}, as a dict.
+        The VM's runtime row and name (L{qvd.runtime.store.VM_COLUMNS}), as a dict.
         """
         rows = await self.db.runQuery(
-            "SELECT " + ", ".join("r." + c for c in self._VM_COLUMNS) + ", v.name"
+            "SELECT " + ", ".join("r." + c for c in VM_COLUMNS[:-1]) + ", v.name"
             " FROM vm_runtimes r JOIN vms v ON v.id = r.vm_id WHERE r.vm_id = %s", (vm_id,))
         if not rows:
             raise BrokerError(f"VM {vm_id} does not exist any more")
-        return dict(zip(self._VM_COLUMNS + ("name",), rows[0]))
+        return dict(zip(VM_COLUMNS, rows[0]))
 
     def claimant(self):
         """This process as a claimant of VMs (L{claim_verdict})."""
@@ -347,7 +343,8 @@ class Broker:
     async def takeover(self, session, user_id=None):
         """
         Claim the VM's session for user C{user_id} (C{real_user_id}),
-        aborting a contending one (reference 1.5).
+        aborting a contending one (reference 1.5); return the VM's row as the
+        claim left it (L{qvd.runtime.store.VM_COLUMNS}).
         """
         vm_id = session.vm_id
         deadline = session.deadline("claiming")
@@ -359,9 +356,9 @@ class Broker:
             # each other's committed claim; claims of different VMs never
             # conflict (SERIALIZABLE failed them on shared index pages).
             try:
-                verdict, found = await self.store.claim(vm_id, session.id, self.claimant(),
-                                                        self.settings.claim_max_age, user_id,
-                                                        getattr(session.conn, "peer_ip", None))
+                verdict, found, row = await self.store.claim(
+                    vm_id, session.id, self.claimant(), self.settings.claim_max_age, user_id,
+                    getattr(session.conn, "peer_ip", None))
             except LookupError as e:
                 raise BrokerError(str(e))
             if verdict != "held":
@@ -369,7 +366,7 @@ class Broker:
                     log.info("VM {vm}: taking over a claim ({verdict}: {claim})",
                              vm=vm_id, verdict=verdict, claim=found)
                 session.tell(f"Session acquired for VM_ID: {vm_id}")
-                return
+                return row
             log.info("VM {vm}: session held ({state}) by L7R {host}/{pid}; aborting it",
                      vm=vm_id, state=found.user_state, host=found.l7r_host_id,
                      pid=found.l7r_pid)

@@ -49,6 +49,15 @@ _NO_SESSION = ("user_state = 'disconnected', user_cmd = NULL,"
                " l7r_host_id = NULL, l7r_pid = NULL, l7r_session = NULL")
 
 
+#: The columns of a VM's runtime row that a session works with, and the
+#: VM's name: the row L{IRuntimeStore.claim} fires with.
+VM_COLUMNS = ("vm_id", "host_id", "vm_state", "vm_cmd", "user_state", "user_cmd",
+              "l7r_session", "vm_address", "vm_vma_port", "vm_x_port", "vma_secret", "name")
+
+_CLAIM_RETURNING = (" FROM vms v WHERE v.id = r.vm_id AND r.vm_id = %s{condition} RETURNING "
+                    + ", ".join(f"r.{c}" for c in VM_COLUMNS[:-1]) + ", v.name")
+
+
 class IRuntimeStore(Interface):
     """The session and start statements, for the daemons (Deferreds)."""
 
@@ -59,9 +68,11 @@ class IRuntimeStore(Interface):
         C{real_user_id}) connecting from address C{user_ip} (the row's
         C{user_ip}, kept after the session as its last client), when
         L{claim_verdict} allows it.
-        Fire with (verdict, the L{Claim} found): claimed (C{connecting})
-        unless the verdict is C{'held'}, and then the live session that
-        holds it was told to abort. C{LookupError} when the VM does not exist.
+        Fire with (verdict, the L{Claim} found, the VM's row after the
+        claim as a dict of L{VM_COLUMNS}): claimed (C{connecting}) unless
+        the verdict is C{'held'}, and then the live session that holds it
+        was told to abort (and the row is None). C{LookupError} when the VM
+        does not exist.
         """
 
     def claim_is_ours(vm_id, session_id):
@@ -166,14 +177,16 @@ def run_blocking(coroutine):
 async def claim_free_in(ex, vm_id, session_id, claimant, user_id=None, user_ip=None):
     """
     Claim the session of VM C{vm_id} if nobody holds it, in one statement
-    (the everyday login: one round trip); True when claimed. The row lock
-    of the UPDATE serialises contenders, and its condition is checked again
-    on the row a concurrent claim left.
+    (the everyday login: one round trip); the VM's row after it
+    (L{VM_COLUMNS}) when claimed, else None. The row lock of the UPDATE
+    serialises contenders, and its condition is checked again on the row a
+    concurrent claim left.
     """
-    return bool(await ex.rows(
-        f"UPDATE vm_runtimes SET {_CLAIMED}"
-        " WHERE vm_id = %s AND user_state = 'disconnected' RETURNING vm_id",
-        (claimant.host_id, claimant.pid, session_id, user_id, user_ip or None, vm_id)))
+    rows = await ex.rows(
+        f"UPDATE vm_runtimes r SET {_CLAIMED}"
+        + _CLAIM_RETURNING.format(condition=" AND r.user_state = 'disconnected'"),
+        (claimant.host_id, claimant.pid, session_id, user_id, user_ip or None, vm_id))
+    return dict(zip(VM_COLUMNS, rows[0])) if rows else None
 
 
 async def claim_in(ex, vm_id, session_id, claimant, claim_max_age, user_id=None,
@@ -191,11 +204,11 @@ async def claim_in(ex, vm_id, session_id, claimant, claim_max_age, user_id=None,
     verdict = claim_verdict(claim, claimant, claim_max_age)
     if verdict == "held":
         await abort_session_in(ex, vm_id)
-    else:
-        await ex.rows(
-            f"UPDATE vm_runtimes SET {_CLAIMED} WHERE vm_id = %s RETURNING vm_id",
-            (claimant.host_id, claimant.pid, session_id, user_id, user_ip or None, vm_id))
-    return verdict, claim
+        return verdict, claim, None
+    rows = await ex.rows(
+        f"UPDATE vm_runtimes r SET {_CLAIMED}" + _CLAIM_RETURNING.format(condition=""),
+        (claimant.host_id, claimant.pid, session_id, user_id, user_ip or None, vm_id))
+    return verdict, claim, dict(zip(VM_COLUMNS, rows[0]))
 
 
 async def abort_session_in(ex, vm_id):
@@ -476,8 +489,9 @@ class RuntimeStore:
     async def _claim(self, vm_id, session_id, claimant, claim_max_age, user_id, user_ip):
         # Nobody holds it (the usual case): one statement. Else the claim
         # found is judged under its row lock, in a transaction.
-        if await claim_free_in(self._pool, vm_id, session_id, claimant, user_id, user_ip):
-            return "free", Claim("disconnected")
+        row = await claim_free_in(self._pool, vm_id, session_id, claimant, user_id, user_ip)
+        if row is not None:
+            return "free", Claim("disconnected"), row
         return await self.db.transaction(
             lambda cursor: claim_in(TransactionExecutor(cursor), vm_id, session_id, claimant,
                                     claim_max_age, user_id, user_ip),
