@@ -41,7 +41,9 @@ FAST = {
     "hkd.vm.expiration.interval": "0.2",
     "hkd.l7r.check.interval": "0.2",
     "hkd.cluster.check.interval": "0.2",
-    "hkd.cluster.node.timeout": "2",
+    "hkd.lease.seconds": "5",
+    "hkd.lease.fence.margin": "1",
+    "hkd.lease.release.margin": "0.5",
     "database.listen.keepalive": "0.5",
     "path.storage.images": "/nonexistent/images",
     # this process's own nftables table, removed at exit (tests kill HKDs)

@@ -248,12 +248,13 @@ class ClusterTests(HKDTestMixin, pg.DatabaseTestMixin, unittest.TestCase):
 
     def lost_node(self):
         """
-        A second node whose heartbeat is old, running a VM with a connected
-        session through its own L7R.
+        A second node whose lease ran out an hour ago, running a VM with a
+        connected session through its own L7R.
         """
         other = self.add_host("node2")
-        self.query("INSERT INTO host_runtimes (host_id, state, ok_ts) VALUES"
-                   " (%s, 'running', now() - interval '1 hour')", (other,))
+        self.query("INSERT INTO host_runtimes (host_id, state, ok_ts, lease_expires) VALUES"
+                   " (%s, 'running', now() - interval '1 hour', now() - interval '1 hour')",
+                   (other,))
         vm = self.add_vm("bob")
         self.query("UPDATE vm_runtimes SET host_id = %s, vm_state = 'running',"
                    " vm_address = '10.8.0.1', user_state = 'connected',"
@@ -299,15 +300,17 @@ class ClusterTests(HKDTestMixin, pg.DatabaseTestMixin, unittest.TestCase):
 
     async def test_fence(self):
         """
-        With hkd.ticker.fence, a node whose heartbeats fail for that long
-        kills its VMs (another node may start them).
+        A node that cannot renew its lease for hkd.lease.seconds minus
+        hkd.lease.fence.margin kills its VMs (another node may start them
+        once the lease has run out).
         """
         host = self.add_host()
         vm = self.add_vm()
-        hkd = await self.start_hkd(host, config=hkd_config(hkd__ticker__fence=0.5))
+        hkd = await self.start_hkd(host, config=hkd_config(hkd__lease__seconds=1.5,
+                                                           hkd__lease__fence__margin=0.5))
         self.command(vm, "start", host)
         await self.wait_state(vm, "running")
-        hkd.store.tick = lambda pid: defer.fail(RuntimeError("database unreachable (test)"))
+        hkd.store.tick = lambda pid, lease=0: defer.fail(RuntimeError("database unreachable (test)"))
         await self.until(lambda: not hkd.hv.running, what="VM killed by the fence")
         self.flushLoggedErrors(RuntimeError)
 
