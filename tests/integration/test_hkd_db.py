@@ -314,6 +314,67 @@ class ClusterTests(HKDTestMixin, pg.DatabaseTestMixin, unittest.TestCase):
         await self.until(lambda: not hkd.hv.running, what="VM killed by the fence")
         self.flushLoggedErrors(RuntimeError)
 
+    async def test_lost_only_after_lease_and_margin(self):
+        """
+        The monitor declares a node lost only once its lease ran out more
+        than hkd.lease.release.margin ago (database clock): not while it runs,
+        not within the margin, never without a lease; a stopped node is lost
+        only while it still holds VMs.
+        """
+        host = self.add_host()
+        nodes = {}
+        for name, state, lease, holds in [
+                ("valid", "running", "now() + interval '5 s'", False),
+                ("margin", "running", "now() - interval '0.2 s'", False),
+                ("nolease", "running", "NULL", False),
+                ("expired", "running", "now() - interval '3 s'", False),
+                ("stopped", "stopped", "now() - interval '3 s'", False),
+                ("stopped_vms", "stopped", "now() - interval '3 s'", True)]:
+            other = self.add_host(name)
+            self.query("INSERT INTO host_runtimes (host_id, state, lease_expires) VALUES"
+                       f" (%s, %s, {lease})", (other, state))
+            if holds:
+                vm = self.add_vm(f"u{name}")
+                self.query("UPDATE vm_runtimes SET host_id = %s, vm_state = 'running'"
+                           " WHERE vm_id = %s", (other, vm))
+            nodes[name] = other
+        await self.start_hkd(host, config=hkd_config(hkd__lease__release__margin=1))
+        await self.until(lambda: self.query(
+            "SELECT state FROM host_runtimes WHERE host_id = %s",
+            (nodes["stopped_vms"],))[0]["state"] == "lost", what="stopped node with VMs lost")
+        states = {name: self.query("SELECT state FROM host_runtimes WHERE host_id = %s",
+                                   (other,))[0]["state"] for name, other in nodes.items()}
+        self.assertEqual(states, {"valid": "running", "margin": "running",
+                                  "nolease": "running", "expired": "lost",
+                                  "stopped": "stopped", "stopped_vms": "lost"})
+
+    async def test_feeds_and_releases_the_fencer(self):
+        """
+        The HKD feeds the fencer the lease's local deadline at its start and
+        every heartbeat (and makes sure one runs); a clean stop without
+        desktops releases it.
+        """
+        class Fencer:
+            def __init__(self):
+                self.fed, self.ensured, self.released = [], 0, 0
+
+            def feed(self, deadline):
+                self.fed.append(deadline)
+
+            def ensure(self):
+                self.ensured += 1
+
+            def release(self):
+                self.released += 1
+        fencer = Fencer()
+        host = self.add_host()
+        hkd = await self.start_hkd(host, fencer=fencer, monotonic=lambda: 1000.0)
+        await self.until(lambda: len(fencer.fed) >= 3, what="three renewals")
+        self.assertEqual(set(fencer.fed), {1010.0})
+        self.assertEqual(fencer.ensured, len(fencer.fed))
+        await hkd.stopService()
+        self.assertEqual(fencer.released, 1)
+
     async def test_singleton(self):
         """
         Of two cluster monitors only one holds the advisory lock; when its
