@@ -34,6 +34,9 @@ class FakeHKDStoreTests(HKDStoreTests, unittest.TestCase):
         if cmd is not None:
             self.store.node["cmd"] = cmd
 
+    def lease_left(self):
+        return self.store.node.get("lease")
+
 
 class RealHKDStoreTests(HKDStoreTests, pg.DatabaseTestMixin, unittest.TestCase):
 
@@ -83,3 +86,8 @@ class RealHKDStoreTests(HKDStoreTests, pg.DatabaseTestMixin, unittest.TestCase):
                        (state, self.node))
         if cmd is not None:
             self.query("UPDATE host_runtimes SET cmd = %s WHERE host_id = %s", (cmd, self.node))
+
+    def lease_left(self):
+        left = self.query("SELECT extract(epoch FROM lease_expires - now())::float AS s"
+                          " FROM host_runtimes WHERE host_id = %s", (self.node,))[0]["s"]
+        return left

@@ -7,7 +7,8 @@ Before the reactor runs it checks, and exits with one clear message when
 wrong: the configuration, the node lock (hkd.lock.path: one HKD per node), the
 database (reachable, migrated) and the node (a C{hosts} row whose name is
 C{nodename}; create it with C{qvd-admin host add}). SIGTERM stops the daemon but
-not the desktops; a restarted HKD adopts them.
+not the desktops; a restarted HKD adopts them. With a lease (hkd.lease.seconds)
+the HKD runs the node's fencer (L{qvd.hkd.fencer}), which outlives it.
 """
 
 import importlib
@@ -130,6 +131,7 @@ def makeService(options, driver=None, vma_factory=None):
     from qvd.db.listen import Listener
     from qvd.db.pool import Database
     from qvd.db.settings import database_dsn
+    from qvd.hkd.fencer import FenceSettings, FencerProcess
     from qvd.hkd.lock import LockHeld, NodeLock
     from qvd.hkd.node import HKD
 
@@ -183,7 +185,10 @@ def makeService(options, driver=None, vma_factory=None):
 
     top = service.MultiService()
     _Lock(lock).setServiceParent(top)
+    fencer = None
+    if config.getfloat("hkd.lease.seconds") > 0:
+        fencer = FencerProcess(FenceSettings.from_config(config))
     hkd = HKD(config, reactor, db, listener, driver, vma_factory, host_id, dsn=dsn,
-              on_node_stopped=node_stopped)
+              on_node_stopped=node_stopped, fencer=fencer)
     hkd.setServiceParent(top)
     return top

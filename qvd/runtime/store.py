@@ -414,14 +414,20 @@ async def add_node_in(ex, host_id):
                   " ON CONFLICT DO NOTHING RETURNING host_id", (host_id,))
 
 
-async def node_starting_in(ex, host_id, pid, hypervisor, usable_cpu, usable_ram):
-    """Node C{host_id}'s HKD (process C{pid}) starts: C{starting}, with its capacity."""
+_LEASE = "CASE WHEN %s > 0 THEN now() + make_interval(secs => %s) END"
+
+
+async def node_starting_in(ex, host_id, pid, hypervisor, usable_cpu, usable_ram, lease=0.0):
+    """
+    Node C{host_id}'s HKD (process C{pid}) starts: C{starting}, with its
+    capacity and a lease of C{lease} seconds (see L{heartbeat_in}).
+    """
     await add_node_in(ex, host_id)
     await ex.rows(
         "UPDATE host_runtimes SET state = 'starting', state_ts = now(), pid = %s,"
-        " ok_ts = now(), hypervisor = %s, usable_cpu = %s, usable_ram = %s,"
-        " cmd = NULL WHERE host_id = %s RETURNING host_id",
-        (pid, hypervisor, usable_cpu, usable_ram, host_id))
+        f" ok_ts = now(), lease_expires = {_LEASE}, hypervisor = %s, usable_cpu = %s,"
+        " usable_ram = %s, cmd = NULL WHERE host_id = %s RETURNING host_id",
+        (pid, lease, lease, hypervisor, usable_cpu, usable_ram, host_id))
 
 
 async def node_state_in(ex, host_id, state):
@@ -430,12 +436,30 @@ async def node_state_in(ex, host_id, state):
         " RETURNING host_id", (state, host_id)))
 
 
-async def heartbeat_in(ex, host_id, pid):
-    """Node C{host_id}'s heartbeat: its state, or None when it is C{lost} (nothing written)."""
+async def heartbeat_in(ex, host_id, pid, lease=0.0):
+    """
+    Node C{host_id}'s heartbeat, which renews its lease for C{lease} seconds
+    by the database clock (C{now() + lease}; 0: the node holds no lease). Fires
+    with its state, or None when it is C{lost} (nothing written: a lost node
+    rejoins through L{node_state_in}, its VMs already released).
+    """
     rows = await ex.rows(
-        "UPDATE host_runtimes SET ok_ts = now(), pid = %s"
-        " WHERE host_id = %s AND state <> 'lost' RETURNING state", (pid, host_id))
+        f"UPDATE host_runtimes SET ok_ts = now(), pid = %s, lease_expires = {_LEASE}"
+        " WHERE host_id = %s AND state <> 'lost' RETURNING state",
+        (pid, lease, lease, host_id))
     return rows[0][0] if rows else None
+
+
+async def rejoin_in(ex, host_id, pid, lease=0.0):
+    """
+    Lost node C{host_id} (its VMs released, its local copies killed) is
+    C{running} again with a new lease, in one statement, so that the cluster
+    monitor does not find it lost again on its old lease. True if it was lost.
+    """
+    return bool(await ex.rows(
+        "UPDATE host_runtimes SET state = 'running', state_ts = now(), ok_ts = now(),"
+        f" pid = %s, lease_expires = {_LEASE} WHERE host_id = %s AND state = 'lost'"
+        " RETURNING host_id", (pid, lease, lease, host_id)))
 
 
 async def take_node_stop_in(ex, host_id):
@@ -451,16 +475,21 @@ async def block_node_in(ex, host_id, blocked):
         (blocked, host_id)))
 
 
-async def mark_lost_nodes_in(ex, monitor_host_id, node_timeout):
+async def mark_lost_nodes_in(ex, monitor_host_id, margin):
     """
-    Every node but the monitor's, neither stopped nor lost, whose heartbeat
-    is older than C{node_timeout} seconds becomes C{lost}; their ids.
+    Every node but the monitor's whose lease ran out more than C{margin}
+    seconds ago by the database clock becomes C{lost}: one not lost yet that
+    is not stopped, or that is stopped but still holds VMs (its HKD stopped,
+    its desktops did not). A node without a lease (C{lease_expires} NULL:
+    hkd.lease.seconds = 0) is never lost. Fires with their ids.
     """
     return sorted(r[0] for r in await ex.rows(
-        "UPDATE host_runtimes SET state = 'lost', state_ts = now()"
-        " WHERE host_id <> %s AND state NOT IN ('stopped', 'lost')"
-        " AND (ok_ts IS NULL OR ok_ts < now() - make_interval(secs => %s))"
-        " RETURNING host_id", (monitor_host_id, node_timeout)))
+        "UPDATE host_runtimes h SET state = 'lost', state_ts = now()"
+        " WHERE h.host_id <> %s AND h.state <> 'lost'"
+        " AND h.lease_expires < now() - make_interval(secs => %s)"
+        " AND (h.state <> 'stopped' OR EXISTS (SELECT 1 FROM vm_runtimes v"
+        " WHERE v.host_id = h.host_id AND v.vm_state <> 'stopped'))"
+        " RETURNING h.host_id", (monitor_host_id, margin)))
 
 
 async def release_vms_of_nodes_in(ex, host_ids):

@@ -466,6 +466,8 @@ class Stack:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        from qvd.testing.processes import stop_fencer
+        stop_fencer(f"{self.root}/run/hkd-fence")  # a killed HKD's fencer lives on
         # What a daemon started ends after it (the L7R's resource tracker of
         # its password-check processes reads the end of its pipe, then exits).
         sessions = {p.pid for p in self.processes}
