@@ -21,7 +21,9 @@ hkd.vm.starting.max at a time (the others wait in the database).
 A node stop command (host_runtimes.cmd = 'stop') stops every VM, marks the node
 'stopped' and calls C{on_node_stopped}.
 
-The lease (hkd.lease.seconds, L{qvd.hkd.fencer}): the start and every
+The lease (hkd.lease.seconds, L{qvd.hkd.fencer}), held while another node
+runs that could start this node's VMs (alone, a node holds none and its
+desktops are never fenced): the start and every
 heartbeat renew it by the database clock; after each renewal the HKD feeds
 the node's fencer (spawning one if none runs) and re-arms its own
 L{Watchdog}: when the lease minus hkd.lease.fence.margin passes without a
@@ -118,6 +120,7 @@ class HKD(service.Service):
         self.fencer = fencer
         self.monotonic = monotonic
         self.lease = max(0.0, config.getfloat("hkd.lease.seconds"))
+        self.guarded = False        # the node holds a lease (another node runs)
         self.watchdog = None
         self._fence_call = None
         self._tick_busy = False
@@ -168,9 +171,10 @@ class HKD(service.Service):
             await self.live.reload()
         self._configure(self.live.current)
         cpu, ram = usable_resources()
+        lease = await self._lease_for_renewal()
         renewal = self._renewal_start()
-        await self.store.node_starting(self.pid, self.driver.name, cpu, ram, self.lease)
-        self._renewed(renewal)
+        await self.store.node_starting(self.pid, self.driver.name, cpu, ram, lease)
+        self._renewed(renewal, lease)
         log.info("node {host_id} starting (hypervisor {hv}, usable_cpu {cpu:.0f}, "
                  "usable_ram {ram:.0f} MB)", host_id=self.host_id, hv=self.driver.name,
                  cpu=cpu, ram=ram)
@@ -269,7 +273,7 @@ class HKD(service.Service):
         d = self.listener.stop()
         if self.monitor is not None:
             d.addCallback(lambda _: self.monitor.stop())
-        if self.fencer is not None and self.lease > 0:
+        if self.fencer is not None and self.guarded:
             d.addCallback(lambda _: self._hand_over(guarding))
         if self.state in ("starting", "running"):
             d.addCallback(lambda _: self.store.node_state("stopped"))
@@ -285,14 +289,39 @@ class HKD(service.Service):
         """The local times a renewal starts at (reactor, CLOCK_MONOTONIC)."""
         return self.reactor.seconds(), self.monotonic()
 
-    def _renewed(self, started):
+    async def _lease_for_renewal(self):
         """
-        The database renewed the lease in a statement sent at C{started}: it
-        ends no earlier than C{started + lease} here. Feed the fencer and
-        re-arm the HKD's own watchdog.
+        The lease a renewal takes: C{hkd.lease.seconds} while another node
+        runs that could start this node's VMs, 0 (none) while this node is
+        alone: fencing its desktops would only end them, as nobody else would
+        start them, and a node without a lease is never declared lost. A
+        node that joins is seen at the next heartbeat, before which it has
+        no reason to declare this one lost (its lease, if any, still runs).
         """
         if self.lease <= 0:
+            return 0.0
+        try:
+            peers = await self.store.peers(self.lease)
+        except Exception as e:
+            log.warn("cannot count the other nodes ({error}); keeping the lease",
+                     error=str(e).strip())
+            return self.lease
+        return self.lease if peers else 0.0
+
+    def _renewed(self, started, lease):
+        """
+        The database renewed the lease (C{lease} seconds; 0: none) in a
+        statement sent at C{started}: it ends no earlier than C{started +
+        lease} here. Feed the fencer and re-arm the HKD's own watchdog; with
+        no lease, release both.
+        """
+        if lease <= 0:
+            self._unguard()
             return
+        if not self.guarded:
+            self.guarded = True
+            log.info("another node runs: this node's desktops are guarded by its lease "
+                     "({lease:g} s) and fenced if it cannot renew it", lease=lease)
         at, mono = started
         if self.fencer is not None:
             try:
@@ -308,6 +337,22 @@ class HKD(service.Service):
                                      started=now)
         self.watchdog.feed(now, at + self.lease)
         self._arm_watchdog()
+
+    def _unguard(self):
+        """No lease: no fencer, no watchdog (this node is alone, or has no lease)."""
+        if self.guarded and self.lease > 0:
+            log.info("no other node runs: this node holds no lease and its desktops are not "
+                     "fenced (nobody else could start them)")
+        self.guarded = False
+        if self._fence_call is not None and self._fence_call.active():
+            self._fence_call.cancel()
+        self._fence_call = None
+        self.watchdog = None
+        if self.fencer is not None and self.lease > 0:
+            try:
+                self.fencer.release()
+            except OSError as e:
+                log.warn("cannot release the fencer: {error}", error=e)
 
     def _arm_watchdog(self):
         if self._fence_call is not None and self._fence_call.active():
@@ -581,10 +626,11 @@ class HKD(service.Service):
             return
         self._tick_busy = True
         try:
+            lease = await self._lease_for_renewal()
             renewal = self._renewal_start()
-            state = await self.store.tick(self.pid, self.lease)
+            state = await self.store.tick(self.pid, lease)
             if state is not None:
-                self._renewed(renewal)
+                self._renewed(renewal, lease)
                 return
             if self.state != "running":
                 return
@@ -592,10 +638,11 @@ class HKD(service.Service):
                       "released: killing the local copies", host_id=self.host_id)
             for sup in list(self.supervisors.values()):
                 sup.handle("disowned", "released: this node was marked lost")
+            lease = await self._lease_for_renewal()
             renewal = self._renewal_start()
-            if await self.store.rejoin(self.pid, self.lease):
+            if await self.store.rejoin(self.pid, lease):
                 log.info("node {host_id} rejoined the cluster", host_id=self.host_id)
-                self._renewed(renewal)
+                self._renewed(renewal, lease)
         finally:
             self._tick_busy = False
 

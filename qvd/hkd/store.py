@@ -91,6 +91,12 @@ class IStore(Interface):
     def rejoin(pid, lease=0.0):
         """A lost node is C{running} again with a new lease: True if it was lost."""
 
+    def peers(seconds):
+        """
+        Fire with the number of other nodes running that sent a heartbeat in
+        the last C{seconds}: those that could start this node's VMs.
+        """
+
     def claim_node_stop():
         """Take the node's pending stop command: True when there was one."""
 
@@ -327,6 +333,9 @@ class Store:
 
     def rejoin(self, pid, lease=0.0):
         return self._one(runtime_store.rejoin_in, self.host_id, pid, lease)
+
+    def peers(self, seconds):
+        return self._one(runtime_store.peers_in, self.host_id, seconds)
 
     def claim_node_stop(self):
         return self._one(runtime_store.take_node_stop_in, self.host_id)

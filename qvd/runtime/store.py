@@ -450,6 +450,18 @@ async def heartbeat_in(ex, host_id, pid, lease=0.0):
     return rows[0][0] if rows else None
 
 
+async def peers_in(ex, host_id, seconds):
+    """
+    The other nodes that are running and sent a heartbeat in the last
+    C{seconds} (by the database clock): those that could start this node's
+    VMs if it were lost.
+    """
+    rows = await ex.rows(
+        "SELECT count(*) FROM host_runtimes WHERE host_id <> %s AND state = 'running'"
+        " AND ok_ts > now() - make_interval(secs => %s)", (host_id, seconds))
+    return rows[0][0]
+
+
 async def rejoin_in(ex, host_id, pid, lease=0.0):
     """
     Lost node C{host_id} (its VMs released, its local copies killed) is

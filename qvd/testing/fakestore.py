@@ -48,6 +48,7 @@ class FakeStore:
         self.owned = True
         self.ok_counts = {}
         self.loads = []
+        self.other_nodes = 1        # peers(): other live nodes (1: this one holds a lease)
         self._ids = itertools.count(1)
 
     # -- set-up, for tests --------------------------------------------------
@@ -154,6 +155,9 @@ class FakeStore:
             return defer.succeed(None)
         self.node.update(pid=pid, lease=lease or None)
         return defer.succeed(self.node["state"])
+
+    def peers(self, seconds):
+        return defer.succeed(self.other_nodes)
 
     def rejoin(self, pid, lease=0.0):
         if self.node["state"] != "lost":

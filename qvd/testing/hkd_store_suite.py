@@ -10,6 +10,7 @@ node C{self.node}), C{self.other} (another node's id) and:
     vm(vm_id) -> {"host_id", "vm_state", "vm_cmd", "vm_state_reason"}
     set_node(state=None, cmd=None)           # this node's host_runtimes row
     lease_left() -> seconds left of this node's lease (database clock), or None
+    set_other(state, heartbeat_age)          # the other node's state, seconds since its heartbeat
 """
 
 from twisted.internet import defer
@@ -114,6 +115,19 @@ class HKDStoreTests:
         self.assertTrue((yield self.store.rejoin(4242, 9.0)))
         self.assertEqual((yield self.store.tick(4242, 9.0)), "running")
         self.assertLease(9.0)
+
+    @defer.inlineCallbacks
+    def test_peers(self):
+        """
+        peers(10) counts the other nodes that run and sent a heartbeat in
+        the last 10 s: not a stopped one, not a silent one, never this node.
+        """
+        self.set_other("running", 1)
+        self.assertEqual((yield self.store.peers(10)), 1)
+        self.set_other("running", 30)
+        self.assertEqual((yield self.store.peers(10)), 0)
+        self.set_other("stopped", 1)
+        self.assertEqual((yield self.store.peers(10)), 0)
 
     @defer.inlineCallbacks
     def test_claim_node_stop(self):

@@ -4,7 +4,8 @@ qvd-hkd with LXC desktops and the private PostgreSQL (qvd.testing.e2e.Stack),
 the node's fencer process, and a second node (the fake-hypervisor HKD of
 tests/integration/fake_hkd.tac) whose cluster monitor declares the first lost.
 
-The tests run in order on one stack, with the shipped lease (hkd.lease.*
+The tests run in order on one stack: alone first (no lease, no fencing), then
+with another node alive in the database, with the shipped lease (hkd.lease.*
 defaults: 10 s lease, fence 3 s before its end, lost 2 s after it, monitor
 every 2 s), and print what they measure.
 """
@@ -44,6 +45,22 @@ class FenceTests(unittest.TestCase):
     def setUp(self):
         self.stack = node.get()
         self.fence_path = f"{self.stack.root}/run/hkd-fence"
+        if not self._testMethodName.startswith("test_0"):
+            self.add_peer()
+
+    def add_peer(self):
+        """
+        Another node, alive as far as the database shows (its heartbeat is a
+        day ahead; it holds no lease, so it is never declared lost and runs
+        nothing): from now on this node holds a lease and is fenced.
+        """
+        if not self.stack.query("SELECT 1 FROM hosts WHERE name = 'peer'"):
+            host = self.stack.query("INSERT INTO hosts (name, address) VALUES ('peer', %s)"
+                                    " RETURNING id", (f"{self.stack.subnet}.3",))[0]["id"]
+            self.stack.query("INSERT INTO host_runtimes (host_id, state, ok_ts) VALUES"
+                             " (%s, 'running', now() + interval '1 day')", (host,))
+        e2e.wait_until(lambda: self.lease_left() is not None and self.fencer_pid(), 10,
+                       "the node holding a lease, guarded by its fencer")
 
     # -- helpers --
 
@@ -90,6 +107,31 @@ class FenceTests(unittest.TestCase):
         return time.monotonic() - began
 
     # -- the tests, in order --
+
+    def test_0_alone_not_fenced(self):
+        """
+        A node alone (no other node could start its VMs) holds no lease and
+        runs no fencer: its HKD killed for longer than a lease leaves the
+        desktop running, the restarted HKD adopts it, and nobody declares
+        the node lost.
+        """
+        vm = self.new_vm()
+        self.stack.start_vms(vm)
+        state, pid = self.lxc_state(vm)
+        e2e.wait_until(lambda: self.lease_left() is None, 10, "no lease")
+        self.assertIsNone(self.fencer_pid())
+        self.kill_hkd()
+        time.sleep(LEASE + RELEASE_MARGIN + CHECK)
+        self.assertEqual(self.lxc_state(vm), ("RUNNING", pid), "the desktop kept running")
+        self.assertEqual(self.stack.query("SELECT state FROM host_runtimes WHERE host_id = %s",
+                                          (self.stack.host,))[0]["state"], "running",
+                         "not declared lost")
+        self.restart_hkd()
+        self.assertEqual(self.lxc_state(vm), ("RUNNING", pid), "adopted, not restarted")
+        self.assertEqual(self.stack.vm_row(vm)["vm_state"], "running")
+        self.stack.command(vm, "stop")
+        e2e.wait_until(lambda: self.stack.vm_row(vm)["vm_state"] == "stopped", 60,
+                       "the VM stopped")
 
     def test_1_restart_within_lease_adopts(self):
         """
