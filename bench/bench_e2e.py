@@ -117,7 +117,7 @@ def bench_peer(reactor, image, n, out):
     subnet, bridge = f"10.219.{PID % 200}", f"qbp{PID % 10000}"
     root = tempfile.mkdtemp(prefix="qvd-bench-e2e-peer-", dir="/var/tmp")
     config = Config(keys=declared_keys(), node={
-        "path.run": f"{root}/run", "path.storage.root": f"{root}/storage",
+        "path.run": f"{root}/run", "path.storage.root": f"{root}/storage", "path.storage.local": f"{root}/local",
         "vm.lxc.name.prefix": f"qvdbp{PID}-", "vm.lxc.veth.prefix": f"qp{PID % 1000}v",
         "vm.network.bridge": bridge, "vm.lxc.bridge.address": f"{subnet}.1/24"})
     driver = LXCDriver(config, reactor)

@@ -52,7 +52,7 @@ def bench(reactor, image, n):
     root = tempfile.mkdtemp(prefix="qvd-bench-lxc-", dir="/var/tmp")
     os.chmod(root, 0o755)  # containers' root (unprivileged) walks through it
     config = Config(keys=declared_keys(), node={
-        "path.run": f"{root}/run", "path.storage.root": f"{root}/storage",
+        "path.run": f"{root}/run", "path.storage.root": f"{root}/storage", "path.storage.local": f"{root}/local",
         "vm.lxc.name.prefix": f"qvdb{PID}-", "vm.lxc.veth.prefix": f"qb{PID % 1000}v",
         "vm.network.bridge": BRIDGE, "vm.lxc.bridge.address": f"{SUBNET}.1/24"})
     driver = LXCDriver(config, reactor)

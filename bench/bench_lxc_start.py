@@ -103,7 +103,7 @@ async def run_qvd(reactor, root, image, n, overrides=None):
     os.symlink(image, os.path.join(images, "minimal.tar"))
     values = dict(FAST)
     values.update({
-        "path.run": f"{root}/run", "path.storage.root": f"{root}/storage",
+        "path.run": f"{root}/run", "path.storage.root": f"{root}/storage", "path.storage.local": f"{root}/local",
         "path.storage.images": images, "vm.lxc.name.prefix": PREFIX,
         "vm.lxc.veth.prefix": VETH, "vm.network.bridge": BRIDGE,
         "vm.network.netmask": "255.255.255.0", "vm.lxc.bridge.address": f"{SUBNET}.1/24",

@@ -41,7 +41,8 @@ class AdminTestCase(pg.DatabaseTestMixin, unittest.TestCase):
         with open(self.config, "w") as f:
             f.write(f"database.host = {pg.cluster().socketdir}\n"
                     f"database.name = {self.dbname}\n"
-                    f"path.storage.root = {self.storage}\n")
+                    f"path.storage.root = {self.storage}\n"
+                    f"path.storage.local = {self.storage}/local\n")
 
     def admin(self, *argv, random=None):
         """

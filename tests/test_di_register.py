@@ -22,7 +22,8 @@ class RegisterTests(pg.DatabaseTestMixin, unittest.TestCase):
         with open(self.config, "w") as f:
             f.write(f"database.host = {pg.cluster().socketdir}\n"
                     f"database.name = {self.dbname}\n"
-                    f"path.storage.root = {self.dir}/storage\n")
+                    f"path.storage.root = {self.dir}/storage\n"
+                    f"path.storage.local = {self.dir}/local\n")
         self.image = os.path.join(self.dir, "desk.tar")
         with tarfile.open(self.image, "w"):
             pass

@@ -90,6 +90,7 @@ class HKDOnKVMTests(HKDTestMixin, pg.DatabaseTestMixin, unittest.TestCase):
             "path.run": f"{self.root}/run",
             "path.log": f"{self.root}/log",
             "path.storage.root": f"{self.root}/storage",
+            "path.storage.local": f"{self.root}/storage",
             "path.storage.images": images,
             "vm.hypervisor": "kvm",
             "vm.kvm.domain.prefix": PREFIX,

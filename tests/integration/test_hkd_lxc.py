@@ -112,6 +112,7 @@ class HKDOnLXCTests(HKDTestMixin, pg.DatabaseTestMixin, unittest.TestCase):
         self.values.update({
             "path.run": f"{self.root}/run",
             "path.storage.root": f"{self.root}/storage",
+            "path.storage.local": f"{self.root}/storage",
             "path.storage.images": images,
             "path.storage.basefs": lxc_test_basefs(),
             "vm.hypervisor": "lxc",

@@ -76,6 +76,7 @@ class LXCDesktopTests(unittest.TestCase):
         self.config = Config(keys=declared_keys(), node={
             "path.run": f"{self.root}/run",
             "path.storage.root": f"{self.root}/storage",
+            "path.storage.local": f"{self.root}/storage",
             "path.storage.basefs": lxc_test_basefs(),
             "vm.lxc.name.prefix": f"qvdt-lxcd{PID}-",
             "vm.lxc.veth.prefix": f"qtd{PID % 1000}v",

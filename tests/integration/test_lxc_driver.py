@@ -182,6 +182,7 @@ class LXCDriverIntegrationTests(unittest.TestCase):
         config = Config(keys=declared_keys(), node={
             "path.run": os.path.join(self.root, "umask-run"),
             "path.storage.root": storage,
+            "path.storage.local": storage,
             "vm.lxc.name.prefix": NAME_PREFIX,
             "vm.lxc.veth.prefix": VETH_PREFIX,
             "vm.network.bridge": BRIDGE,
