@@ -14,9 +14,14 @@ left out. Candidates are hosts with C{backend=true}, not blocked, in state
 C{running}, whose hypervisor runs the VM's DI (an LXC tarball or a KVM disk).
 Each scores
 
-    (w_ram * usable_ram + w_cpu * usable_cpu) / (vms on the host + 1) + w_random * random()
+    (w_ram * ram + w_cpu * cpu) / (vms on the host + vms starting there + 1) + w_random * random()
 
-and the highest score wins. The one caller that runs the queries is
+where C{ram} is the memory the node has available now (C{free_ram}, from its
+last heartbeat; its usable memory until it reported one) and C{cpu} its usable
+CPU times the fraction that was idle since its previous heartbeat: a node
+busy with other work, or with VMs that are still starting (their memory and
+CPU are not yet used, so they count twice), scores less. A node whose
+available memory is below the VM's is left out. The highest score wins. The one caller that runs the queries is
 L{qvd.runtime.store.place_in}, for the L7R and qvd-admin alike (rows of
 L{HOSTS_SQL} are in the field order of L{HostLoad}, so C{HostLoad(*row)}
 works).
@@ -39,16 +44,21 @@ HOSTS_SQL = """
     SELECT h.id AS host_id, h.name AS name, r.state AS state, r.blocked AS blocked,
            r.hypervisor AS hypervisor,
            coalesce(r.usable_ram, 0) AS usable_ram, coalesce(r.usable_cpu, 0) AS usable_cpu,
-           (SELECT count(*) FROM vm_runtimes v WHERE v.host_id = h.id) AS vm_count
+           (SELECT count(*) FROM vm_runtimes v WHERE v.host_id = h.id) AS vm_count,
+           r.free_ram AS free_ram, r.cpu_idle AS cpu_idle,
+           (SELECT count(*) FROM vm_runtimes v WHERE v.host_id = h.id
+                AND v.vm_state = 'starting') AS starting
       FROM hosts h JOIN host_runtimes r ON r.host_id = h.id
      WHERE h.backend
      ORDER BY h.id
 """
 
-#: The DI a VM would boot: its OSF's DI carrying the VM's tag. Argument: vm id.
+#: The DI a VM would boot (its OSF's DI carrying the VM's tag) and the VM's
+#: memory in MB (its OSF's). Argument: vm id.
 VM_DI_SQL = """
-    SELECT d.id AS di_id, d.path AS path, d.blocked AS blocked
-      FROM vms v JOIN di_tags t ON t.osf_id = v.osf_id AND t.tag = v.di_tag
+    SELECT d.id AS di_id, d.path AS path, d.blocked AS blocked, o.memory AS memory
+      FROM vms v JOIN osfs o ON o.id = v.osf_id
+                 JOIN di_tags t ON t.osf_id = v.osf_id AND t.tag = v.di_tag
                  JOIN dis d ON d.id = t.di_id
      WHERE v.id = %s
 """
@@ -104,6 +114,9 @@ class HostLoad:
     One backend host as the balancer sees it.
 
     @ivar vm_count: VMs bound to the host (any state but unbound).
+    @ivar free_ram: MB available now (its last heartbeat), None until reported.
+    @ivar cpu_idle: fraction of its CPU idle since its previous heartbeat, or None.
+    @ivar starting: VMs starting on the host now.
     """
     host_id: int
     name: str
@@ -113,27 +126,35 @@ class HostLoad:
     usable_ram: float = 0.0
     usable_cpu: float = 0.0
     vm_count: int = 0
+    free_ram: float | None = None
+    cpu_idle: float | None = None
+    starting: int = 0
 
 
-def _exclusion(host, hypervisor):
+def _exclusion(host, hypervisor, memory):
     if host.blocked:
         return "blocked"
     if host.state != "running":
         return host.state
     if host.hypervisor != hypervisor:
         return f"runs {host.hypervisor or 'no hypervisor'}, not {hypervisor}"
+    if memory and host.free_ram is not None and host.free_ram < memory:
+        return f"{host.free_ram:.0f} MB available, the VM needs {memory:.0f}"
     return None
 
 
 def score(host, weights, draw):
     """
-    The reference's score of C{host}; C{draw} is a number in [0, 1).
+    The score of C{host} (the module's docstring); C{draw} is a number in [0, 1).
     """
-    load = (weights.ram * host.usable_ram + weights.cpu * host.usable_cpu) / (host.vm_count + 1)
+    ram = host.usable_ram if host.free_ram is None else host.free_ram
+    cpu = host.usable_cpu if host.cpu_idle is None else host.usable_cpu * host.cpu_idle
+    load = (weights.ram * ram + weights.cpu * cpu) / (host.vm_count + host.starting + 1)
     return load + weights.random * draw
 
 
-def choose_host(vm_name, hypervisor, hosts, weights=Weights(), random=_random.random):
+def choose_host(vm_name, hypervisor, hosts, weights=Weights(), random=_random.random,
+                memory=None):
     """
     Pick the host a VM starts on.
 
@@ -141,12 +162,13 @@ def choose_host(vm_name, hypervisor, hosts, weights=Weights(), random=_random.ra
     @param hypervisor: C{'lxc'} or C{'kvm'}, from L{di_hypervisor}.
     @param hosts: every backend host, as L{HostLoad}s.
     @param random: a callable returning a float in [0, 1).
+    @param memory: the VM's memory in MB (None: not checked).
     @return: the winning L{HostLoad}.
     @raise NoHostAvailable: when no host is a candidate.
     """
     best, best_score, excluded = None, None, []
     for host in hosts:
-        why = _exclusion(host, hypervisor)
+        why = _exclusion(host, hypervisor, memory)
         if why is not None:
             excluded.append(f"{host.name} ({why})")
             continue

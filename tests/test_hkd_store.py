@@ -37,6 +37,13 @@ class FakeHKDStoreTests(HKDStoreTests, unittest.TestCase):
     def lease_left(self):
         return self.store.node.get("lease")
 
+    def node_load(self):
+        load = (None, None)
+        for reported in self.store.loads_reported:
+            load = (load[0] if reported.free_ram is None else reported.free_ram,
+                    load[1] if reported.cpu_idle is None else reported.cpu_idle)
+        return load
+
     def set_other(self, state, heartbeat_age):
         self.store.other_nodes = int(state == "running" and heartbeat_age < 10)
 
@@ -89,6 +96,11 @@ class RealHKDStoreTests(HKDStoreTests, pg.DatabaseTestMixin, unittest.TestCase):
                        (state, self.node))
         if cmd is not None:
             self.query("UPDATE host_runtimes SET cmd = %s WHERE host_id = %s", (cmd, self.node))
+
+    def node_load(self):
+        row = self.query("SELECT free_ram, cpu_idle FROM host_runtimes WHERE host_id = %s",
+                         (self.node,))[0]
+        return row["free_ram"], row["cpu_idle"]
 
     def set_other(self, state, heartbeat_age):
         self.query("UPDATE host_runtimes SET state = %s, ok_ts = now() - make_interval(secs => %s)"

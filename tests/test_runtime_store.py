@@ -69,23 +69,23 @@ class RealRuntimeStoreTests(RuntimeStoreTests, pg.DatabaseTestMixin, unittest.Te
         return self.db.start()
 
     def add_host(self, name, state="running", hypervisor="lxc", usable_ram=1000,
-                 usable_cpu=1000):
+                 usable_cpu=1000, free_ram=None, cpu_idle=None):
         n = next(self._n)
         host = self.query("INSERT INTO hosts (name, address) VALUES (%s, %s) RETURNING id",
                           (name, f"10.9.0.{n}"))[0]["id"]
         self.query("INSERT INTO host_runtimes (host_id, state, hypervisor, usable_ram,"
-                   " usable_cpu) VALUES (%s, %s, %s, %s, %s)",
-                   (host, state, hypervisor, usable_ram, usable_cpu))
+                   " usable_cpu, free_ram, cpu_idle) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                   (host, state, hypervisor, usable_ram, usable_cpu, free_ram, cpu_idle))
         with self.listener.cursor() as cur:
             cur.execute(f"LISTEN qvd_cmd_for_vm_on_host{host};"
                         f" LISTEN qvd_cmd_for_user_on_host{host}")
         return host
 
     def add_vm(self, di_path="desk.tar", di_blocked=False, host_id=None, vm_state="stopped",
-               **runtime):
+               memory=256, **runtime):
         n = next(self._n)
-        osf = self.query("INSERT INTO osfs (tenant_id, name) VALUES (1, %s) RETURNING id",
-                         (f"o{n}",))[0]["id"]
+        osf = self.query("INSERT INTO osfs (tenant_id, name, memory) VALUES (1, %s, %s)"
+                         " RETURNING id", (f"o{n}", memory))[0]["id"]
         if di_path is not None:
             di = self.query("INSERT INTO dis (osf_id, path, version, blocked)"
                             " VALUES (%s, %s, '1', %s) RETURNING id",

@@ -49,6 +49,7 @@ from twisted.python.failure import Failure
 from qvd.config.live import LiveConfig
 from qvd.hkd.cluster import ClusterMonitor
 from qvd.hkd.fencer import Watchdog
+from qvd.hkd.load import LoadSampler
 from qvd.hkd.store import Store, StoreSettings
 from qvd.hkd.supervisor import Supervisor, SupervisorSettings
 from qvd._pids import pid_alive
@@ -121,6 +122,7 @@ class HKD(service.Service):
         self.monotonic = monotonic
         self.lease = max(0.0, config.getfloat("hkd.lease.seconds"))
         self.guarded = False        # the node holds a lease (another node runs)
+        self.load_sampler = LoadSampler()
         self.watchdog = None
         self._fence_call = None
         self._tick_busy = False
@@ -628,7 +630,7 @@ class HKD(service.Service):
         try:
             lease = await self._lease_for_renewal()
             renewal = self._renewal_start()
-            state = await self.store.tick(self.pid, lease)
+            state = await self.store.tick(self.pid, lease, self.load_sampler.sample())
             if state is not None:
                 self._renewed(renewal, lease)
                 return

@@ -81,11 +81,12 @@ class IStore(Interface):
     def node_state(state):
         """The node's state."""
 
-    def tick(pid, lease=0.0):
+    def tick(pid, lease=0.0, load=None):
         """
         The heartbeat, renewing the node's lease for C{lease} seconds by the
-        database clock (0: none): the node's state, or None when it is
-        C{lost} (nothing written).
+        database clock (0: none) and recording its live C{load} (a
+        L{qvd.hkd.load.NodeLoad}, or None): the node's state, or None when it
+        is C{lost} (nothing written).
         """
 
     def rejoin(pid, lease=0.0):
@@ -324,12 +325,12 @@ class Store:
     def node_state(self, state):
         return self._one(runtime_store.node_state_in, self.host_id, state)
 
-    def tick(self, pid, lease=0.0):
+    def tick(self, pid, lease=0.0, load=None):
         """
-        The heartbeat, renewing the lease. Fires with the node's state, or
-        None if it was marked 'lost' (then nothing is written).
+        The heartbeat, renewing the lease and recording the load. Fires with
+        the node's state, or None if it was marked 'lost' (then nothing is written).
         """
-        return self._one(runtime_store.heartbeat_in, self.host_id, pid, lease)
+        return self._one(runtime_store.heartbeat_in, self.host_id, pid, lease, load)
 
     def rejoin(self, pid, lease=0.0):
         return self._one(runtime_store.rejoin_in, self.host_id, pid, lease)

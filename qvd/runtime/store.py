@@ -346,14 +346,14 @@ async def place_in(ex, vm_id, vm_name, weights, random):
         raise loadbalancer.NoHostAvailable(
             f"VM {vm_name!r} cannot start: its OSF has no DI with the VM's tag "
             "(add one with 'qvd-admin di add' or change the tag with 'qvd-admin di tag')")
-    di_id, path, blocked = dis[0]
+    di_id, path, blocked, memory = dis[0]
     if blocked:
         raise loadbalancer.NoHostAvailable(
             f"VM {vm_name!r} cannot start: its DI {di_id} is blocked "
             "('qvd-admin di unblock' it or tag another DI)")
     hosts = [loadbalancer.HostLoad(*row) for row in await ex.rows(loadbalancer.HOSTS_SQL)]
     return loadbalancer.choose_host(vm_name, loadbalancer.di_hypervisor(path), hosts,
-                                    weights, random)
+                                    weights, random, memory)
 
 
 # -- a node's commands and state (the HKD, its cluster monitor, qvd-admin) ---------
@@ -436,17 +436,23 @@ async def node_state_in(ex, host_id, state):
         " RETURNING host_id", (state, host_id)))
 
 
-async def heartbeat_in(ex, host_id, pid, lease=0.0):
+async def heartbeat_in(ex, host_id, pid, lease=0.0, load=None):
     """
     Node C{host_id}'s heartbeat, which renews its lease for C{lease} seconds
-    by the database clock (C{now() + lease}; 0: the node holds no lease). Fires
-    with its state, or None when it is C{lost} (nothing written: a lost node
-    rejoins through L{node_state_in}, its VMs already released).
+    by the database clock (C{now() + lease}; 0: the node holds no lease) and
+    records its live C{load} (a L{qvd.hkd.load.NodeLoad}; a None field keeps
+    the last value). Fires with its state, or None when it is C{lost}
+    (nothing written: a lost node rejoins through L{node_state_in}, its VMs
+    already released).
     """
+    free_ram = cpu_idle = None
+    if load is not None:
+        free_ram, cpu_idle = load.free_ram, load.cpu_idle
     rows = await ex.rows(
-        f"UPDATE host_runtimes SET ok_ts = now(), pid = %s, lease_expires = {_LEASE}"
+        f"UPDATE host_runtimes SET ok_ts = now(), pid = %s, lease_expires = {_LEASE},"
+        " free_ram = coalesce(%s, free_ram), cpu_idle = coalesce(%s, cpu_idle)"
         " WHERE host_id = %s AND state <> 'lost' RETURNING state",
-        (pid, lease, lease, host_id))
+        (pid, lease, lease, free_ram, cpu_idle, host_id))
     return rows[0][0] if rows else None
 
 

@@ -33,6 +33,8 @@ class _Host:
     usable_ram: int = 1000
     usable_cpu: int = 1000
     backend: bool = True
+    free_ram: int = None
+    cpu_idle: float = None
 
 
 @implementer(IRuntimeStore)
@@ -183,9 +185,12 @@ class FakeRuntimeStore:
                 raise loadbalancer.NoHostAvailable(f"VM {vm_name!r} cannot start: its DI is blocked")
             hosts = [loadbalancer.HostLoad(
                 h.id, h.name, h.state, h.blocked, h.hypervisor, h.usable_ram, h.usable_cpu,
-                sum(1 for r in self.vms.values() if r["host_id"] == h.id))
+                sum(1 for r in self.vms.values() if r["host_id"] == h.id), h.free_ram,
+                h.cpu_idle, sum(1 for r in self.vms.values()
+                                if r["host_id"] == h.id and r["vm_state"] == "starting"))
                 for h in sorted(self.hosts.values(), key=lambda h: h.id) if h.backend]
             return defer.succeed(loadbalancer.choose_host(
-                vm_name, loadbalancer.di_hypervisor(row["di_path"]), hosts, weights, random))
+                vm_name, loadbalancer.di_hypervisor(row["di_path"]), hosts, weights, random,
+                row.get("memory")))
         except Exception:
             return defer.fail()

@@ -48,6 +48,7 @@ class FakeStore:
         self.owned = True
         self.ok_counts = {}
         self.loads = []
+        self.loads_reported = []     # the NodeLoads of the heartbeats
         self.other_nodes = 1        # peers(): other live nodes (1: this one holds a lease)
         self._ids = itertools.count(1)
 
@@ -150,10 +151,12 @@ class FakeStore:
         self.node["state"] = state
         return defer.succeed(True)
 
-    def tick(self, pid, lease=0.0):
+    def tick(self, pid, lease=0.0, load=None):
         if self.node["state"] == "lost":
             return defer.succeed(None)
         self.node.update(pid=pid, lease=lease or None)
+        if load is not None:
+            self.loads_reported.append(load)
         return defer.succeed(self.node["state"])
 
     def peers(self, seconds):

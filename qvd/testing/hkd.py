@@ -84,6 +84,17 @@ class HKDTestMixin:
         return self.query("INSERT INTO hosts (name, address) VALUES (%s, %s) RETURNING id",
                           (name, address))[0]["id"]
 
+    def add_peer(self, name="peer"):
+        """
+        Another node, alive as far as the database shows (its heartbeat a day
+        ahead, no lease: never declared lost): a node with a peer holds a
+        lease and is fenced (alone it is not).
+        """
+        host = self.add_host(name)
+        self.query("INSERT INTO host_runtimes (host_id, state, ok_ts) VALUES"
+                   " (%s, 'running', now() + interval '1 day')", (host,))
+        return host
+
     def add_osf(self, name="desktop", di_path="test.tar", tag="default", blocked=False):
         osf = self.query("INSERT INTO osfs (tenant_id, name) VALUES (1, %s) RETURNING id",
                          (name,))[0]["id"]

@@ -11,10 +11,12 @@ node C{self.node}), C{self.other} (another node's id) and:
     set_node(state=None, cmd=None)           # this node's host_runtimes row
     lease_left() -> seconds left of this node's lease (database clock), or None
     set_other(state, heartbeat_age)          # the other node's state, seconds since its heartbeat
+    node_load() -> (free_ram, cpu_idle) last recorded for this node
 """
 
 from twisted.internet import defer
 
+from qvd.hkd.load import NodeLoad
 from qvd.hkd.store import IStore, StartError
 
 
@@ -115,6 +117,18 @@ class HKDStoreTests:
         self.assertTrue((yield self.store.rejoin(4242, 9.0)))
         self.assertEqual((yield self.store.tick(4242, 9.0)), "running")
         self.assertLease(9.0)
+
+    @defer.inlineCallbacks
+    def test_heartbeat_records_the_load(self):
+        """
+        A heartbeat records the node's load for placement; a field it does
+        not know (None) keeps the last value.
+        """
+        yield self.store.node_starting(4242, "lxc", 800.0, 4096.0)
+        yield self.store.tick(4242, 0, NodeLoad(3000, 0.25))
+        self.assertEqual(self.node_load(), (3000, 0.25))
+        yield self.store.tick(4242, 0, NodeLoad(2500, None))
+        self.assertEqual(self.node_load(), (2500, 0.25))
 
     @defer.inlineCallbacks
     def test_peers(self):

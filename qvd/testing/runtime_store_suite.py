@@ -223,3 +223,29 @@ class RuntimeStoreTests:
         no_di = self.add_vm(di_path=None)
         with self.assertRaises(loadbalancer.NoHostAvailable):
             yield self.store.choose_host(no_di, "no-di", WEIGHTS, lambda: 0.5)
+
+    @defer.inlineCallbacks
+    def test_placement_by_live_load(self):
+        """
+        Placement follows the load the nodes report: the memory available
+        and the idle CPU of their last heartbeat, and the VMs starting on
+        them; a node with less memory available than the VM needs is left out.
+        """
+        full = self.add_host("full", usable_ram=8000, usable_cpu=8000, free_ram=300,
+                             cpu_idle=0.9)
+        busy = self.add_host("busy", usable_ram=8000, usable_cpu=8000, free_ram=6000,
+                             cpu_idle=0.05)
+        calm = self.add_host("calm", usable_ram=8000, usable_cpu=8000, free_ram=6000,
+                             cpu_idle=0.9)
+        vm = self.add_vm(memory=512)
+        chosen = yield self.store.choose_host(vm, "desk", WEIGHTS, lambda: 0.5)
+        self.assertEqual(chosen.host_id, calm)
+        for _ in range(2):
+            self.add_vm(host_id=calm, vm_state="starting")
+        chosen = yield self.store.choose_host(vm, "desk", WEIGHTS, lambda: 0.5)
+        self.assertEqual(chosen.host_id, busy, "two VMs starting on calm: busy wins")
+        big = self.add_vm(memory=7000)
+        with self.assertRaises(loadbalancer.NoHostAvailable) as e:
+            yield self.store.choose_host(big, "big", WEIGHTS, lambda: 0.5)
+        self.assertIn("full (300 MB available, the VM needs 7000)", str(e.exception))
+        self.assertNotIn(full, (busy, calm))

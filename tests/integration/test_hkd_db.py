@@ -30,7 +30,7 @@ class CommandTests(HKDTestMixin, pg.DatabaseTestMixin, unittest.TestCase):
         vm_cmd='start' + NOTIFY makes the VM running with its runtime row
         filled in; vm_cmd='stop' makes it stopped and released, with nothing
         left on the driver. The node row shows running, the hypervisor, pid
-        and capacity.
+        and capacity, and its heartbeats the memory available and the idle CPU.
         """
         host = self.add_host()
         vm = self.add_vm()
@@ -40,6 +40,12 @@ class CommandTests(HKDTestMixin, pg.DatabaseTestMixin, unittest.TestCase):
                          ("running", "nothing", os.getpid()))
         self.assertGreater(node["usable_ram"], 0)
         self.assertGreater(node["usable_cpu"], 0)
+        await hkd.tick()
+        await task.deferLater(reactor, 0.2, lambda: None)   # some CPU time between the samples
+        await hkd.tick()
+        node = self.query("SELECT * FROM host_runtimes WHERE host_id = %s", (host,))[0]
+        self.assertGreater(node["free_ram"], 0, "the heartbeat reports the memory available")
+        self.assertTrue(0.0 <= node["cpu_idle"] <= 1.0, node["cpu_idle"])
 
         self.command(vm, "start", host)
         row = await self.wait_state(vm, "running", timeout=5)
@@ -305,12 +311,13 @@ class ClusterTests(HKDTestMixin, pg.DatabaseTestMixin, unittest.TestCase):
         once the lease has run out).
         """
         host = self.add_host()
+        self.add_peer()
         vm = self.add_vm()
         hkd = await self.start_hkd(host, config=hkd_config(hkd__lease__seconds=1.5,
                                                            hkd__lease__fence__margin=0.5))
         self.command(vm, "start", host)
         await self.wait_state(vm, "running")
-        hkd.store.tick = lambda pid, lease=0: defer.fail(RuntimeError("database unreachable (test)"))
+        hkd.store.tick = lambda *args: defer.fail(RuntimeError("database unreachable (test)"))
         await self.until(lambda: not hkd.hv.running, what="VM killed by the fence")
         self.flushLoggedErrors(RuntimeError)
 
@@ -350,9 +357,10 @@ class ClusterTests(HKDTestMixin, pg.DatabaseTestMixin, unittest.TestCase):
 
     async def test_feeds_and_releases_the_fencer(self):
         """
-        The HKD feeds the fencer the lease's local deadline at its start and
-        every heartbeat (and makes sure one runs); a clean stop without
-        desktops releases it.
+        Alone, the HKD holds no lease and releases its fencer at each
+        heartbeat; once another node runs, it feeds the fencer the lease's
+        local deadline at every heartbeat (and makes sure one runs); a clean
+        stop without desktops releases it.
         """
         class Fencer:
             def __init__(self):
@@ -369,11 +377,19 @@ class ClusterTests(HKDTestMixin, pg.DatabaseTestMixin, unittest.TestCase):
         fencer = Fencer()
         host = self.add_host()
         hkd = await self.start_hkd(host, fencer=fencer, monotonic=lambda: 1000.0)
+        # alone: no lease, the fencer is released and never fed
+        await self.until(lambda: fencer.released >= 2, what="two heartbeats alone")
+        self.assertEqual((fencer.fed, fencer.ensured), ([], 0))
+        self.assertIsNone(self.query("SELECT lease_expires FROM host_runtimes WHERE host_id = %s",
+                                     (host,))[0]["lease_expires"])
+        released = fencer.released
+        self.add_peer()
         await self.until(lambda: len(fencer.fed) >= 3, what="three renewals")
         self.assertEqual(set(fencer.fed), {1010.0})
         self.assertEqual(fencer.ensured, len(fencer.fed))
+        self.assertEqual(fencer.released, released, "not released while guarding")
         await hkd.stopService()
-        self.assertEqual(fencer.released, 1)
+        self.assertEqual(fencer.released, released + 1)
 
     async def test_singleton(self):
         """
