@@ -16,8 +16,13 @@ private PostgreSQL cluster of qvd.testing.pg):
 2. bare peer, same run, same rootfs: for each of N containers an overlayfs over
    the DI tree the HKD unpacked, a hand-written LXC config (veth on the same
    bridge, static address, the same user namespace mapping as qvd's: the
-   tree's ids are shifted for it) and `lxc-start -d`, all N at once; measured per
-   container: lxc-start -> the agent's port 3030 answering GET /vma/ping.
+   tree's ids are shifted for it, a VM secret bind-mounted as qvd does) and
+   `lxc-start -d`, all N at once (spawned from the reactor, as the HKD does);
+   measured per container: lxc-start -> the agent answering a ping. The probe
+   is the HKD's: each container pinged on its own as soon as its lxc-start
+   returned, with the agent client the HKD uses, the same timeout
+   (hkd.vm.vma.timeout) and the same pause between pings
+   (hkd.vm.vma.ping.starting, QVD_OVERRIDES).
 
 Prints p50/p95 of each and the ratio qvd / bare for "agent answering"
 (qvd's start -> running is the moment the HKD got the agent's first answer).
@@ -25,19 +30,22 @@ Prints p50/p95 of each and the ratio qvd / bare for "agent answering"
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
-from twisted.internet import defer, task, threads
+from twisted.internet import defer, task
 
 PID = os.getpid()
 SUBNET = f"10.218.{PID % 200}"
 BRIDGE = f"qbk{PID % 1000}"
 PREFIX = f"qvdb{PID % 100000}-"
 VETH = f"qk{PID % 1000}v"
+
+#: The HKD's agent pings while a VM starts (the bare peer is probed the same way).
+QVD_OVERRIDES = {"hkd.vm.vma.ping.starting": "0.1", "hkd.vm.vma.ping.interval": "2",
+                 "hkd.vm.vma.timeout": "4"}
 
 X_PARAMS = {"qvd.vm.user.name": "qvd", "qvd.client.os": "linux",
             "qvd.client.geometry": "1024x768", "qvd.client.link": "lan",
@@ -58,15 +66,6 @@ def summary(name, values):
         return f"{name:38s} no samples"
     return (f"{name:38s} n={len(values)}  p50 {pct(values, 50):6.2f} s  "
             f"p95 {pct(values, 95):6.2f} s  max {max(values):6.2f} s")
-
-
-def vma_answers(ip, port=3030):
-    try:
-        with socket.create_connection((ip, port), timeout=0.5) as s:
-            s.sendall(b"GET /vma/ping HTTP/1.0\r\nHost: vm\r\n\r\n")
-            return s.recv(64).startswith(b"HTTP/")
-    except OSError:
-        return False
 
 
 def scrub(root):
@@ -109,10 +108,10 @@ async def run_qvd(reactor, root, image, n, overrides=None):
         "vm.network.netmask": "255.255.255.0", "vm.lxc.bridge.address": f"{SUBNET}.1/24",
         "hkd.lock.path": f"{root}/run/hkd.lock", "hkd.vm.starting.max": str(n),
         "hkd.vm.timeout.waiting_vma": "120", "hkd.vm.timeout.preparing": "600",
-        "hkd.vm.vma.ping.starting": "0.1", "hkd.vm.vma.ping.interval": "2",
         "hkd.vm.vma.dead.seconds": "60", "hkd.vm.vma.dead.failures": "10",
         "hkd.vm.timeout.powering_off": "20", "hkd.vm.timeout.shutting_down": "20",
         "vm.network.firewall.table": f"qvdb{PID}"})
+    values.update(QVD_OVERRIDES)
     values.update(overrides or {})
     config = Config(keys=declared_keys(), node=values)
     name, dsn = pg.fresh_database()
@@ -235,14 +234,28 @@ lxc.net.0.ipv4.address = {ip}/24
 lxc.idmap = u 0 {uid} 65536
 lxc.idmap = g 0 {gid} 65536
 lxc.tty.dir =
+lxc.mount.entry = {secret} {secret_target} none bind,ro,create=file 0 0
 """
 
 
-def run_bare(root, basefs, n):
+async def run_bare(reactor, root, basefs, n):
     """
-    N plain lxc-start -d over overlays of the same unpacked DI, all at once.
-    Returns seconds from the start of all to each agent answering.
+    N plain lxc-start -d over overlays of the same unpacked DI, all at once,
+    probed the way the HKD probes its VMs (L{qvd.hkd.supervisor}): each
+    container on its own, from the moment its lxc-start returned, with the
+    same agent client (L{qvd.vmaclient.VMAClient}: the VM's secret, the
+    timeout C{hkd.vm.vma.timeout}) and the same pause between pings
+    (C{hkd.vm.vma.ping.starting}). Returns seconds from the start of all to
+    each agent answering.
     """
+    from qvd.config import Config, declared_keys
+    from qvd.virt._lxcconfig import SECRET_TARGET
+    from qvd.virt._process import run as run_process
+    from qvd.vmaclient import VMAClient
+
+    config = Config(keys=declared_keys(), node=QVD_OVERRIDES)
+    timeout = config.getfloat("hkd.vm.vma.timeout")
+    cadence = config.getfloat("hkd.vm.vma.ping.starting")
     lxcpath = os.path.join(root, "bare")
     os.makedirs(lxcpath, exist_ok=True)
     containers = []
@@ -258,25 +271,39 @@ def run_bare(root, basefs, n):
                         f"lowerdir={basefs},upperdir={upper},workdir={work}", merged],
                        check=True)
         os.makedirs(os.path.join(lxcpath, name))
+        secret, secret_path = os.urandom(16).hex(), os.path.join(lxcpath, name, "vma.secret")
+        fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            os.fchown(f.fileno(), owner.st_uid, owner.st_gid)
+            f.write(secret + "\n")
         ip = f"{SUBNET}.{120 + i}"
         with open(os.path.join(lxcpath, name, "config"), "w") as f:
             f.write(BARE_CONFIG.format(name=name, rootfs=merged, veth=f"{VETH}b{i}",
                                        bridge=BRIDGE, i=i, ip=ip, uid=owner.st_uid,
-                                       gid=owner.st_gid))
-        containers.append((name, ip))
-    t0 = time.monotonic()
-    procs = [subprocess.Popen(["lxc-start", "-d", "-n", name, "-P", lxcpath])
-             for name, _ in containers]
-    for p in procs:
-        p.wait()
+                                       gid=owner.st_gid, secret=secret_path,
+                                       secret_target=SECRET_TARGET))
+        containers.append((name, ip, secret))
     answered = {}
-    while len(answered) < n and time.monotonic() - t0 < 120:
-        for name, ip in containers:
-            if name not in answered and vma_answers(ip):
-                answered[name] = time.monotonic() - t0
-        time.sleep(0.02)
-    for name, _ in containers:
-        subprocess.run(["lxc-stop", "-k", "-n", name, "-P", lxcpath], capture_output=True)
+
+    async def start_and_probe(name, ip, secret):
+        result = await run_process(reactor, ["lxc-start", "-d", "-n", name, "-P", lxcpath])
+        if result.code != 0:
+            print(f"bare {name}: lxc-start failed: {result.describe()}", file=sys.stderr)
+            return
+        client = VMAClient(reactor, ip, 3030, timeout=timeout, secret=secret)
+        while time.monotonic() - t0 < 120:
+            try:
+                await client.ping()
+            except Exception:
+                await task.deferLater(reactor, cadence, lambda: None)
+                continue
+            answered[name] = time.monotonic() - t0
+            return
+
+    t0 = time.monotonic()
+    await defer.gatherResults([defer.ensureDeferred(start_and_probe(*c)) for c in containers])
+    for name, _, _ in containers:
+        await run_process(reactor, ["lxc-stop", "-k", "-n", name, "-P", lxcpath])
     return list(answered.values())
 
 
@@ -287,7 +314,7 @@ async def bench(reactor, n):
     os.chmod(root, 0o755)  # containers' root (unprivileged) walks through it
     try:
         running, listening, errors, basefs = await run_qvd(reactor, root, image, n)
-        bare = await threads.deferToThread(run_bare, root, basefs, n)
+        bare = await run_bare(reactor, root, basefs, n)
     finally:
         scrub(root)
     print(f"\n{n} desktops started together (minimal DI, LXC, {os.cpu_count()} CPUs)")
