@@ -12,6 +12,21 @@ import argparse
 import os
 import sys
 
+#: What Twisted's reactor imports for TLS when it can (Debian's python3-twisted
+#: depends on them): 0.2-0.3 s of a desktop's boot, for an agent that speaks
+#: plain HTTP only.
+TLS_MODULES = ("OpenSSL", "cryptography", "service_identity")
+
+
+def without_tls():
+    """
+    Make the TLS modules unimportable in this process (C{sys.modules[name] =
+    None}), before Twisted is imported: its reactor then leaves TLS out, as
+    it does where pyOpenSSL is not installed. The agent never uses TLS.
+    """
+    for name in TLS_MODULES:
+        sys.modules.setdefault(name, None)
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python3 -m qvd.vma", description=__doc__.strip().split("\n")[0])
@@ -42,6 +57,7 @@ def main(argv=None):
     from qvd.vma._init import become_init_if_pid1
     become_init_if_pid1()      # in a container without init, stay PID 1 and reap
 
+    without_tls()
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
