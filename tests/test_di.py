@@ -140,6 +140,9 @@ class CodeLayerTests(unittest.TestCase):
         self.assertNotIn("./usr/lib/python3/dist-packages/qvd/vma/__pycache__/x.pyc", names)
         wants = names["./etc/systemd/system/multi-user.target.wants/qvd-vma.service"]
         self.assertEqual(wants.linkname, "/etc/systemd/system/qvd-vma.service")
+        wants = names["./etc/systemd/system/sockets.target.wants/qvd-vma.socket"]
+        self.assertEqual(wants.linkname, "/etc/systemd/system/qvd-vma.socket")
+        self.assertIn("./etc/systemd/system/qvd-vma.socket", names)
         self.assertEqual(names["./usr/bin/x-session-manager"].linkname,
                          "/usr/local/bin/qvd-minimal-session")
         self.assertEqual(names["./usr/local/bin/qvd-minimal-session"].mode, 0o755)

@@ -119,6 +119,39 @@ class ServiceTests(unittest.TestCase):
         from qvd.vma.__main__ import listen_early
         self.assertIsNone(listen_early(self.config(**{"vma.address": "192.0.2.1"})))
 
+    def test_socket_from_systemd(self):
+        """
+        Under socket activation (LISTEN_PID, LISTEN_FDS=1, fd 3) the entry point
+        takes systemd's socket when it listens on vma.port, and removes the
+        variables; a socket on another port is left alone.
+        """
+        import os
+        import subprocess
+        import sys
+        import qvd
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(5)
+        port = listener.getsockname()[1]
+        probe = (
+            "import os, sys\n"
+            "from qvd.config import Config, declared_keys\n"
+            "from qvd.vma.__main__ import socket_from_systemd\n"
+            "cfg = Config(keys=declared_keys(), node={'vma.port': sys.argv[1]})\n"
+            "sock = socket_from_systemd(cfg)\n"
+            "print(sock and sock.getsockname()[1], sock and sock.getblocking(),\n"
+            "      sorted(k for k in os.environ if k.startswith('LISTEN_')))\n")
+        tree = os.path.dirname(os.path.dirname(os.path.abspath(qvd.__file__)))
+        fd = listener.fileno()
+        for wanted, expected in ((port, f"{port} False []"), (port + 1, "None None []")):
+            out = subprocess.run(
+                ["/bin/sh", "-c", f'LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" "$@" 3<&{fd}',
+                 sys.executable, "-c", probe, str(wanted)],
+                env=dict(os.environ, PYTHONPATH=tree), pass_fds=(fd,),
+                capture_output=True, text=True, timeout=60, cwd="/")
+            self.assertEqual(out.stdout.strip(), expected, out.stderr[-1000:])
+
     def test_tap_bad_config(self):
         """twistd qvd-vma with a missing or wrong config is a usage error naming it."""
         options = tap.Options()

@@ -31,6 +31,7 @@ BASE_FORMAT = 2
 #: most 15 characters, the kernel's limit).
 MARKER_NAME = "qvd-test-marker"
 VMA_UNIT = "qvd-vma.service"
+VMA_SOCKET = "qvd-vma.socket"
 DIST_PACKAGES = "usr/lib/python3/dist-packages"
 
 _COLOUR = re.compile(r"^(#[0-9a-fA-F]{3}|#[0-9a-fA-F]{6}|[A-Za-z ]{1,40})$")
@@ -165,6 +166,12 @@ class Recipe:
         files.append(ImageFile(
             f"etc/systemd/system/multi-user.target.wants/{VMA_UNIT}", 0o777,
             link=f"/etc/systemd/system/{VMA_UNIT}"))
+        if vma_present:
+            files.append(ImageFile(f"etc/systemd/system/{VMA_SOCKET}", 0o644,
+                                   VMA_SOCKET_UNIT.encode()))
+            files.append(ImageFile(
+                f"etc/systemd/system/sockets.target.wants/{VMA_SOCKET}", 0o777,
+                link=f"/etc/systemd/system/{VMA_SOCKET}"))
         files.append(ImageFile("etc/qvd/vma.conf", 0o644, VMA_CONF.encode()))
         files.append(ImageFile("etc/qvd/di.json", 0o644, json.dumps({
             "suite": self.suite, "variant": self.variant, "desktop": self.desktop,
@@ -289,6 +296,27 @@ except (error.ConnectionClosedError, OSError):
 VMA_CONF = """\
 # qvd VMA configuration (Java-properties). The image builder writes this
 # default; the HKD does not change it.
+"""
+
+
+#: The agent's port, listened on by systemd from the first moment of the boot
+#: and handed to the agent (L{qvd.vma.__main__.socket_from_systemd}): the
+#: node's first ping waits there for the agent instead of being refused. It
+#: is vma.address and vma.port of the default configuration (an image that
+#: changes them changes this unit too).
+VMA_SOCKET_UNIT = """\
+[Unit]
+Description=qvd VM agent (VMA) port
+DefaultDependencies=no
+Before=sockets.target shutdown.target
+Conflicts=shutdown.target
+
+[Socket]
+ListenStream=0.0.0.0:3030
+Backlog=50
+
+[Install]
+WantedBy=sockets.target
 """
 
 

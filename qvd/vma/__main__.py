@@ -5,9 +5,10 @@ Runs the VMA in the foreground (how desktop images start it at boot, on
 Debian's own python3 + python3-twisted). Logs go to vma.log.filename
 ("-": standard output); --log - overrides it. SIGTERM/SIGINT end the
 session and exit. As PID 1 (a container without init) it forks and the
-parent acts as init (L{qvd.vma._init}). It binds its port before it imports
-Twisted (L{listen_early}) and keeps Twisted from loading TLS
-(L{without_tls}): a desktop answers its node sooner.
+parent acts as init (L{qvd.vma._init}). It serves the socket systemd
+listens on for it (the images' qvd-vma.socket, L{socket_from_systemd}), or
+else binds its port before it imports Twisted (L{listen_early}), and keeps
+Twisted from loading TLS (L{without_tls}): a desktop answers its node sooner.
 """
 
 import argparse
@@ -18,6 +19,36 @@ import sys
 #: depends on them): 0.2-0.3 s of a desktop's boot, for an agent that speaks
 #: plain HTTP only.
 TLS_MODULES = ("OpenSSL", "cryptography", "service_identity")
+
+
+def socket_from_systemd(cfg, environ=os.environ):
+    """
+    The listening socket systemd passed (socket activation: C{LISTEN_PID} is
+    this process, C{LISTEN_FDS} 1, the socket on fd 3) when it is a TCP
+    socket listening on C{vma.port}, else None. The variables are removed
+    either way (the agent's children must not take them for theirs).
+    """
+    import socket
+
+    pid, count = environ.pop("LISTEN_PID", None), environ.pop("LISTEN_FDS", None)
+    environ.pop("LISTEN_FDNAMES", None)
+    if pid != str(os.getpid()) or count != "1":
+        return None
+    try:
+        sock = socket.socket(fileno=3)
+    except OSError:
+        return None
+    try:
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        port = sock.getsockname()[1]
+    except OSError:
+        listening, port = 0, None
+    if sock.type != socket.SOCK_STREAM or not listening or port != cfg.getint("vma.port"):
+        sock.detach()               # not ours to serve or to close
+        return None
+    sock.setblocking(False)
+    sock.set_inheritable(False)
+    return sock
 
 
 def listen_early(cfg):
@@ -84,7 +115,7 @@ def main(argv=None):
     from qvd.vma._init import become_init_if_pid1
     become_init_if_pid1()      # in a container without init, stay PID 1 and reap
 
-    listening = listen_early(cfg)
+    listening = socket_from_systemd(cfg) or listen_early(cfg)
     without_tls()
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner, textFileLogObserver
