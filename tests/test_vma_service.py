@@ -143,11 +143,15 @@ class ServiceTests(unittest.TestCase):
             "print(sock and sock.getsockname()[1], sock and sock.getblocking(),\n"
             "      sorted(k for k in os.environ if k.startswith('LISTEN_')))\n")
         tree = os.path.dirname(os.path.dirname(os.path.abspath(qvd.__file__)))
+        # as systemd starts a service: the socket on fd 3, LISTEN_PID its pid
+        activate = ("import os, sys\n"
+                    "os.dup2(int(sys.argv[1]), 3)\n"
+                    "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1')\n"
+                    "os.execv(sys.executable, [sys.executable, '-c'] + sys.argv[2:])\n")
         fd = listener.fileno()
         for wanted, expected in ((port, f"{port} False []"), (port + 1, "None None []")):
             out = subprocess.run(
-                ["/bin/sh", "-c", f'LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" "$@" 3<&{fd}',
-                 sys.executable, "-c", probe, str(wanted)],
+                [sys.executable, "-c", activate, str(fd), probe, str(wanted)],
                 env=dict(os.environ, PYTHONPATH=tree), pass_fds=(fd,),
                 capture_output=True, text=True, timeout=60, cwd="/")
             self.assertEqual(out.stdout.strip(), expected, out.stderr[-1000:])
