@@ -31,7 +31,7 @@ if [ -n "${missing// /}" ]; then
         || { tail -30 "$stamp_dir/apt.log" >&2; exit 1; }
 fi
 # Debian starts daemons on install where it can; qvd starts what it needs itself.
-for svc in slapd postgresql; do service "$svc" stop >/dev/null 2>&1 || true; done
+for svc in slapd postgresql haproxy; do service "$svc" stop >/dev/null 2>&1 || true; done
 
 # nxagent's keyboard compiler wants this directory (MACHINE-NOTES.md, NX).
 if [ ! -e /usr/share/X11/xkb/compiled ]; then

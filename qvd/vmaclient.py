@@ -8,21 +8,19 @@ desktop image carries the agent, not its callers).
     d.addErrback(lambda f: f.trap(VMAError))      # the agent said no: f.value.message
     d.addErrback(lambda f: f.trap(VMAUnreachable)) # no answer, or not a VMA
 
-Each call is one plain HTTP/1.1 C{GET} on a fresh connection (Twisted's
-C{Agent}, connecting to a VM's address without a resolver:
-L{qvd._endpoints}); C{timeout} bounds the connection and the whole call.
+Each call is one plain HTTP/1.1 C{GET} on a fresh connection (to a VM's
+address without a resolver: L{qvd._endpoints}), read with the sans-IO
+L{qvd.protocols.simplerpc.ResponseReader} and closed once the reply is in:
+no HTTP client machinery for a reply of a few bytes. C{timeout} bounds the
+connection and the whole call.
 """
 
-from twisted.internet import defer
+from twisted.internet import defer, protocol
 from twisted.internet.error import TimeoutError as _TxTimeoutError
-from twisted.web import client as _webclient
-from twisted.web.client import Agent, HTTPConnectionPool, readBody
-from twisted.web.http_headers import Headers
 
-from qvd._endpoints import LiteralEndpointFactory
+from qvd._endpoints import client_endpoint
 from qvd.protocols.simplerpc import (
-    SECRET_HEADER, SimpleRPCError, SimpleRPCProtocolError, build_request_path,
-    parse_response_body)
+    ResponseReader, SimpleRPCError, SimpleRPCProtocolError, build_request, parse_response_body)
 
 DEFAULT_PORT = 3030
 
@@ -63,8 +61,6 @@ class VMAClient:
         self.host = host
         self.port = int(port)
         self.timeout = timeout
-        self._agent = Agent.usingEndpointFactory(
-            reactor, LiteralEndpointFactory(reactor, timeout), pool=_quiet_pool(reactor))
 
     def _address(self):
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -79,24 +75,24 @@ class VMAClient:
         """
         address = self._address()
         try:
-            path = build_request_path(fn, params)
+            request = build_request(address, fn, params, secret=self.secret)
         except ValueError as e:
             return defer.fail(VMAError(str(e), fn))
-        url = f"http://{address}{path}".encode("ascii")
-        headers = Headers({b"User-Agent": [b"qvd-vma-client"]})
-        if self.secret:
-            headers.setRawHeaders(SECRET_HEADER.encode(), [self.secret.encode()])
-        d = self._agent.request(b"GET", url, headers)
+        factory = protocol.Factory.forProtocol(lambda: _Call(request))
+        factory.noisy = False
+        calls = []
 
-        def got_response(response):
-            if response.code != 200:
-                response.deliverBody(_Discard())
+        def connected(call):
+            calls.append(call)
+            return call.done
+        d = client_endpoint(self._reactor, self.host, self.port, self.timeout).connect(factory)
+        d.addCallback(connected)
+
+        def got_reply(reply):
+            status, body = reply
+            if status != 200:
                 raise VMAUnreachable(
-                    f"VMA at {address} answered {fn} with HTTP {response.code} "
-                    f"{response.phrase.decode('latin-1', 'replace')} (is it a VMA?)")
-            return readBody(response)
-
-        def got_body(body):
+                    f"VMA at {address} answered {fn} with HTTP {status} (is it a VMA?)")
             try:
                 return parse_response_body(body)
             except SimpleRPCError as e:
@@ -108,6 +104,8 @@ class VMAClient:
 
         def on_timeout(result, timeout):
             timed_out.append(timeout)
+            for call in calls:
+                call.transport.abortConnection()
             return result
 
         def failed(failure):
@@ -115,12 +113,14 @@ class VMAClient:
                 return failure
             if timed_out or failure.check(defer.CancelledError, _TxTimeoutError):
                 reason = f"no answer within {self.timeout:g} s"
+            elif failure.check(SimpleRPCProtocolError):
+                raise VMAUnreachable(f"VMA at {address} calling {fn}: {failure.value} "
+                                     "(is it a VMA?)")
             else:
                 reason = _describe(failure.value)
             raise VMAUnreachable(f"VMA at {address} unreachable calling {fn}: {reason}")
 
-        d.addCallback(got_response)
-        d.addCallback(got_body)
+        d.addCallback(got_reply)
         d.addTimeout(self.timeout, self._reactor, onTimeoutCancel=on_timeout)
         d.addErrback(failed)
         return d
@@ -167,31 +167,45 @@ class VMAClient:
 
 
 def _describe(exc):
-    reasons = getattr(exc, "reasons", None)   # ResponseFailed / ResponseNeverReceived
-    if reasons:
-        return "; ".join(_describe(r.value) for r in reasons)
-    text = str(exc) or type(exc).__name__
-    return text
+    return str(exc) or type(exc).__name__
 
 
-class _Discard:
-    def makeConnection(self, transport):
-        transport.stopProducing()
+class _Call(protocol.Protocol):
+    """
+    One call's connection: sends the request, reads the reply, closes.
+
+    @ivar done: fires with (status, body), or fails with
+        L{SimpleRPCProtocolError} or the reason the connection was lost.
+    """
+
+    def __init__(self, request):
+        self.request = request
+        self.reader = ResponseReader()
+        self.done = defer.Deferred()
+
+    def connectionMade(self):
+        self.transport.write(self.request)
 
     def dataReceived(self, data):
-        pass
+        if self.done.called:
+            return
+        try:
+            reply = self.reader.feed(data)
+        except SimpleRPCProtocolError as e:
+            self.done.errback(e)
+            self.transport.abortConnection()
+            return
+        if reply is not None:
+            self.done.callback(reply)
+            self.transport.loseConnection()
 
     def connectionLost(self, reason):
-        pass
-
-
-class _QuietFactory(_webclient._HTTP11ClientFactory):
-    # One connection per call: the default factory logs two lines for each
-    # (a node pings every agent every few seconds).
-    noisy = False
-
-
-def _quiet_pool(reactor):
-    pool = HTTPConnectionPool(reactor, persistent=False)
-    pool._factory = _QuietFactory
-    return pool
+        if self.done.called:
+            return
+        try:
+            reply = self.reader.finish()
+        except SimpleRPCProtocolError as e:
+            # nothing came back: say why the connection ended
+            self.done.errback(e if self.reader.started else reason)
+            return
+        self.done.callback(reply)

@@ -641,3 +641,366 @@ class FactoryTests(unittest.TestCase):
         auth = make_authenticator(Config(keys=declared_keys()), None, task.Clock())
         self.assertIsInstance(auth, Authenticator)
         self.assertEqual([p.name for p in auth.chain(auth.config)], ["default"])
+
+
+class CountingChecks:
+    """
+    A `blocking` runner for the Authenticator that records the name of every
+    function it runs (the password checks) before running it with `runner`.
+    """
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.calls = []
+
+    def __call__(self, function, *args):
+        self.calls.append(function.__name__)
+        return self.runner(function, *args)
+
+    @property
+    def checks(self):
+        """Password checks run so far (known and unknown users)."""
+        return sum(name in ("verify_password", "_verify_unknown") for name in self.calls)
+
+
+class CachingPlugin(AcceptingPlugin):
+    """
+    Accepts every non-empty password, sets a parameter, counts its checks and
+    lets the cache remember it while `cacheable`.
+    """
+    name = "caching"
+    cacheable = True
+    checked = 0
+
+    def cache_verified(self, ctx):
+        return self.cacheable
+
+    def authenticate_basic(self, ctx, login, password):
+        CachingPlugin.checked += 1
+        ctx.params["qvd.vm.user.uid"] = "1001"
+        return super().authenticate_basic(ctx, login, password)
+
+
+class VerifiedCacheTests(AuthTestCase):
+    """
+    The verified-credentials cache through the real chain and database:
+    password checks counted at the hash pool's seam.
+    """
+    settings = {"l7r.auth.ratelimit.login.max": "3"}
+
+    def setUp(self):
+        super().setUp()
+        from qvd.l7r.auth.chain import _thread_runner
+        self.hashes = CountingChecks(_thread_runner(reactor))
+        self.auth = self.make_auth(self.config)
+        self.user_id = self.add_user("alice", "pw")
+
+    def make_auth(self, config):
+        return Authenticator(self.db, config, reactor, clock=self.clock,
+                             blocking=self.hashes,
+                             plugins={"accept": AcceptingPlugin, "caching": CachingPlugin})
+
+    @defer.inlineCallbacks
+    def test_second_login_not_hashed(self):
+        """
+        A second and third login with the same password, also from another
+        address (a new connection after a network change), run no password
+        check and give the same result.
+        """
+        first = yield self.login("alice", "pw")
+        self.assertEqual(self.hashes.checks, 1)
+        second = yield self.login("Alice ", "pw")
+        third = yield self.login("alice@default", "pw", ip="198.51.100.7")
+        self.assertEqual((second, third), (first, first))
+        self.assertEqual(self.hashes.checks, 1)
+        self.assertEqual((self.auth.cache.hits, len(self.auth.cache)), (2, 1))
+
+    @defer.inlineCallbacks
+    def test_real_hash_pool(self):
+        """
+        With the L7R's process pool: the second login sends nothing to the pool.
+        """
+        from qvd.l7r.auth.hashpool import HashPool
+        pool = HashPool(reactor, workers=1, queue=4)
+        self.addCleanup(pool.stop)
+        self.hashes.runner = pool
+        yield self.login("alice", "pw")
+        yield self.login("alice", "pw")
+        self.assertEqual(self.hashes.calls, ["verify_password"])
+
+    @defer.inlineCallbacks
+    def test_wrong_password_never_cached(self):
+        """
+        A wrong password is checked every time, before and after the right one
+        was cached, and never accepted; a refusal leaves nothing in the cache.
+        """
+        for i in range(2):
+            yield self.assertRefused(self.login("alice", "wrong", ip=f"192.0.2.{i + 20}"),
+                                     "wrong login")
+        self.assertEqual((self.hashes.checks, len(self.auth.cache)), (2, 0))
+        yield self.login("alice", "pw")
+        for i, password in enumerate(("wrong", "pw ", "PW", "p")):
+            yield self.assertRefused(self.login("alice", password, ip=f"192.0.2.{i + 10}"),
+                                     "wrong login")
+        self.assertEqual(self.hashes.checks, 7)
+        yield self.assertRefused(self.login("bob", "pw"), "wrong login")
+        self.assertEqual(self.hashes.checks, 8)
+
+    @defer.inlineCallbacks
+    def test_password_change(self):
+        """
+        After the stored password changes, the old password is checked (and
+        refused) at the next login and the new one is checked once.
+        """
+        yield self.login("alice", "pw")
+        self.query("UPDATE users SET password = %s WHERE id = %s",
+                   (argon2_hash("new"), self.user_id))
+        yield self.assertRefused(self.login("alice", "pw"), "wrong login")
+        self.assertEqual(self.hashes.checks, 2)
+        yield self.login("alice", "new")
+        yield self.login("alice", "new")
+        self.assertEqual(self.hashes.checks, 3)
+
+    @defer.inlineCallbacks
+    def test_password_reset_to_same(self):
+        """
+        Any update of the user's row (here the same hash written again) makes
+        the next login check the password.
+        """
+        yield self.login("alice", "pw")
+        self.query("UPDATE users SET password = password WHERE id = %s", (self.user_id,))
+        yield self.login("alice", "pw")
+        self.assertEqual(self.hashes.checks, 2)
+
+    @defer.inlineCallbacks
+    def test_user_block(self):
+        """
+        A blocked user is refused at the next login despite the cache, and
+        after the unblock the password is checked again.
+        """
+        yield self.login("alice", "pw")
+        self.query("UPDATE users SET blocked = true WHERE id = %s", (self.user_id,))
+        yield self.assertRefused(self.login("alice", "pw"), "blocked")
+        self.query("UPDATE users SET blocked = false WHERE id = %s", (self.user_id,))
+        checks = self.hashes.checks
+        yield self.login("alice", "pw")
+        self.assertEqual(self.hashes.checks, checks + 1)
+
+    @defer.inlineCallbacks
+    def test_block_and_unblock_between_logins(self):
+        """
+        A block and unblock with no login in between still invalidates the
+        entry (the row version changed).
+        """
+        yield self.login("alice", "pw")
+        self.query("UPDATE users SET blocked = true WHERE id = %s", (self.user_id,))
+        self.query("UPDATE users SET blocked = false WHERE id = %s", (self.user_id,))
+        yield self.login("alice", "pw")
+        self.assertEqual(self.hashes.checks, 2)
+
+    @defer.inlineCallbacks
+    def test_tenant_block(self):
+        """
+        A blocked tenant is refused at the next login despite the cache; after
+        the unblock the password is checked again.
+        """
+        self.add_user("bob", "pw", tenant_id=self.acme)
+        yield self.login("bob@acme", "pw")
+        self.query("UPDATE tenants SET blocked = true WHERE id = %s", (self.acme,))
+        yield self.assertRefused(self.login("bob@acme", "pw"), "blocked")
+        self.query("UPDATE tenants SET blocked = false WHERE id = %s", (self.acme,))
+        yield self.login("bob@acme", "pw")
+        self.assertEqual(self.hashes.checks, 2)
+
+    @defer.inlineCallbacks
+    def test_user_deleted(self):
+        """
+        A deleted user is refused; re-created with the same password hash it
+        is checked again.
+        """
+        yield self.login("alice", "pw")
+        self.query("DELETE FROM users WHERE id = %s", (self.user_id,))
+        yield self.assertRefused(self.login("alice", "pw"), "wrong login")
+        self.add_user("alice", "pw")
+        result = yield self.login("alice", "pw")
+        self.assertNotEqual(result.user_id, self.user_id)
+        self.assertEqual(self.hashes.checks, 3)
+
+    @defer.inlineCallbacks
+    def test_lifetime(self):
+        """
+        An entry serves for l7r.auth.cache.lifetime (300 s) from the check:
+        a login at 299 s is not checked, one at 300 s is.
+        """
+        yield self.login("alice", "pw")
+        self.clock.advance(299)
+        yield self.login("alice", "pw")
+        self.assertEqual(self.hashes.checks, 1)
+        self.clock.advance(1)
+        yield self.login("alice", "pw")
+        self.assertEqual(self.hashes.checks, 2)
+
+    @defer.inlineCallbacks
+    def test_limits_on_a_hit(self):
+        """
+        A hit is a login like any other for the limits: a login locked out
+        from an address stays locked out there although its password is
+        cached, and a hit forgets that login's earlier failures.
+        """
+        yield self.login("alice", "pw", ip="192.0.2.7")
+        for _ in range(2):
+            yield self.assertRefused(self.login("alice", "bad", ip="192.0.2.7"), "wrong")
+        yield self.login("alice", "pw", ip="192.0.2.7")           # a hit: failures forgotten
+        for _ in range(2):
+            yield self.assertRefused(self.login("alice", "bad", ip="192.0.2.7"), "wrong")
+        yield self.login("alice", "pw", ip="192.0.2.7")
+        self.assertEqual(self.hashes.checks, 5)
+        for _ in range(3):
+            yield self.assertRefused(self.login("alice", "bad", ip="192.0.2.7"), "wrong")
+        yield self.assertRefused(self.login("alice", "pw", ip="192.0.2.7"), TOO_MANY)
+        yield self.login("alice", "pw", ip="198.51.100.1")
+        self.assertEqual(self.hashes.checks, 8)
+
+    @defer.inlineCallbacks
+    def test_disabled(self):
+        """
+        With l7r.auth.cache.size = 0 every login is checked.
+        """
+        self.auth = self.make_auth(Config(keys=declared_keys(), node={
+            "l7r.auth.failure.delay": "0", "l7r.auth.cache.size": "0"}))
+        for _ in range(3):
+            yield self.login("alice", "pw")
+        self.assertEqual(self.hashes.checks, 3)
+
+    @defer.inlineCallbacks
+    def test_config_change_clears(self):
+        """
+        A new configuration (a reload of the live configuration) empties the
+        cache; a new lifetime applies.
+        """
+        class Live:
+            current = self.config
+        self.auth = self.make_auth(Live)
+        yield self.login("alice", "pw")
+        yield self.login("alice", "pw")
+        Live.current = Config(keys=declared_keys(), node={
+            "l7r.auth.failure.delay": "0", "l7r.auth.cache.lifetime": "10"})
+        yield self.login("alice", "pw")
+        self.assertEqual(self.hashes.checks, 2)
+        self.clock.advance(10)
+        yield self.login("alice", "pw")
+        self.assertEqual(self.hashes.checks, 3)
+
+    @defer.inlineCallbacks
+    def test_legacy_hash(self):
+        """
+        A QVD hash is checked and upgraded; the upgrade changed the row, so
+        the next login checks the new hash once; later ones are hits.
+        """
+        self.add_user("carol", stored=passwords.legacy_hash("pw", "qvd1234"))
+        for _ in range(3):
+            yield self.login("carol", "pw")
+        self.assertEqual(self.hashes.checks, 2)
+
+    @defer.inlineCallbacks
+    def test_plugin_not_cacheable(self):
+        """
+        A plugin that does not allow caching (the base Plugin's answer) is
+        asked at every login.
+        """
+        self.auth = self.make_auth(self.config.with_database(
+            {"l7r.auth.plugins.tail": "accept"}, {}))
+        checked = []
+        plugin = self.auth._plugin("accept")
+        original = plugin.authenticate_basic
+        plugin.authenticate_basic = lambda *a: checked.append(1) or original(*a)
+        for _ in range(3):
+            yield self.login("alice", "anything")
+        self.assertEqual((len(checked), len(self.auth.cache)), (3, 0))
+
+    @defer.inlineCallbacks
+    def test_plugin_params_and_withdrawn_permission(self):
+        """
+        A hit gives back the parameters the accepting plugin set; when the
+        plugin no longer allows caching, its entry is not used (and a hit of
+        a plugin that no longer allows it is dropped).
+        """
+        CachingPlugin.checked = 0
+        self.auth = self.make_auth(self.config.with_database(
+            {"l7r.auth.plugins.tail": "caching"}, {}))
+        first = yield self.login("alice", "anything")
+        second = yield self.login("alice", "anything")
+        self.assertEqual(second, first)
+        self.assertEqual(second.params["qvd.vm.user.uid"], "1001")
+        self.assertEqual(CachingPlugin.checked, 1)
+        self.auth._plugin("caching").cacheable = False
+        yield self.login("alice", "anything")
+        self.assertEqual((CachingPlugin.checked, self.auth.cache.hits), (2, 1))
+        self.auth = self.make_auth(self.config.with_database(
+            {"l7r.auth.plugins.tail": "caching,default"}, {}))
+        self.auth._plugin("caching").cacheable = True
+        yield self.login("alice", "anything")
+        self.auth._plugin("caching").cacheable = False      # default still allows it
+        yield self.login("alice", "anything")
+        self.assertEqual((CachingPlugin.checked, self.auth.cache.hits, len(self.auth.cache)),
+                         (4, 0, 0))
+
+
+class VerifiedCacheTotpTests(TotpTests):
+    """
+    The cache with a TOTP second factor: the password part is cached, the
+    code is checked at every login and never accepted twice.
+    """
+
+    def setUp(self):
+        super().setUp()
+        from qvd.l7r.auth.chain import _thread_runner
+        self.hashes = CountingChecks(_thread_runner(reactor))
+        self.auth = Authenticator(self.db, self.config, reactor, clock=self.clock,
+                                  blocking=self.hashes)
+
+    def used_steps(self):
+        return self.query("SELECT last_step FROM user_totp_steps")
+
+    @defer.inlineCallbacks
+    def test_code_not_replayable(self):
+        """
+        The password and code sent again (a replayed request) are refused
+        although the password is cached; the next step's code logs in
+        without a password check.
+        """
+        code = self.code()
+        yield self.login("alice", "pw" + code)
+        yield self.assertRefused(self.login("alice", "pw" + code), "second factor")
+        yield self.assertRefused(self.login("alice", "pw" + code, ip="198.51.100.9"),
+                                 "second factor")
+        self.assertEqual(self.hashes.checks, 1)
+        self.clock.advance(30)
+        yield self.login("alice", "pw" + self.code())
+        self.assertEqual(self.hashes.checks, 1)
+        yield self.assertRefused(self.login("alice", "pw" + self.code(-30)), "second factor")
+
+    @defer.inlineCallbacks
+    def test_wrong_code_not_cached(self):
+        """
+        The right password with a wrong code is a failed login: nothing is
+        cached, and the next login checks the password.
+        """
+        wrong = str((int(self.code()) + 1) % 1000000).zfill(6)
+        yield self.assertRefused(self.login("alice", "pw" + wrong), "second factor")
+        self.assertEqual((len(self.auth.cache), self.used_steps()), (0, []))
+        yield self.login("alice", "pw" + self.code())
+        self.assertEqual(self.hashes.checks, 2)
+
+    @defer.inlineCallbacks
+    def test_wrong_password_right_code(self):
+        """
+        A wrong password with a fresh code is checked and refused, also when
+        the right password is cached, and does not use up the code.
+        """
+        yield self.login("alice", "pw" + self.code())
+        self.clock.advance(30)
+        yield self.assertRefused(self.login("alice", "bad" + self.code()), "wrong login")
+        self.assertEqual(self.hashes.checks, 2)
+        yield self.login("alice", "pw" + self.code())
+        self.assertEqual(self.hashes.checks, 2)

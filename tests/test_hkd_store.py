@@ -34,6 +34,12 @@ class FakeHKDStoreTests(HKDStoreTests, unittest.TestCase):
         if cmd is not None:
             self.store.node["cmd"] = cmd
 
+    def lease_left(self):
+        return self.store.node.get("lease")
+
+    def set_other(self, state, heartbeat_age):
+        self.store.other_nodes = int(state == "running" and heartbeat_age < 10)
+
 
 class RealHKDStoreTests(HKDStoreTests, pg.DatabaseTestMixin, unittest.TestCase):
 
@@ -83,6 +89,15 @@ class RealHKDStoreTests(HKDStoreTests, pg.DatabaseTestMixin, unittest.TestCase):
                        (state, self.node))
         if cmd is not None:
             self.query("UPDATE host_runtimes SET cmd = %s WHERE host_id = %s", (cmd, self.node))
+
+    def set_other(self, state, heartbeat_age):
+        self.query("UPDATE host_runtimes SET state = %s, ok_ts = now() - make_interval(secs => %s)"
+                   " WHERE host_id = %s", (state, heartbeat_age, self.other))
+
+    def lease_left(self):
+        left = self.query("SELECT extract(epoch FROM lease_expires - now())::float AS s"
+                          " FROM host_runtimes WHERE host_id = %s", (self.node,))[0]["s"]
+        return left
 
     @defer.inlineCallbacks
     def test_load_for_start_released_meanwhile(self):

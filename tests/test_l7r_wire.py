@@ -371,7 +371,9 @@ class ConnectTests(L7RWireMixin, unittest.TestCase):
         A reconnect to a running VM (the everyday login) costs at most
         ROUND_TRIPS statements to PostgreSQL from the request to the 101
         (15 before the claim became one statement and the VM's row was read
-        once): node, user, VM, claim, runtime row, token, properties,
+        once; 8 before the node's and the VM's rows were read together, the
+        token stored with the properties read and the row returned by the
+        claim): node and VM, user, claim with the row, token and properties,
         connected.
         """
         from txpostgres import txpostgres
@@ -397,7 +399,7 @@ class ConnectTests(L7RWireMixin, unittest.TestCase):
             print("   ", " ".join(str(q).split())[:110])
         self.assertLessEqual(len(statements), self.ROUND_TRIPS, statements)
 
-    ROUND_TRIPS = 8
+    ROUND_TRIPS = 5
 
     @d
     async def test_properties_override_params(self):

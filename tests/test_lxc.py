@@ -222,12 +222,12 @@ class SettingsTests(unittest.TestCase):
 
     def test_from_config_defaults(self):
         """
-        The declared defaults give the reference layout under /run/qvd/lxc and
-        /var/lib/qvd/storage.
+        The declared defaults give the layout under /run/qvd/lxc and
+        /var/lib/qvd/local (the node-local trees, docs/storage.md).
         """
         s = LXCSettings.from_config(Config(keys=declared_keys()))
         self.assertEqual(s.lxcpath, "/run/qvd/lxc")
-        self.assertEqual(s.basefs, "/var/lib/qvd/storage/basefs")
+        self.assertEqual(s.basefs, "/var/lib/qvd/local/basefs")
         self.assertEqual(s.template, DEFAULT_TEMPLATE)
         self.assertEqual(s.halt_signum(), signal.SIGRTMIN + 4)
         self.assertEqual((s.root_uid, s.root_gid, s.id_count, s.pids_max),

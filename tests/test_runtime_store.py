@@ -52,7 +52,7 @@ class FakeRuntimeStoreTests(RuntimeStoreTests, unittest.TestCase):
 class RealRuntimeStoreTests(RuntimeStoreTests, pg.DatabaseTestMixin, unittest.TestCase):
 
     COLUMNS = ("user_state", "user_cmd", "l7r_host_id", "l7r_pid", "l7r_session", "host_id",
-               "vm_state", "vm_cmd", "real_user_id")
+               "vm_state", "vm_cmd", "real_user_id", "user_ip")
 
     def setUp(self):
         super().setUp()

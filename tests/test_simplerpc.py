@@ -449,3 +449,62 @@ class LimitTests(unittest.TestCase):
         self.clock.advance(61)
         self.connect("10.0.0.9")
         self.assertEqual(logged, [1, 101])
+
+
+class ResponseReaderTests(unittest.TestCase):
+    """The client's reader of one reply, fed as the bytes come."""
+
+    REPLY = b'HTTP/1.1 200 OK\r\nContent-Type: application/json-simplerpc\r\nContent-Length: 12\r\n\r\n"listening"\n'
+
+    def test_in_pieces(self):
+        """A reply is complete once the head and Content-Length bytes are in, not before."""
+        reader = simplerpc.ResponseReader()
+        for i in range(len(self.REPLY) - 1):
+            self.assertIsNone(reader.feed(self.REPLY[i:i + 1]))
+        self.assertEqual(reader.feed(self.REPLY[-1:]), (200, b'"listening"\n'))
+
+    def test_secret_header(self):
+        """build_request sends the agent's secret when given one."""
+        self.assertEqual(build_request("10.0.0.2:3030", "ping", secret="s3"),
+                         b"GET /vma/ping HTTP/1.1\r\nHost: 10.0.0.2:3030\r\n"
+                         + SECRET_HEADER.encode() + b": s3\r\n\r\n")
+
+    def test_no_length(self):
+        """Without Content-Length the body is what came before the end of the stream."""
+        reader = simplerpc.ResponseReader()
+        self.assertIsNone(reader.feed(b"HTTP/1.0 200 OK\r\n\r\nnull\r\n"))
+        self.assertEqual(reader.finish(), (200, b"null\r\n"))
+
+    def test_not_http(self):
+        """Bytes that are no HTTP reply fail at once, naming them."""
+        e = self.assertRaises(SimpleRPCProtocolError, simplerpc.ResponseReader().feed,
+                              b"SSH-2.0-OpenSSH\r\n")
+        self.assertIn("SSH-2.0", str(e))
+        e = self.assertRaises(SimpleRPCProtocolError, simplerpc.ResponseReader().feed,
+                              b"HTTP/1.1 abc OK\r\n\r\n")
+        self.assertIn("not an HTTP reply", str(e))
+
+    def test_too_long(self):
+        """A reply longer than the limit fails, head or body."""
+        reader = simplerpc.ResponseReader(limit=100)
+        self.assertRaises(SimpleRPCProtocolError, reader.feed, b"HTTP/1.1 200 OK\r\nX: " + b"a" * 100)
+        reader = simplerpc.ResponseReader(limit=100)
+        self.assertRaises(SimpleRPCProtocolError, reader.feed,
+                          b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"1" * 80)
+
+    def test_truncated(self):
+        """A stream that ends in the head or before the body's length is an error."""
+        reader = simplerpc.ResponseReader()
+        reader.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n\"list")
+        e = self.assertRaises(SimpleRPCProtocolError, reader.finish)
+        self.assertIn("after 5 of 12 bytes", str(e))
+        reader = simplerpc.ResponseReader()
+        reader.feed(b"HTTP/1.1 200")
+        self.assertRaises(SimpleRPCProtocolError, reader.finish)
+        self.assertRaises(SimpleRPCProtocolError, simplerpc.ResponseReader().finish)
+
+    def test_bad_headers(self):
+        """A chunked reply, a bad Content-Length or a header without colon are refused."""
+        for head in (b"Transfer-Encoding: chunked", b"Content-Length: x", b"junk"):
+            self.assertRaises(SimpleRPCProtocolError, simplerpc.ResponseReader().feed,
+                              b"HTTP/1.1 200 OK\r\n" + head + b"\r\n\r\n")

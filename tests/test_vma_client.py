@@ -100,6 +100,38 @@ class VMAClientTests(unittest.TestCase):
         self.assertIn("not JSON", str(e))
 
     @defer.inlineCallbacks
+    def test_closes_after_reply(self):
+        """
+        The client closes the connection once the reply is in (the agent
+        keeps connections open for more requests), and sends the secret.
+        """
+        lost = defer.Deferred()
+        seen = []
+
+        class KeepAlive(protocol.Protocol):
+            def dataReceived(self, data):
+                seen.append(data)
+                self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nnull\r\n")
+
+            def connectionLost(self, reason):
+                lost.callback(None)
+        client = self.serve(protocol.Factory.forProtocol(KeepAlive))
+        client.secret = "s3cret"
+        self.assertIsNone((yield client.ping()))
+        yield lost
+        self.assertIn(b"X-QVD-VMA-Secret: s3cret\r\n", b"".join(seen))
+
+    @defer.inlineCallbacks
+    def test_closed_without_reply(self):
+        """A server that closes without a byte fails with VMAUnreachable saying so."""
+        class Closer(protocol.Protocol):
+            def connectionMade(self):
+                self.transport.loseConnection()
+        client = self.serve(protocol.Factory.forProtocol(Closer))
+        e = yield self.assertFailure(client.ping(), VMAUnreachable)
+        self.assertIn("unreachable calling ping", str(e))
+
+    @defer.inlineCallbacks
     def test_not_http(self):
         """A server that answers non-HTTP bytes fails with VMAUnreachable."""
         class Junk(protocol.Protocol):

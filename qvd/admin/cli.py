@@ -223,6 +223,14 @@ def build_parser():
     p.add_argument("object", choices=C.OBJECTS_WITH_PROPERTIES)
     p.add_argument("ref", nargs="?")
 
+    # shared storage
+    v = obj("storage", "the shared storage (path.storage.root) and its identity")
+    p = verb(v, "init", C.storage_init, "write the storage id into the database and the "
+             "marker file at path.storage.root")
+    p.add_argument("--force", action="store_true",
+                   help="adopt a volume that holds another storage's marker")
+    verb(v, "show", C.storage_show, "the storage id, the mount and the HKD's verdict")
+
     # database
     v = obj("db", "the database itself")
     verb(v, "init", db_init, "create the database if missing and migrate it", txn=False)

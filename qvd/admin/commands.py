@@ -13,7 +13,8 @@ with L{Context.on_rollback} and L{Context.after_commit} so that a failed
 command leaves nothing behind. The commands live in one module per object:
 L{qvd.admin.tenants} (tenants, administrators), L{qvd.admin.users},
 L{qvd.admin.images} (OSFs, DIs), L{qvd.admin.vms}, L{qvd.admin.hosts},
-L{qvd.admin.settings} (configuration), L{qvd.admin.properties}.
+L{qvd.admin.settings} (configuration), L{qvd.admin.properties},
+L{qvd.admin.storage} (the shared storage's identity).
 """
 
 from qvd.admin._core import (  # noqa: F401
@@ -25,6 +26,7 @@ from qvd.admin.images import (  # noqa: F401
 from qvd.admin.properties import prop_del, prop_list, prop_set  # noqa: F401
 from qvd.admin.settings import (  # noqa: F401
     config_del, config_get, config_set, config_ssl, read_ssl_files)
+from qvd.admin.storage import storage_init, storage_show  # noqa: F401
 from qvd.admin.tenants import (  # noqa: F401
     admin_add, admin_del, admin_list, admin_passwd, tenant_add, tenant_block, tenant_del,
     tenant_list, tenant_unblock)

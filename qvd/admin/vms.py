@@ -1,6 +1,7 @@
 """
 qvd-admin commands for VMs: creation with an address and a MAC, start and
-stop commands for the nodes, user disconnects, blocking, expiration.
+stop commands for the nodes, user disconnects, blocking, expiration, deletion
+(with its home and disks on the shared storage, L{qvd.admin.storage}).
 """
 
 import datetime
@@ -11,6 +12,7 @@ from qvd.admin._core import (
     DIGITS, VM_SELECT, VM_STATES, AdminError, AlreadyExists, Result, UsageError, find_host,
     find_osf, find_user, find_vm, one)
 from qvd.addresses import AddressError, VMRange, mac_for_ip
+from qvd.admin.storage import remove_vm_files_after_commit
 
 
 def vm_add(ctx, cur, args):
@@ -215,5 +217,6 @@ def vm_del(ctx, cur, args):
                 else f"stopped with a pending {vm['vm_cmd']}")
         raise AdminError(f"VM {vm['name']!r} is {what}: stop it first with 'qvd-admin vm stop'")
     cur.execute("DELETE FROM vms WHERE id = %s", (vm["id"],))
+    remove_vm_files_after_commit(ctx, cur, vm["id"])
     ctx.audit(cur, "vm_delete", "delete", "vm", vm["id"], vm["name"], vm["tenant_id"])
     return Result(f"VM {vm['name']!r} deleted", data={"id": vm["id"]})

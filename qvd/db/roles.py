@@ -50,6 +50,8 @@ GRANTS = {
     ],
     "hkd": [("SELECT", t, None) for t in _RUNTIME_READ] + [
         ("SELECT", "users", ("id", "login", "tenant_id", "blocked")),
+        ("SELECT", "storage_identity", None),
+        ("SELECT", "deleted_storage", None),
         ("INSERT, UPDATE", "host_runtimes", None),
         ("UPDATE", "vm_runtimes", None),
         ("INSERT, UPDATE", "vm_counters", None),

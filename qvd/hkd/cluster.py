@@ -2,7 +2,7 @@
 The cluster monitor: one HKD of the cluster at a time marks silent nodes
 'lost' and releases their VMs so they can start elsewhere (reference 4.2).
 
-    monitor = ClusterMonitor(dsn, db, reactor, host_id=3, node_timeout=30, interval=5)
+    monitor = ClusterMonitor(dsn, db, reactor, host_id=3, margin=2, interval=2)
     monitor.start()
     ...
     monitor.stop()
@@ -14,8 +14,11 @@ that connection dies, PostgreSQL drops the lock and another HKD takes over at
 its next attempt.
 
 Each check, in one transaction:
-  - nodes other than this one that are not stopped or lost and whose
-    heartbeat (C{ok_ts}) is older than C{node_timeout} seconds become 'lost';
+  - nodes other than this one whose lease (C{host_runtimes.lease_expires},
+    renewed by their heartbeats) ran out more than C{margin} seconds ago by
+    the database clock become 'lost' (those not stopped, and stopped ones
+    still holding VMs): by then they have stopped their desktops themselves
+    (L{qvd.hkd.fencer});
   - their VMs become 'stopped' with host, ports, address, command, expirations
     and DI cleared, and the reason recorded;
   - sessions routed through a lost node's L7R become 'disconnected';
@@ -36,12 +39,12 @@ LOCK_KEY = 0x7176_6443_4D
 
 
 class ClusterMonitor:
-    def __init__(self, dsn, db, reactor, host_id, node_timeout=30.0, interval=5.0):
+    def __init__(self, dsn, db, reactor, host_id, margin=2.0, interval=2.0):
         self.dsn = dsn
         self.db = db
         self.reactor = reactor
         self.host_id = host_id
-        self.node_timeout = node_timeout
+        self.margin = margin
         self.interval = interval
         self.holding = False
         self._conn = None
@@ -128,7 +131,7 @@ class ClusterMonitor:
         """
         async def txn(cur):
             ex = runtime_store.TransactionExecutor(cur)
-            lost = await runtime_store.mark_lost_nodes_in(ex, self.host_id, self.node_timeout)
+            lost = await runtime_store.mark_lost_nodes_in(ex, self.host_id, self.margin)
             if not lost:
                 return [], []
             await runtime_store.reset_claims_of_nodes_in(ex, lost)
@@ -137,15 +140,16 @@ class ClusterMonitor:
             for host in notify:
                 await cur.execute(f"NOTIFY qvd_cmd_for_user_on_host{int(host)}")
             await cur.execute(
-                "SELECT h.id, h.name, r.ok_ts FROM hosts h JOIN host_runtimes r"
+                "SELECT h.id, h.name, r.ok_ts, r.lease_expires FROM hosts h JOIN host_runtimes r"
                 " ON r.host_id = h.id WHERE h.id = ANY(%s)", (lost,))
             return fetch_dicts(cur), released
 
         def report(result):
             nodes, released = result
             for node in nodes:
-                log.error("cluster monitor: node {name} (host {id}) is lost: last heartbeat "
-                          "{ok_ts}; its VMs were released", **node)
+                log.error("cluster monitor: node {name} (host {id}) is lost: its lease ran out "
+                          "at {lease_expires} (last heartbeat {ok_ts}); its VMs were released",
+                          **node)
             if released:
                 log.info("cluster monitor: released VMs {vms}", vms=released)
             return [n["id"] for n in nodes]

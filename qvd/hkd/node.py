@@ -21,6 +21,16 @@ hkd.vm.starting.max at a time (the others wait in the database).
 A node stop command (host_runtimes.cmd = 'stop') stops every VM, marks the node
 'stopped' and calls C{on_node_stopped}.
 
+The lease (hkd.lease.seconds, L{qvd.hkd.fencer}), held while another node
+runs that could start this node's VMs (alone, a node holds none and its
+desktops are never fenced): the start and every
+heartbeat renew it by the database clock; after each renewal the HKD feeds
+the node's fencer (spawning one if none runs) and re-arms its own
+L{Watchdog}: when the lease minus hkd.lease.fence.margin passes without a
+renewal, the HKD kills its VMs itself (and the fencer, which outlives the
+HKD, does the same if the HKD is gone). A node found lost at a heartbeat kills
+its copies of the released VMs and rejoins with a new lease.
+
 Configuration: C{config} is the node's; the database's layers are put over it
 at start and followed while running (L{qvd.config.live}): the supervisors'
 timers and timeouts, the start limit and the loops' intervals follow a
@@ -29,6 +39,7 @@ are read once, at start).
 """
 
 import os
+import time
 
 from twisted.application import service
 from twisted.internet import defer, task
@@ -37,6 +48,7 @@ from twisted.python.failure import Failure
 
 from qvd.config.live import LiveConfig
 from qvd.hkd.cluster import ClusterMonitor
+from qvd.hkd.fencer import Watchdog
 from qvd.hkd.store import Store, StoreSettings
 from qvd.hkd.supervisor import Supervisor, SupervisorSettings
 from qvd._pids import pid_alive
@@ -79,7 +91,8 @@ class HKD(service.Service):
     """
 
     def __init__(self, config, reactor, db, listener, driver, vma_factory, host_id,
-                 dsn=None, on_node_stopped=None, pid=None, pid_alive=pid_alive):
+                 dsn=None, on_node_stopped=None, pid=None, pid_alive=pid_alive,
+                 fencer=None, monotonic=time.monotonic):
         self.config = config
         self.reactor = reactor
         self.db = db
@@ -104,8 +117,13 @@ class HKD(service.Service):
         self._stopping_node = False
         self._running = False
         self._start_call = None
-        self._last_tick = None
-        self._fenced = False
+        self.fencer = fencer
+        self.monotonic = monotonic
+        self.lease = max(0.0, config.getfloat("hkd.lease.seconds"))
+        self.guarded = False        # the node holds a lease (another node runs)
+        self.watchdog = None
+        self._fence_call = None
+        self._tick_busy = False
         self.monitor = None
         self.firewall = None
         self._bridge_addresses = []
@@ -153,7 +171,10 @@ class HKD(service.Service):
             await self.live.reload()
         self._configure(self.live.current)
         cpu, ram = usable_resources()
-        await self.store.node_starting(self.pid, self.driver.name, cpu, ram)
+        lease = await self._lease_for_renewal()
+        renewal = self._renewal_start()
+        await self.store.node_starting(self.pid, self.driver.name, cpu, ram, lease)
+        self._renewed(renewal, lease)
         log.info("node {host_id} starting (hypervisor {hv}, usable_cpu {cpu:.0f}, "
                  "usable_ram {ram:.0f} MB)", host_id=self.host_id, hv=self.driver.name,
                  cpu=cpu, ram=ram)
@@ -172,7 +193,7 @@ class HKD(service.Service):
         if self.config.getbool("hkd.cluster.monitor.enable") and self.dsn:
             self.monitor = ClusterMonitor(
                 self.dsn, self.db, self.reactor, self.host_id,
-                node_timeout=self.config.getfloat("hkd.cluster.node.timeout"),
+                margin=self.config.getfloat("hkd.lease.release.margin"),
                 interval=self.config.getfloat("hkd.cluster.check.interval"))
             self.monitor.start()
         log.info("node {host_id} running with {n} VMs", host_id=self.host_id,
@@ -242,19 +263,139 @@ class HKD(service.Service):
             if loop.running:
                 loop.stop()
         self._loops = []
+        guarding = bool(self.supervisors)
         for sup in self.supervisors.values():
             sup.detach()
+        if self._fence_call is not None and self._fence_call.active():
+            self._fence_call.cancel()
         if self.live is not None:
             self.live.unsubscribe(self._configure)
         d = self.listener.stop()
         if self.monitor is not None:
             d.addCallback(lambda _: self.monitor.stop())
+        if self.fencer is not None and self.guarded:
+            d.addCallback(lambda _: self._hand_over(guarding))
         if self.state in ("starting", "running"):
             d.addCallback(lambda _: self.store.node_state("stopped"))
             d.addErrback(lambda f: log.warn("cannot mark the node stopped: {error}",
                                             error=str(f.value).strip()))
         self.state = "stopped"
         d.addCallback(lambda _: self.db.stop())
+        return d
+
+    # -- the lease ------------------------------------------------------------------
+
+    def _renewal_start(self):
+        """The local times a renewal starts at (reactor, CLOCK_MONOTONIC)."""
+        return self.reactor.seconds(), self.monotonic()
+
+    async def _lease_for_renewal(self):
+        """
+        The lease a renewal takes: C{hkd.lease.seconds} while another node
+        runs that could start this node's VMs, 0 (none) while this node is
+        alone: fencing its desktops would only end them, as nobody else would
+        start them, and a node without a lease is never declared lost. A
+        node that joins is seen at the next heartbeat, before which it has
+        no reason to declare this one lost (its lease, if any, still runs).
+        """
+        if self.lease <= 0:
+            return 0.0
+        try:
+            peers = await self.store.peers(self.lease)
+        except Exception as e:
+            log.warn("cannot count the other nodes ({error}); keeping the lease",
+                     error=str(e).strip())
+            return self.lease
+        return self.lease if peers else 0.0
+
+    def _renewed(self, started, lease):
+        """
+        The database renewed the lease (C{lease} seconds; 0: none) in a
+        statement sent at C{started}: it ends no earlier than C{started +
+        lease} here. Feed the fencer and re-arm the HKD's own watchdog; with
+        no lease, release both.
+        """
+        if lease <= 0:
+            self._unguard()
+            return
+        if not self.guarded:
+            self.guarded = True
+            log.info("another node runs: this node's desktops are guarded by its lease "
+                     "({lease:g} s) and fenced if it cannot renew it", lease=lease)
+        at, mono = started
+        if self.fencer is not None:
+            try:
+                self.fencer.feed(mono + self.lease)
+                self.fencer.ensure()
+            except OSError as e:
+                log.error("cannot feed or start the fencer ({error}): this node's desktops "
+                          "are not guarded if the HKD dies; check hkd.lease.path",
+                          error=e)
+        now = self.reactor.seconds()
+        if self.watchdog is None:
+            self.watchdog = Watchdog(self.lease, self.config.getfloat("hkd.lease.fence.margin"),
+                                     started=now)
+        self.watchdog.feed(now, at + self.lease)
+        self._arm_watchdog()
+
+    def _unguard(self):
+        """No lease: no fencer, no watchdog (this node is alone, or has no lease)."""
+        if self.guarded and self.lease > 0:
+            log.info("no other node runs: this node holds no lease and its desktops are not "
+                     "fenced (nobody else could start them)")
+        self.guarded = False
+        if self._fence_call is not None and self._fence_call.active():
+            self._fence_call.cancel()
+        self._fence_call = None
+        self.watchdog = None
+        if self.fencer is not None and self.lease > 0:
+            try:
+                self.fencer.release()
+            except OSError as e:
+                log.warn("cannot release the fencer: {error}", error=e)
+
+    def _arm_watchdog(self):
+        if self._fence_call is not None and self._fence_call.active():
+            self._fence_call.cancel()
+        self._fence_call = None
+        due = self.watchdog.due()
+        if due is not None and self._running:
+            self._fence_call = self.reactor.callLater(
+                max(0.0, due - self.reactor.seconds()), self._watchdog_timeout)
+
+    def _watchdog_timeout(self):
+        self._fence_call = None
+        step = self.watchdog.poll(self.reactor.seconds())
+        if step is not None and "fence" in step.actions and self.supervisors:
+            log.error("the node's lease was not renewed for {s:g} s (hkd.lease.seconds {lease:g}"
+                      " minus hkd.lease.fence.margin): killing this node's VMs, which another "
+                      "node may start once the lease has run out",
+                      s=self.watchdog.lease - self.watchdog.margin, lease=self.lease)
+            for sup in list(self.supervisors.values()):
+                sup.handle("disowned", "killed: this node could not renew its lease "
+                                       "(hkd.lease.seconds); another node may start it")
+        self._arm_watchdog()
+
+    def _hand_over(self, guarding):
+        """
+        A clean stop: with desktops left running (a restarted HKD adopts
+        them) the lease is renewed once more and the fencer keeps guarding
+        them; without, the fencer is released and exits.
+        """
+        if not guarding:
+            try:
+                self.fencer.release()
+            except OSError as e:
+                log.warn("cannot release the fencer: {error}", error=e)
+            return None
+        renewal = self._renewal_start()
+        d = self.store.tick(self.pid, self.lease)
+
+        def renewed(state):
+            if state is not None:
+                self.fencer.feed(renewal[1] + self.lease)
+        d.addCallbacks(renewed, lambda f: log.warn("cannot renew the lease at stop: {error}",
+                                                  error=str(f.value).strip()))
         return d
 
     # -- reconcile / adoption ----------------------------------------------------
@@ -477,33 +618,33 @@ class HKD(service.Service):
 
     async def tick(self):
         """
-        The heartbeat. If the node was marked lost meanwhile, its VMs were
-        released: kill the local copies and come back as running. With
-        hkd.ticker.fence, heartbeats failing for that long kill the VMs too.
+        The heartbeat, which renews the node's lease. If the node was marked
+        lost meanwhile, its VMs were released: kill the local copies and
+        rejoin as running with a new lease.
         """
-        now = self.reactor.seconds()
-        if self._last_tick is None:
-            self._last_tick = now
+        if self._tick_busy:
+            return
+        self._tick_busy = True
         try:
-            state = await self.store.tick(self.pid)
-        except Exception:
-            fence = self.config.getfloat("hkd.ticker.fence")
-            if fence > 0 and now - self._last_tick >= fence and not self._fenced:
-                self._fenced = True
-                log.error("no heartbeat for {s:.0f} s (hkd.ticker.fence): killing this "
-                          "node's VMs, which another node may start", s=now - self._last_tick)
-                for sup in list(self.supervisors.values()):
-                    sup.handle("disowned", "killed: this node lost the database "
-                                           "(hkd.ticker.fence)")
-            raise
-        self._last_tick = now
-        self._fenced = False
-        if state is None and self.state == "running":
+            lease = await self._lease_for_renewal()
+            renewal = self._renewal_start()
+            state = await self.store.tick(self.pid, lease)
+            if state is not None:
+                self._renewed(renewal, lease)
+                return
+            if self.state != "running":
+                return
             log.error("node {host_id} was marked lost by the cluster monitor; its VMs were "
                       "released: killing the local copies", host_id=self.host_id)
             for sup in list(self.supervisors.values()):
                 sup.handle("disowned", "released: this node was marked lost")
-            await self.store.node_state("running")
+            lease = await self._lease_for_renewal()
+            renewal = self._renewal_start()
+            if await self.store.rejoin(self.pid, lease):
+                log.info("node {host_id} rejoined the cluster", host_id=self.host_id)
+                self._renewed(renewal, lease)
+        finally:
+            self._tick_busy = False
 
     async def check_expirations(self):
         for vm_id, soft_due, hard_due, soft_ts in await self.store.expirations():

@@ -72,14 +72,30 @@ class IStore(Interface):
     def my_vms():
         """[(vm_id, vm_state)] of this node's VMs that are not stopped."""
 
-    def node_starting(pid, hypervisor, usable_cpu, usable_ram):
-        """The node's HKD starts: C{starting}, with its capacity."""
+    def node_starting(pid, hypervisor, usable_cpu, usable_ram, lease=0.0):
+        """
+        The node's HKD starts: C{starting}, with its capacity and a lease of
+        C{lease} seconds by the database clock (0: none).
+        """
 
     def node_state(state):
         """The node's state."""
 
-    def tick(pid):
-        """The heartbeat: the node's state, or None when it is C{lost} (nothing written)."""
+    def tick(pid, lease=0.0):
+        """
+        The heartbeat, renewing the node's lease for C{lease} seconds by the
+        database clock (0: none): the node's state, or None when it is
+        C{lost} (nothing written).
+        """
+
+    def rejoin(pid, lease=0.0):
+        """A lost node is C{running} again with a new lease: True if it was lost."""
+
+    def peers(seconds):
+        """
+        Fire with the number of other nodes running that sent a heartbeat in
+        the last C{seconds}: those that could start this node's VMs.
+        """
 
     def claim_node_stop():
         """Take the node's pending stop command: True when there was one."""
@@ -310,20 +326,26 @@ class Store:
 
     # -- the node ---------------------------------------------------------------
 
-    def node_starting(self, pid, hypervisor, usable_cpu, usable_ram):
+    def node_starting(self, pid, hypervisor, usable_cpu, usable_ram, lease=0.0):
         return self.db.transaction(lambda cur: runtime_store.node_starting_in(
             runtime_store.TransactionExecutor(cur), self.host_id, pid, hypervisor, usable_cpu,
-            usable_ram))
+            usable_ram, lease))
 
     def node_state(self, state):
         return self._one(runtime_store.node_state_in, self.host_id, state)
 
-    def tick(self, pid):
+    def tick(self, pid, lease=0.0):
         """
-        The heartbeat. Fires with the node's state, or None if it was marked
-        'lost' (then nothing is written).
+        The heartbeat, renewing the lease. Fires with the node's state, or
+        None if it was marked 'lost' (then nothing is written).
         """
-        return self._one(runtime_store.heartbeat_in, self.host_id, pid)
+        return self._one(runtime_store.heartbeat_in, self.host_id, pid, lease)
+
+    def rejoin(self, pid, lease=0.0):
+        return self._one(runtime_store.rejoin_in, self.host_id, pid, lease)
+
+    def peers(self, seconds):
+        return self._one(runtime_store.peers_in, self.host_id, seconds)
 
     def claim_node_stop(self):
         return self._one(runtime_store.take_node_stop_in, self.host_id)

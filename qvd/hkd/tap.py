@@ -5,9 +5,12 @@ twistd qvd-hkd: the node daemon.
 
 Before the reactor runs it checks, and exits with one clear message when
 wrong: the configuration, the node lock (hkd.lock.path: one HKD per node), the
-database (reachable, migrated) and the node (a C{hosts} row whose name is
-C{nodename}; create it with C{qvd-admin host add}). SIGTERM stops the daemon but
-not the desktops; a restarted HKD adopts them.
+database (reachable, migrated), the node (a C{hosts} row whose name is
+C{nodename}; create it with C{qvd-admin host add}) and, with
+C{path.storage.shared = 1}, that C{path.storage.root} is the cluster's shared
+storage (L{qvd.storage}; checked again before each VM's start). SIGTERM stops the daemon but
+not the desktops; a restarted HKD adopts them. With a lease (hkd.lease.seconds)
+the HKD runs the node's fencer (L{qvd.hkd.fencer}), which outlives it.
 """
 
 import importlib
@@ -17,6 +20,7 @@ from twisted.python import usage
 from zope.interface.verify import verifyObject
 
 from qvd import logs
+from qvd import storage as qvd_storage
 from qvd.config import Config, ConfigError
 from qvd.config.live import apply_rows
 from qvd.virt.interfaces import IHypervisor
@@ -69,6 +73,30 @@ def find_host(dsn, nodename):
               f"'qvd-admin host add {nodename} <its IP address>', or set nodename in "
               "the configuration (or --nodename) to a registered host")
     return row[0], [tuple(r) for r in config_rows]
+
+
+def check_storage(config, dsn):
+    """
+    The L{qvd.storage.StorageSettings} of C{config} and the database's
+    storage id; exits with the problem's text when C{path.storage.shared} is
+    1 and C{path.storage.root} is not the cluster's shared storage.
+    """
+    settings = qvd_storage.StorageSettings.from_config(config)
+    if not settings.shared:
+        return settings, None
+    from qvd.hkd.storage import read_storage_id
+    try:
+        storage_id = read_storage_id(dsn)
+    except Exception as e:
+        _fail(f"cannot read the storage id from the database ({str(e).strip()}): run "
+              "'qvd-admin db upgrade'")
+    try:
+        qvd_storage.check(settings, storage_id)
+    except qvd_storage.StorageError as e:
+        _fail(str(e))
+    except OSError as e:
+        _fail(f"cannot check path.storage.root {settings.root}: {e}")
+    return settings, storage_id
 
 
 def make_driver(config, reactor):
@@ -130,6 +158,7 @@ def makeService(options, driver=None, vma_factory=None):
     from qvd.db.listen import Listener
     from qvd.db.pool import Database
     from qvd.db.settings import database_dsn
+    from qvd.hkd.fencer import FenceSettings, FencerProcess
     from qvd.hkd.lock import LockHeld, NodeLock
     from qvd.hkd.node import HKD
 
@@ -162,6 +191,7 @@ def makeService(options, driver=None, vma_factory=None):
     except ConfigError as e:
         _fail(f"invalid configuration in the database: {e}; fix it with "
               "'qvd-admin config set' or 'qvd-admin config del'")
+    storage_settings, storage_id = check_storage(config, dsn)
     make = make_driver if driver is None else driver
     try:
         driver = make(config, reactor)
@@ -169,6 +199,9 @@ def makeService(options, driver=None, vma_factory=None):
         raise
     except Exception as e:
         _fail(f"cannot set up the {config.get('vm.hypervisor')} driver: {e}")
+    if storage_settings.shared:
+        from qvd.hkd.storage import StorageGuard
+        driver = StorageGuard(driver, storage_settings, storage_id, reactor)
     if vma_factory is None:
         vma_factory = make_vma_factory(config, reactor)
     else:
@@ -183,7 +216,14 @@ def makeService(options, driver=None, vma_factory=None):
 
     top = service.MultiService()
     _Lock(lock).setServiceParent(top)
+    fencer = None
+    if config.getfloat("hkd.lease.seconds") > 0:
+        fencer = FencerProcess(FenceSettings.from_config(config))
     hkd = HKD(config, reactor, db, listener, driver, vma_factory, host_id, dsn=dsn,
-              on_node_stopped=node_stopped)
+              on_node_stopped=node_stopped, fencer=fencer)
     hkd.setServiceParent(top)
+    from qvd.hkd.storage import Sweeper, SweepSettings
+    Sweeper(reactor, db, SweepSettings.from_config(config),
+            lambda: qvd_storage.problem(storage_settings, storage_id) is None
+            ).setServiceParent(top)
     return top

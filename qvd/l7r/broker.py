@@ -41,7 +41,7 @@ from qvd.l7r.relay import Relay, connect_peer
 from qvd.protocols import http, nx
 from qvd.runtime.session import (
     ENDING, TIMEOUTS, Claim, Claimant, UserSession, claim_verdict)
-from qvd.runtime.store import RuntimeStore
+from qvd.runtime.store import VM_COLUMNS, RuntimeStore
 from qvd._pids import pid_alive
 
 log = Logger()
@@ -296,20 +296,19 @@ class Broker:
         """
         vm_id = session.vm_id
         session.step("connect")
-        await self.takeover(session, auth.user_id)
+        # The VM's row, as the claim left it: assign and start_and_wait decide
+        # on it, and a running VM's address and ports are the agent's and nxagent's.
+        row = await self.takeover(session, auth.user_id)
         session.step("claimed")
-        # The VM's row, read once: assign and start_and_wait decide on it, and
-        # a running VM's address and ports are the agent's and nxagent's.
-        row = await self.vm_row(vm_id)
         await self.assign(session, row)
         session.step("assigned")
         row = await self.start_and_wait(session, row)
         session.step("vm_running")
-        token = await self.vm_token(auth, vm_id)
+        token, properties = await self.token_and_properties(auth, vm_id)
         params = dict(client_params)
         params["auth_token"] = token
         params["host_address"] = host_address
-        params.update(await self.combined_properties(vm_id))
+        params.update(properties)
         params.update(auth.params)
         params["qvd.slave.key"] = key = slave_key()
         # A new NX cookie for every connection (a resume too: nxagent reads
@@ -324,19 +323,16 @@ class Broker:
         session.step("x_listening")
         await self.run_forwarder(session, row, key, on_end, cookie)
 
-    _VM_COLUMNS = ("vm_id", "host_id", "vm_state", "vm_cmd", "user_state", "user_cmd",
-                   "l7r_session", "vm_address", "vm_vma_port", "vm_x_port", "vma_secret")
-
     async def vm_row(self, vm_id):
         """
-        The VM's runtime row (L{_VM_COLUMNS}) plus its C{name}, as a dict.
+        The VM's runtime row and name (L{qvd.runtime.store.VM_COLUMNS}), as a dict.
         """
         rows = await self.db.runQuery(
-            "SELECT " + ", ".join("r." + c for c in self._VM_COLUMNS) + ", v.name"
+            "SELECT " + ", ".join("r." + c for c in VM_COLUMNS[:-1]) + ", v.name"
             " FROM vm_runtimes r JOIN vms v ON v.id = r.vm_id WHERE r.vm_id = %s", (vm_id,))
         if not rows:
             raise BrokerError(f"VM {vm_id} does not exist any more")
-        return dict(zip(self._VM_COLUMNS + ("name",), rows[0]))
+        return dict(zip(VM_COLUMNS, rows[0]))
 
     def claimant(self):
         """This process as a claimant of VMs (L{claim_verdict})."""
@@ -347,7 +343,8 @@ class Broker:
     async def takeover(self, session, user_id=None):
         """
         Claim the VM's session for user C{user_id} (C{real_user_id}),
-        aborting a contending one (reference 1.5).
+        aborting a contending one (reference 1.5); return the VM's row as the
+        claim left it (L{qvd.runtime.store.VM_COLUMNS}).
         """
         vm_id = session.vm_id
         deadline = session.deadline("claiming")
@@ -359,8 +356,9 @@ class Broker:
             # each other's committed claim; claims of different VMs never
             # conflict (SERIALIZABLE failed them on shared index pages).
             try:
-                verdict, found = await self.store.claim(vm_id, session.id, self.claimant(),
-                                                        self.settings.claim_max_age, user_id)
+                verdict, found, row = await self.store.claim(
+                    vm_id, session.id, self.claimant(), self.settings.claim_max_age, user_id,
+                    getattr(session.conn, "peer_ip", None))
             except LookupError as e:
                 raise BrokerError(str(e))
             if verdict != "held":
@@ -368,7 +366,7 @@ class Broker:
                     log.info("VM {vm}: taking over a claim ({verdict}: {claim})",
                              vm=vm_id, verdict=verdict, claim=found)
                 session.tell(f"Session acquired for VM_ID: {vm_id}")
-                return
+                return row
             log.info("VM {vm}: session held ({state}) by L7R {host}/{pid}; aborting it",
                      vm=vm_id, state=found.user_state, host=found.l7r_host_id,
                      pid=found.l7r_pid)
@@ -486,39 +484,39 @@ class Broker:
             self.db, auth, now=time.time(), lifetime=self.settings.token_lifetime,
             multi_use=multi_use, vm_id=vm_id)
 
-    async def vm_token(self, auth, vm_id):
+    async def token_and_properties(self, auth, vm_id):
         """
-        The token passed to the VMA as C{auth_token}: the auth parameters and
-        a token for this VM, stored in one statement (no transaction to retry).
+        The token passed to the VMA as C{auth_token} (the auth parameters and
+        a token for this VM, stored) and the VM's properties (L{PROPERTIES}),
+        in one statement: (token, {key: value}).
         """
         token = secrets.token_urlsafe(32)
-        await self.db.runOperation(
-            "WITH p AS (INSERT INTO user_auth_parameters (parameters) VALUES (%s) RETURNING id)"
-            " INSERT INTO user_tokens (token, user_id, vm_id, expiration, auth_params_id, multi_use)"
-            " SELECT %s, %s, %s, %s, p.id, true FROM p",
-            (Json(dict(auth.params)), token, auth.user_id, vm_id,
-             int(time.time()) + self.settings.token_lifetime))
-        return token
+        rows = await self.db.runQuery(
+            "WITH p AS (INSERT INTO user_auth_parameters (parameters) VALUES (%(params)s)"
+            " RETURNING id),"
+            " t AS (INSERT INTO user_tokens (token, user_id, vm_id, expiration, auth_params_id,"
+            " multi_use) SELECT %(token)s, %(user)s, %(vm)s, %(expiration)s, p.id, true FROM p)"
+            " " + self.PROPERTIES,
+            {"params": Json(dict(auth.params)), "token": token, "user": auth.user_id,
+             "vm": vm_id, "expiration": int(time.time()) + self.settings.token_lifetime})
+        return token, {key: value for key, value, _ in rows}
 
     def store_auth_params(self, auth):
         return tokens.store_auth_parameters(self.db, auth.params)
 
-    async def combined_properties(self, vm_id):
-        """
-        The VM's properties: OSF < DI < user < VM, later wins (reference 2.4).
-        """
-        rows = await self.db.runQuery(
-            "SELECT pl.key, p.value, 1 AS rank FROM vms v JOIN osf_properties p ON p.osf_id = v.osf_id"
-            " JOIN properties_list pl ON pl.id = p.property_id WHERE v.id = %(vm)s"
-            " UNION ALL SELECT pl.key, p.value, 2 FROM vm_runtimes r"
-            " JOIN di_properties p ON p.di_id = r.current_di_id"
-            " JOIN properties_list pl ON pl.id = p.property_id WHERE r.vm_id = %(vm)s"
-            " UNION ALL SELECT pl.key, p.value, 3 FROM vms v JOIN user_properties p ON p.user_id = v.user_id"
-            " JOIN properties_list pl ON pl.id = p.property_id WHERE v.id = %(vm)s"
-            " UNION ALL SELECT pl.key, p.value, 4 FROM vm_properties p"
-            " JOIN properties_list pl ON pl.id = p.property_id WHERE p.vm_id = %(vm)s"
-            " ORDER BY 3", {"vm": vm_id})
-        return {key: value for key, value, _ in rows}
+    #: The VM's properties, OSF < DI < user < VM, later wins (reference 2.4):
+    #: (key, value, rank) rows of VM C{%(vm)s}.
+    PROPERTIES = (
+        "SELECT pl.key, p.value, 1 AS rank FROM vms v JOIN osf_properties p ON p.osf_id = v.osf_id"
+        " JOIN properties_list pl ON pl.id = p.property_id WHERE v.id = %(vm)s"
+        " UNION ALL SELECT pl.key, p.value, 2 FROM vm_runtimes r"
+        " JOIN di_properties p ON p.di_id = r.current_di_id"
+        " JOIN properties_list pl ON pl.id = p.property_id WHERE r.vm_id = %(vm)s"
+        " UNION ALL SELECT pl.key, p.value, 3 FROM vms v JOIN user_properties p ON p.user_id = v.user_id"
+        " JOIN properties_list pl ON pl.id = p.property_id WHERE v.id = %(vm)s"
+        " UNION ALL SELECT pl.key, p.value, 4 FROM vm_properties p"
+        " JOIN properties_list pl ON pl.id = p.property_id WHERE p.vm_id = %(vm)s"
+        " ORDER BY 3")
 
     async def start_x(self, session, vma, params):
         vm_id = session.vm_id

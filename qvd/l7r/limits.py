@@ -9,6 +9,10 @@ most C{per_address} connections at once, all sources together C{total}.
 A connection over a cap is closed at once, before any TLS work (its
 C{buildProtocol} answers None); refusals are logged at most once per
 C{log_interval} seconds, with how many were refused meanwhile.
+
+Behind a load balancer the service wraps it in
+L{qvd.l7r.proxyheader.ProxyHeaderFactory}: a balancer's connection is given
+to C{buildProtocol} once its PROXY header is read, with the client's address.
 """
 
 import collections

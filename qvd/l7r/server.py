@@ -145,18 +145,31 @@ class L7R:
         await self.broker.flush_counters()
         self.broker.stop()
 
-    async def _find_host(self):
+    async def _find_host(self, vm_id=None):
         """
-        Read this node's row; LISTEN for aborts once its id is known.
+        Read this node's row; LISTEN for aborts once its id is known. With
+        C{vm_id}, read that VM's id, blocked flag and user in the same
+        statement: (host, vm), vm None when there is no such VM.
         """
         try:
-            rows = await self.db.runQuery(
-                "SELECT h.id, h.address, hr.state, hr.blocked FROM hosts h"
-                " LEFT JOIN host_runtimes hr ON hr.host_id = h.id WHERE h.name = %s",
-                (self.nodename,))
+            if vm_id is None:
+                rows = await self.db.runQuery(
+                    "SELECT h.id, h.address, hr.state, hr.blocked FROM hosts h"
+                    " LEFT JOIN host_runtimes hr ON hr.host_id = h.id WHERE h.name = %s",
+                    (self.nodename,))
+            else:
+                rows = await self.db.runQuery(
+                    "SELECT h.id, h.address, hr.state, hr.blocked, vm.vm_id, vm.blocked,"
+                    " vm.user_id FROM (SELECT 1) one"
+                    " LEFT JOIN (hosts h LEFT JOIN host_runtimes hr ON hr.host_id = h.id)"
+                    " ON h.name = %s"
+                    " LEFT JOIN (SELECT r.vm_id, r.blocked, v.user_id FROM vm_runtimes r"
+                    " JOIN vms v ON v.id = r.vm_id WHERE r.vm_id = %s) vm ON true",
+                    (self.nodename, vm_id))
         except DatabaseUnavailable:
             raise HTTPError(503, "Database unavailable")
-        host = dict(zip(("id", "address", "state", "blocked"), rows[0])) if rows else None
+        row = rows[0] if rows and rows[0][0] is not None else None
+        host = dict(zip(("id", "address", "state", "blocked"), row[:4])) if row else None
         if host is not None and self.broker.host_id != host["id"]:
             self.broker.host_id = host["id"]
             if self.listener is not None:
@@ -165,7 +178,10 @@ class L7R:
                     await self.listener.unsubscribe(self._abort_channel, self._on_abort)
                 self._abort_channel = channel
                 await self.listener.subscribe(channel, self._on_abort)
-        return host
+        if vm_id is None:
+            return host
+        vm = rows[0][4:] if rows and rows[0][4] is not None else None
+        return host, (dict(zip(("vm_id", "blocked", "user_id"), vm)) if vm else None)
 
     def _on_vm_state(self, channel, payload):
         self.broker.vm_state_changed(payload)
@@ -204,13 +220,15 @@ class L7R:
             log.failure("unexpected error answering {path}", path=request.path)
             conn.write(http.error_response(500))
 
-    async def _host_for_request(self, count=True):
-        host = await self._find_host()
+    async def _host_for_request(self, count=True, vm_id=None):
+        """This node's row (503 when it has none); with C{vm_id}: (host, vm), see L{_find_host}."""
+        found = await self._find_host(vm_id)
+        host = found if vm_id is None else found[0]
         if host is None:
             raise HTTPError(503, "Host is not registered in the database")
         if count:
             self.broker.count("http_requests")
-        return host
+        return found
 
     def _log_busy(self, error):
         """Logins refused as busy: logged at most every 10 s, with their count."""
@@ -279,9 +297,18 @@ class L7R:
     async def _vm_request(self, request, conn, upgrade):
         """
         The checks shared by connect_to_vm and stop_vm, in the original's
-        order; returns (host, auth, vm row, client params).
+        order; returns (host, auth, vm row, client params). The node's row
+        and the VM's are read in one statement.
         """
-        host = await self._host_for_request()
+        params = dict(request.query)
+        vm_id = params.pop("id", None)
+        try:
+            wanted = int(vm_id) if vm_id is not None else None
+        except ValueError:
+            wanted = None
+        if wanted is not None and not -2**31 <= wanted < 2**31:
+            wanted = None
+        host, vm = await self._host_for_request(vm_id=wanted if wanted is not None else 0)
         auth = await self._authenticate(request, conn)
         self._blocked(host)
         if upgrade:
@@ -289,26 +316,14 @@ class L7R:
             if ("upgrade" not in [t.strip() for t in connection.split(",")]
                     or (request.header("upgrade") or "").strip().lower() != "qvd/1.0"):
                 raise HTTPError(426)
-        params = dict(request.query)
-        vm_id = params.pop("id", None)
         params.pop("file_name", None)
         if vm_id is None:
             raise HTTPError(422, "parameter id is missing")
         forbidden = [k for k in params if not (k.startswith("qvd.client.") or k.startswith("custom."))]
         if forbidden:
             raise HTTPError(403, "Invalid parameters " + " ".join(forbidden))
-        try:
-            vm_id = int(vm_id)
-        except ValueError:
+        if wanted is None or vm is None:
             raise HTTPError(404, "The requested virtual machine does not exist")
-        if not -2**31 <= vm_id < 2**31:
-            raise HTTPError(404, "The requested virtual machine does not exist")
-        rows = await self.db.runQuery(
-            "SELECT r.vm_id, r.blocked, v.user_id FROM vm_runtimes r JOIN vms v ON v.id = r.vm_id"
-            " WHERE r.vm_id = %s", (vm_id,))
-        if not rows:
-            raise HTTPError(404, "The requested virtual machine does not exist")
-        vm = dict(zip(("vm_id", "blocked", "user_id"), rows[0]))
         if vm["blocked"]:
             raise HTTPError(403, "The requested virtual machine is offline for maintenance")
         return host, auth, vm, {k: ("" if v is None else v) for k, v in params.items()}

@@ -13,6 +13,11 @@ on NOTIFY C{qvd_config_changed} (ssl_configs changed); new connections use the
 new one, live sessions are kept. A bad new certificate is logged and the old
 one kept.
 
+Connections from the load balancers of C{l7r.proxy_protocol.from} start
+with a PROXY header (L{qvd.l7r.proxyheader}, outside the connection caps
+and TLS): the client address it names is the connection's peer for the
+caps and the whole L7R.
+
 The configuration is the node's under the database's layers
 (L{qvd.config.live}), read before anything else and followed while running:
 a change of a C{live} key (docs/config.md) applies to the next request or
@@ -38,6 +43,7 @@ from qvd.l7r.auth.hashpool import HashPool
 from qvd.l7r.auth.interfaces import IAuthenticator
 from qvd.l7r.broker import BrokerSettings
 from qvd.l7r.limits import CappedFactory, ConnectionCaps
+from qvd.l7r.proxyheader import BalancerConfigError, Balancers, ProxyHeaderFactory
 from qvd.l7r.server import L7R, L7RFactory, ServerSettings
 
 log = Logger()
@@ -66,12 +72,19 @@ def default_endpoint(config):
 
 class L7RService(service.Service):
     def __init__(self, config, listen, reactor=None, dsn=None, authenticator=None,
-                 vma_factory=None, pid=None, on_failed=None):
+                 vma_factory=None, pid=None, on_failed=None, adopt=None, workers=1,
+                 on_ready=None):
         """
         @param authenticator: an L{IAuthenticator}, or a callable taking the
             L{Database} and returning one; None: the configured plugin chain.
         @param on_failed: called with no arguments when the service could not
             start (after the reason is logged).
+        @param adopt: (file descriptor, address family) of a listening socket
+            to accept on instead of listening on C{listen} (whose kind still
+            says whether to speak TLS): a worker of L{qvd.l7r.workers}.
+        @param workers: the L7R processes of this node sharing the port; the
+            cap on all connections (C{l7r.connections.max}) is shared out.
+        @param on_ready: called with no arguments once it accepts connections.
         """
         if reactor is None:
             from twisted.internet import reactor
@@ -84,7 +97,11 @@ class L7RService(service.Service):
         self.vma_factory = vma_factory
         self.pid = pid
         self.on_failed = on_failed
+        self.adopt = adopt
+        self.workers = workers
+        self.on_ready = on_ready
         self.port = None
+        self.proxy_headers = None
         self.context_factory = None
         self._stamps = None
         self._reload_loop = None
@@ -100,7 +117,7 @@ class L7RService(service.Service):
     def _failed(self, failure):
         if failure.check(defer.CancelledError) and self._stopping:
             return      # stopped while it waited for the database
-        if failure.check(tls.TLSConfigError, roles.SuperuserRefused):
+        if failure.check(tls.TLSConfigError, roles.SuperuserRefused, BalancerConfigError):
             log.critical("the L7R cannot start: {error}", error=failure.getErrorMessage())
         elif failure.check(net_error.CannotListenError):
             e = failure.value
@@ -162,12 +179,31 @@ class L7RService(service.Service):
             self._reload_loop.clock = self.reactor
             self._reload_loop.start(config.getfloat("l7r.ssl.reload_interval"), now=False)
         self.caps = ConnectionCaps(config.getint("l7r.connections.per_address"),
-                                   config.getint("l7r.connections.max"))
+                                   self._share(config.getint("l7r.connections.max")))
         factory = CappedFactory(factory, self.caps, self.reactor)
-        endpoint = endpoints.serverFromString(self.reactor, description)
-        self.port = await endpoint.listen(factory)
-        log.info("L7R listening on {address} ({tls})", address=self.port.getHost(),
-                 tls="TLS" if use_tls else "no TLS")
+        # Outside the caps: a balancer's connection is capped by the client
+        # address its PROXY header names.
+        factory = self.proxy_headers = ProxyHeaderFactory(
+            factory, Balancers.from_config(config), self.reactor,
+            config.getfloat("l7r.proxy_protocol.timeout"))
+        if self.adopt is not None:
+            fd, family = self.adopt
+            self.port = self.reactor.adoptStreamPort(fd, family, factory)
+        else:
+            endpoint = endpoints.serverFromString(self.reactor, description)
+            self.port = await endpoint.listen(factory)
+        # A worker's supervisor says "L7R listening" once all its workers accept.
+        log.info("L7R {what} on {address} ({tls})", address=self.port.getHost(),
+                 what="listening" if self.adopt is None else "worker accepting",
+                 tls=("TLS" if use_tls else "no TLS") + (
+                     f", PROXY protocol from {', '.join(map(str, headers.networks))}"
+                     if (headers := self.proxy_headers.balancers) else ""))
+        if self.on_ready is not None:
+            self.on_ready()
+
+    def _share(self, cap):
+        """This process's part of a cap of the whole node (0: no cap)."""
+        return cap if cap <= 0 else max(1, -(-cap // self.workers))
 
     async def _wait_for_database(self):
         """
@@ -196,7 +232,15 @@ class L7RService(service.Service):
         caps = getattr(self, "caps", None)
         if caps is not None:
             caps.per_address = config.getint("l7r.connections.per_address")
-            caps.total = config.getint("l7r.connections.max")
+            caps.total = self._share(config.getint("l7r.connections.max"))
+        headers = self.proxy_headers
+        if headers is not None:
+            try:
+                headers.balancers = Balancers.from_config(config)
+            except BalancerConfigError as e:
+                log.error("the new l7r.proxy_protocol.from is not used (the old one "
+                          "stays): {error}", error=e)
+            headers.timeout = config.getfloat("l7r.proxy_protocol.timeout")
         log.info("configuration reloaded from the database")
         if self.context_factory is not None:
             self.reload_tls()

@@ -9,6 +9,10 @@ means TLS with qvd's context and the certificate of C{path.l7r.ssl.*} or of
 the database's C{ssl_configs}; C{tcp:...} means no TLS. Without C{--listen}
 the endpoint comes from C{l7r.port}, C{l7r.address} and C{l7r.use_ssl}.
 
+With C{l7r.workers} above 1 (0, the default: one per core) it runs that
+many L7R processes sharing the port (L{qvd.l7r.workers}); with 1 the L7R runs
+in the twistd process itself.
+
 A port it cannot listen on (in use, below 1024 without root) ends it before
 the reactor runs with one line naming the address and exit status 1; so does
 anything that stops it from starting later (the port taken meanwhile, a bad
@@ -21,7 +25,7 @@ import sys
 from twisted.python import usage
 
 from qvd import logs
-from qvd._listen import check_port, exit_nonzero_at_exit
+from qvd._listen import check_port, exit_nonzero_at_exit, tcp_address
 from qvd.config import Config, ConfigError
 
 
@@ -69,4 +73,38 @@ def makeService(options):
     problem = check_port(listen, "--listen, or l7r.port and l7r.address")
     if problem:
         raise SystemExit(f"qvd-l7r: {problem}")
-    return L7RService(config, listen, on_failed=lambda: exit_nonzero_at_exit(1))
+    on_failed = lambda: exit_nonzero_at_exit(1)  # noqa: E731
+    count = worker_count(config)
+    address = tcp_address(split_endpoint(listen)[1])
+    if count > 1 and address is not None:
+        from qvd.l7r._sockets import SocketError, reuseport_sockets
+        from qvd.l7r.workers import L7RWorkers
+        try:
+            sockets = reuseport_sockets(*address, count, worker_spread(config))
+        except SocketError as e:
+            raise SystemExit(f"qvd-l7r: {e}")
+        except OSError as e:
+            raise SystemExit(f"qvd-l7r: cannot listen on {listen}: {e.strerror}")
+        return L7RWorkers(options["config"], listen, sockets, on_failed=on_failed)
+    return L7RService(config, listen, on_failed=on_failed)
+
+
+def worker_count(config):
+    """The L7R processes to run: C{l7r.workers}, 0 meaning one per core."""
+    count = config.getint("l7r.workers")
+    if count < 0:
+        raise SystemExit(f"qvd-l7r: l7r.workers must be 0 (one per core) or more, not {count}")
+    return count or len(os.sched_getaffinity(0))
+
+
+def worker_spread(config):
+    """
+    C{l7r.workers.spread}, with C{auto} decided: C{connection} behind a
+    balancer sending the PROXY protocol (all its connections come from its
+    own address), else C{address}.
+    """
+    spread = config.get("l7r.workers.spread")
+    if spread != "auto":
+        return spread
+    balancers = [v for v in config.getlist("l7r.proxy_protocol.from") if v.strip()]
+    return "connection" if balancers else "address"

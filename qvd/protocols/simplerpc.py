@@ -7,6 +7,11 @@ Client side::
     # -> "/vma/x_start?qvd.client.os=linux"; GET it over HTTP/1.1
     result = parse_response_body(body)   # or raises SimpleRPCError(message)
 
+    request = build_request("10.3.15.2:3030", "x_state", secret=secret)   # bytes to send
+    reader = ResponseReader()
+    reply = reader.feed(data)            # (status, body) once complete, else None
+    reply = reader.finish()              # at the end of the stream
+
 Server side::
 
     parser = RequestParser()
@@ -142,13 +147,15 @@ def build_request_path(function, params=None, base=DEFAULT_BASE):
     return f"{path}?{query}" if query else path
 
 
-def build_request(host, function, params=None, base=DEFAULT_BASE):
+def build_request(host, function, params=None, base=DEFAULT_BASE, secret=""):
     """
     The bytes of a whole call (request line and headers) for C{host}
-    (C{"addr:port"}), for callers that write to a raw transport.
+    (C{"addr:port"}), for callers that write to a raw transport; with the
+    agent's C{secret} header when one is given.
     """
     path = build_request_path(function, params, base)
-    return f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode("ascii")
+    extra = f"{SECRET_HEADER}: {secret}\r\n" if secret else ""
+    return f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n".encode("ascii")
 
 
 def parse_response_body(body):
@@ -288,6 +295,83 @@ def result_response(value):
 def error_response(message):
     """The error reply: C{"",JSON(message)\\r\\n}, still a C{200}."""
     return Response(200, CONTENT_TYPE, ('"",' + json.dumps(str(message)) + "\r\n").encode("ascii"))
+
+
+#: The largest reply a client reads (head and body): SimpleRPC replies are small.
+MAX_REPLY = 1 << 20
+
+
+class ResponseReader:
+    """
+    Reads one reply: L{feed} the bytes as they come; it returns (status,
+    body) once the head and C{Content-Length} bytes of body are in (None
+    before); L{finish} at the end of the stream returns it when there was no
+    C{Content-Length} (the body is what came). Raises
+    L{SimpleRPCProtocolError} for bytes that are no HTTP reply, a reply
+    longer than L{MAX_REPLY}, or a stream that ends too early.
+    """
+
+    def __init__(self, limit=MAX_REPLY):
+        self.limit = limit
+        self._data = bytearray()
+        self._status = None
+        self._length = None
+        self._body_at = None
+
+    def feed(self, data):
+        self._data += data
+        if len(self._data) > self.limit:
+            raise SimpleRPCProtocolError(f"reply longer than {self.limit} bytes")
+        if self._body_at is None:
+            end = self._data.find(b"\r\n\r\n")
+            if end < 0:
+                if not self._data.startswith(b"HTTP/"[:len(self._data)]):
+                    raise SimpleRPCProtocolError(
+                        f"not an HTTP reply: {bytes(self._data[:40])!r}")
+                return None
+            self._head(bytes(self._data[:end]))
+            self._body_at = end + 4
+        if self._length is not None and len(self._data) - self._body_at >= self._length:
+            return self._status, bytes(self._data[self._body_at:self._body_at + self._length])
+        return None
+
+    def _head(self, head):
+        lines = head.split(b"\r\n")
+        parts = lines[0].split(b" ", 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+            raise SimpleRPCProtocolError(f"not an HTTP reply: {lines[0][:40]!r}")
+        self._status = int(parts[1])
+        for line in lines[1:]:
+            name, sep, value = line.partition(b":")
+            if not sep:
+                raise SimpleRPCProtocolError(f"bad header line in the reply: {line[:40]!r}")
+            name = name.strip().lower()
+            if name == b"content-length":
+                try:
+                    self._length = int(value.strip())
+                except ValueError:
+                    raise SimpleRPCProtocolError(f"bad Content-Length {value.strip()[:20]!r}")
+            elif name == b"transfer-encoding" and value.strip().lower() != b"identity":
+                raise SimpleRPCProtocolError("chunked replies are not SimpleRPC's")
+
+    @property
+    def started(self):
+        """Whether any byte of the reply came."""
+        return bool(self._data)
+
+    def finish(self):
+        """The reply at the end of the stream (raises if it is not whole)."""
+        if self._body_at is None:
+            raise SimpleRPCProtocolError(
+                "the connection closed before a reply" if not self._data else
+                f"the connection closed in the reply's head: {bytes(self._data[:40])!r}")
+        body = bytes(self._data[self._body_at:])
+        if self._length is not None:
+            if len(body) < self._length:
+                raise SimpleRPCProtocolError(
+                    f"the connection closed after {len(body)} of {self._length} bytes of body")
+            body = body[:self._length]
+        return self._status, body
 
 
 class RequestParser:

@@ -38,28 +38,41 @@ _STOPPED_RESET = (
     " vm_expiration_soft = NULL, vm_expiration_hard = NULL,"
     " current_di_id = NULL, vma_ok_ts = NULL")
 
-#: the session columns of a claim by (host, pid, session, user); the user
-#: is kept when not given
+#: the session columns of a claim by (host, pid, session, user, address); user and address are
+#: kept when not given
 _CLAIMED = ("user_state = 'connecting', user_state_ts = now(),"
             " l7r_host_id = %s, l7r_pid = %s, l7r_session = %s, user_cmd = NULL,"
-            " real_user_id = coalesce(%s, real_user_id)")
+            " real_user_id = coalesce(%s, real_user_id), user_ip = coalesce(%s, user_ip)")
 
 #: the session columns of a row set back to "nobody's" (release, reset)
 _NO_SESSION = ("user_state = 'disconnected', user_cmd = NULL,"
                " l7r_host_id = NULL, l7r_pid = NULL, l7r_session = NULL")
 
 
+#: The columns of a VM's runtime row that a session works with, and the
+#: VM's name: the row L{IRuntimeStore.claim} fires with.
+VM_COLUMNS = ("vm_id", "host_id", "vm_state", "vm_cmd", "user_state", "user_cmd",
+              "l7r_session", "vm_address", "vm_vma_port", "vm_x_port", "vma_secret", "name")
+
+_CLAIM_RETURNING = (" FROM vms v WHERE v.id = r.vm_id AND r.vm_id = %s{condition} RETURNING "
+                    + ", ".join(f"r.{c}" for c in VM_COLUMNS[:-1]) + ", v.name")
+
+
 class IRuntimeStore(Interface):
     """The session and start statements, for the daemons (Deferreds)."""
 
-    def claim(vm_id, session_id, claimant, claim_max_age, user_id=None):
+    def claim(vm_id, session_id, claimant, claim_max_age, user_id=None, user_ip=None):
         """
         Claim VM C{vm_id}'s session for C{session_id} of C{claimant} (a
         L{qvd.runtime.session.Claimant}), for user C{user_id} (the row's
-        C{real_user_id}), when L{claim_verdict} allows it.
-        Fire with (verdict, the L{Claim} found): claimed (C{connecting})
-        unless the verdict is C{'held'}, and then the live session that
-        holds it was told to abort. C{LookupError} when the VM does not exist.
+        C{real_user_id}) connecting from address C{user_ip} (the row's
+        C{user_ip}, kept after the session as its last client), when
+        L{claim_verdict} allows it.
+        Fire with (verdict, the L{Claim} found, the VM's row after the
+        claim as a dict of L{VM_COLUMNS}): claimed (C{connecting}) unless
+        the verdict is C{'held'}, and then the live session that holds it
+        was told to abort (and the row is None). C{LookupError} when the VM
+        does not exist.
         """
 
     def claim_is_ours(vm_id, session_id):
@@ -161,20 +174,23 @@ def run_blocking(coroutine):
 
 # -- the statements -----------------------------------------------------------
 
-async def claim_free_in(ex, vm_id, session_id, claimant, user_id=None):
+async def claim_free_in(ex, vm_id, session_id, claimant, user_id=None, user_ip=None):
     """
     Claim the session of VM C{vm_id} if nobody holds it, in one statement
-    (the everyday login: one round trip); True when claimed. The row lock
-    of the UPDATE serialises contenders, and its condition is checked again
-    on the row a concurrent claim left.
+    (the everyday login: one round trip); the VM's row after it
+    (L{VM_COLUMNS}) when claimed, else None. The row lock of the UPDATE
+    serialises contenders, and its condition is checked again on the row a
+    concurrent claim left.
     """
-    return bool(await ex.rows(
-        f"UPDATE vm_runtimes SET {_CLAIMED}"
-        " WHERE vm_id = %s AND user_state = 'disconnected' RETURNING vm_id",
-        (claimant.host_id, claimant.pid, session_id, user_id, vm_id)))
+    rows = await ex.rows(
+        f"UPDATE vm_runtimes r SET {_CLAIMED}"
+        + _CLAIM_RETURNING.format(condition=" AND r.user_state = 'disconnected'"),
+        (claimant.host_id, claimant.pid, session_id, user_id, user_ip or None, vm_id))
+    return dict(zip(VM_COLUMNS, rows[0])) if rows else None
 
 
-async def claim_in(ex, vm_id, session_id, claimant, claim_max_age, user_id=None):
+async def claim_in(ex, vm_id, session_id, claimant, claim_max_age, user_id=None,
+                   user_ip=None):
     """L{IRuntimeStore.claim}, inside the caller's transaction (READ COMMITTED:
     the row lock serialises contenders for one VM)."""
     found = await ex.rows(
@@ -188,11 +204,11 @@ async def claim_in(ex, vm_id, session_id, claimant, claim_max_age, user_id=None)
     verdict = claim_verdict(claim, claimant, claim_max_age)
     if verdict == "held":
         await abort_session_in(ex, vm_id)
-    else:
-        await ex.rows(
-            f"UPDATE vm_runtimes SET {_CLAIMED} WHERE vm_id = %s RETURNING vm_id",
-            (claimant.host_id, claimant.pid, session_id, user_id, vm_id))
-    return verdict, claim
+        return verdict, claim, None
+    rows = await ex.rows(
+        f"UPDATE vm_runtimes r SET {_CLAIMED}" + _CLAIM_RETURNING.format(condition=""),
+        (claimant.host_id, claimant.pid, session_id, user_id, user_ip or None, vm_id))
+    return verdict, claim, dict(zip(VM_COLUMNS, rows[0]))
 
 
 async def abort_session_in(ex, vm_id):
@@ -398,14 +414,20 @@ async def add_node_in(ex, host_id):
                   " ON CONFLICT DO NOTHING RETURNING host_id", (host_id,))
 
 
-async def node_starting_in(ex, host_id, pid, hypervisor, usable_cpu, usable_ram):
-    """Node C{host_id}'s HKD (process C{pid}) starts: C{starting}, with its capacity."""
+_LEASE = "CASE WHEN %s > 0 THEN now() + make_interval(secs => %s) END"
+
+
+async def node_starting_in(ex, host_id, pid, hypervisor, usable_cpu, usable_ram, lease=0.0):
+    """
+    Node C{host_id}'s HKD (process C{pid}) starts: C{starting}, with its
+    capacity and a lease of C{lease} seconds (see L{heartbeat_in}).
+    """
     await add_node_in(ex, host_id)
     await ex.rows(
         "UPDATE host_runtimes SET state = 'starting', state_ts = now(), pid = %s,"
-        " ok_ts = now(), hypervisor = %s, usable_cpu = %s, usable_ram = %s,"
-        " cmd = NULL WHERE host_id = %s RETURNING host_id",
-        (pid, hypervisor, usable_cpu, usable_ram, host_id))
+        f" ok_ts = now(), lease_expires = {_LEASE}, hypervisor = %s, usable_cpu = %s,"
+        " usable_ram = %s, cmd = NULL WHERE host_id = %s RETURNING host_id",
+        (pid, lease, lease, hypervisor, usable_cpu, usable_ram, host_id))
 
 
 async def node_state_in(ex, host_id, state):
@@ -414,12 +436,42 @@ async def node_state_in(ex, host_id, state):
         " RETURNING host_id", (state, host_id)))
 
 
-async def heartbeat_in(ex, host_id, pid):
-    """Node C{host_id}'s heartbeat: its state, or None when it is C{lost} (nothing written)."""
+async def heartbeat_in(ex, host_id, pid, lease=0.0):
+    """
+    Node C{host_id}'s heartbeat, which renews its lease for C{lease} seconds
+    by the database clock (C{now() + lease}; 0: the node holds no lease). Fires
+    with its state, or None when it is C{lost} (nothing written: a lost node
+    rejoins through L{node_state_in}, its VMs already released).
+    """
     rows = await ex.rows(
-        "UPDATE host_runtimes SET ok_ts = now(), pid = %s"
-        " WHERE host_id = %s AND state <> 'lost' RETURNING state", (pid, host_id))
+        f"UPDATE host_runtimes SET ok_ts = now(), pid = %s, lease_expires = {_LEASE}"
+        " WHERE host_id = %s AND state <> 'lost' RETURNING state",
+        (pid, lease, lease, host_id))
     return rows[0][0] if rows else None
+
+
+async def peers_in(ex, host_id, seconds):
+    """
+    The other nodes that are running and sent a heartbeat in the last
+    C{seconds} (by the database clock): those that could start this node's
+    VMs if it were lost.
+    """
+    rows = await ex.rows(
+        "SELECT count(*) FROM host_runtimes WHERE host_id <> %s AND state = 'running'"
+        " AND ok_ts > now() - make_interval(secs => %s)", (host_id, seconds))
+    return rows[0][0]
+
+
+async def rejoin_in(ex, host_id, pid, lease=0.0):
+    """
+    Lost node C{host_id} (its VMs released, its local copies killed) is
+    C{running} again with a new lease, in one statement, so that the cluster
+    monitor does not find it lost again on its old lease. True if it was lost.
+    """
+    return bool(await ex.rows(
+        "UPDATE host_runtimes SET state = 'running', state_ts = now(), ok_ts = now(),"
+        f" pid = %s, lease_expires = {_LEASE} WHERE host_id = %s AND state = 'lost'"
+        " RETURNING host_id", (pid, lease, lease, host_id)))
 
 
 async def take_node_stop_in(ex, host_id):
@@ -435,16 +487,21 @@ async def block_node_in(ex, host_id, blocked):
         (blocked, host_id)))
 
 
-async def mark_lost_nodes_in(ex, monitor_host_id, node_timeout):
+async def mark_lost_nodes_in(ex, monitor_host_id, margin):
     """
-    Every node but the monitor's, neither stopped nor lost, whose heartbeat
-    is older than C{node_timeout} seconds becomes C{lost}; their ids.
+    Every node but the monitor's whose lease ran out more than C{margin}
+    seconds ago by the database clock becomes C{lost}: one not lost yet that
+    is not stopped, or that is stopped but still holds VMs (its HKD stopped,
+    its desktops did not). A node without a lease (C{lease_expires} NULL:
+    hkd.lease.seconds = 0) is never lost. Fires with their ids.
     """
     return sorted(r[0] for r in await ex.rows(
-        "UPDATE host_runtimes SET state = 'lost', state_ts = now()"
-        " WHERE host_id <> %s AND state NOT IN ('stopped', 'lost')"
-        " AND (ok_ts IS NULL OR ok_ts < now() - make_interval(secs => %s))"
-        " RETURNING host_id", (monitor_host_id, node_timeout)))
+        "UPDATE host_runtimes h SET state = 'lost', state_ts = now()"
+        " WHERE h.host_id <> %s AND h.state <> 'lost'"
+        " AND h.lease_expires < now() - make_interval(secs => %s)"
+        " AND (h.state <> 'stopped' OR EXISTS (SELECT 1 FROM vm_runtimes v"
+        " WHERE v.host_id = h.host_id AND v.vm_state <> 'stopped'))"
+        " RETURNING h.host_id", (monitor_host_id, margin)))
 
 
 async def release_vms_of_nodes_in(ex, host_ids):
@@ -466,18 +523,19 @@ class RuntimeStore:
     def _one(self, statement, *args):
         return defer.ensureDeferred(statement(self._pool, *args))
 
-    def claim(self, vm_id, session_id, claimant, claim_max_age, user_id=None):
+    def claim(self, vm_id, session_id, claimant, claim_max_age, user_id=None, user_ip=None):
         return defer.ensureDeferred(
-            self._claim(vm_id, session_id, claimant, claim_max_age, user_id))
+            self._claim(vm_id, session_id, claimant, claim_max_age, user_id, user_ip))
 
-    async def _claim(self, vm_id, session_id, claimant, claim_max_age, user_id):
+    async def _claim(self, vm_id, session_id, claimant, claim_max_age, user_id, user_ip):
         # Nobody holds it (the usual case): one statement. Else the claim
         # found is judged under its row lock, in a transaction.
-        if await claim_free_in(self._pool, vm_id, session_id, claimant, user_id):
-            return "free", Claim("disconnected")
+        row = await claim_free_in(self._pool, vm_id, session_id, claimant, user_id, user_ip)
+        if row is not None:
+            return "free", Claim("disconnected"), row
         return await self.db.transaction(
             lambda cursor: claim_in(TransactionExecutor(cursor), vm_id, session_id, claimant,
-                                    claim_max_age, user_id),
+                                    claim_max_age, user_id, user_ip),
             isolation="READ COMMITTED")
 
     def claim_is_ours(self, vm_id, session_id):

@@ -301,11 +301,23 @@ class Stack:
     #: bridge or addresses, and both would break.
     _live = {}
 
-    def __init__(self, tag="e2e", subnet_base=217, fast=True, hypervisor="lxc"):
+    def __init__(self, tag="e2e", subnet_base=217, fast=True, hypervisor="lxc",
+                 nodename="node1", storage_root=None, join=None, config=None,
+                 storage_id=None):
         if hypervisor not in HYPERVISORS:
             raise ValueError(f"hypervisor {hypervisor!r} is neither of {HYPERVISORS}")
         self.hypervisor = hypervisor
         self.fast = fast
+        # Another node of a cluster (tests/integration/test_storage_shared.py):
+        # its own hosts row, HKD, L7R, bridge and run dirs, and the database
+        # (and DI) of the stack C{join}; C{storage_root} as path.storage.root
+        # (a mount of a shared volume) and C{storage_id} as the database's
+        # storage id; C{config}: more node values.
+        self.nodename = nodename
+        self.storage_root = storage_root
+        self.join = join
+        self.extra = dict(config or {})
+        self.storage_id = storage_id
         pid = os.getpid()
         self.tag = tag
         self.subnet = f"10.{subnet_base}.{pid % 200}"
@@ -349,33 +361,47 @@ class Stack:
         os.chmod(self.root, 0o755)
         atexit.register(self.stop)
         self.started = True
-        images = os.path.join(self.root, "storage", "images")
-        os.makedirs(images)
-        os.symlink(image, os.path.join(images, di_name))
+        storage_root = self.storage_root or os.path.join(self.root, "storage")
+        images = os.path.join(storage_root, "images")
+        if self.join is None or not os.path.exists(os.path.join(images, di_name)):
+            os.makedirs(images, exist_ok=True)
+            if self.storage_root is None:
+                os.symlink(image, os.path.join(images, di_name))
+            else:  # a shared volume: the image itself on it
+                shutil.copyfile(image, os.path.join(images, di_name))
         if self.hypervisor == "kvm":  # the kernel and initramfs beside it: no extraction
             for suffix in (".kernel", ".initrd"):
                 os.symlink(image + suffix, os.path.join(images, di_name + suffix))
-        self.dbname, self.dsn = pg.fresh_database()
         cluster = pg.cluster()
-        self.host = self.query("INSERT INTO hosts (name, address) VALUES ('node1', %s)"
-                               " RETURNING id", (f"{self.subnet}.1",))[0]["id"]
-        self.osf = self.query("INSERT INTO osfs (tenant_id, name, memory) VALUES"
-                              " (1, 'desktop', 512) RETURNING id")[0]["id"]
-        di = self.query("INSERT INTO dis (osf_id, path, version) VALUES"
-                        " (%s, %s, '1') RETURNING id", (self.osf, di_name))[0]["id"]
-        self.query("INSERT INTO di_tags (di_id, osf_id, tag) VALUES (%s, %s, 'default')",
-                   (di, self.osf))
+        if self.join is None:
+            self.dbname, self.dsn = pg.fresh_database()
+        else:
+            self.dbname, self.dsn = self.join.dbname, self.join.dsn
+        self.host = self.query("INSERT INTO hosts (name, address) VALUES (%s, %s)"
+                               " RETURNING id", (self.nodename, f"{self.subnet}.1"))[0]["id"]
+        if self.join is None:
+            self.osf = self.query("INSERT INTO osfs (tenant_id, name, memory) VALUES"
+                                  " (1, 'desktop', 512) RETURNING id")[0]["id"]
+            di = self.query("INSERT INTO dis (osf_id, path, version) VALUES"
+                            " (%s, %s, '1') RETURNING id", (self.osf, di_name))[0]["id"]
+            self.query("INSERT INTO di_tags (di_id, osf_id, tag) VALUES (%s, %s, 'default')",
+                       (di, self.osf))
+            if self.storage_id is not None:
+                self.query("INSERT INTO storage_identity (storage_id) VALUES (%s)",
+                           (self.storage_id,))
+        else:
+            self.osf = self.join.osf
         ssl_dir = os.path.join(self.root, "ssl")
-        _, self.cert = tls.self_signed(ssl_dir, "node1")
+        _, self.cert = tls.self_signed(ssl_dir, self.nodename)
         values = {
-            "nodename": "node1",
+            "nodename": self.nodename,
             "database.host": cluster.socketdir,
             "database.name": self.dbname,
             "database.listen.keepalive": "1",
             "path.state": f"{self.root}/state",
             "path.run": f"{self.root}/run",
             "path.log": f"{self.root}/log",
-            "path.storage.root": f"{self.root}/storage",
+            "path.storage.root": storage_root,
             "path.storage.images": images,
             "path.l7r.ssl": ssl_dir,
             "vm.hypervisor": self.hypervisor,
@@ -407,6 +433,7 @@ class Stack:
             })
         if self.fast:
             values.update(self.FAST)
+        values.update(self.extra)
         self.conf = os.path.join(self.root, "node.conf")
         with open(self.conf, "w") as f:
             for key, value in values.items():
@@ -466,6 +493,8 @@ class Stack:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        from qvd.testing.processes import stop_fencer
+        stop_fencer(f"{self.root}/run/hkd-fence")  # a killed HKD's fencer lives on
         # What a daemon started ends after it (the L7R's resource tracker of
         # its password-check processes reads the end of its pipe, then exits).
         sessions = {p.pid for p in self.processes}
@@ -474,8 +503,9 @@ class Stack:
                 sid in sessions for _, sid in _sessions()):
             time.sleep(0.05)
         self.scrub()
-        with contextlib.suppress(Exception):
-            pg.drop_database(self.dbname)
+        if self.join is None:
+            with contextlib.suppress(Exception):
+                pg.drop_database(self.dbname)
 
     def stop_vms(self, timeout=None):
         """
@@ -483,7 +513,8 @@ class Stack:
         """
         if timeout is None:
             timeout = 240 if self.hypervisor == "kvm" else 60
-        rows = self.query("SELECT vm_id FROM vm_runtimes WHERE vm_state <> 'stopped'")
+        rows = self.query("SELECT vm_id FROM vm_runtimes WHERE vm_state <> 'stopped'"
+                          " AND (host_id = %s OR host_id IS NULL)", (self.host,))
         for row in rows:
             self.command(row["vm_id"], "stop")
         for row in rows:

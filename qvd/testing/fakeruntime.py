@@ -17,7 +17,7 @@ from zope.interface import implementer
 
 from qvd import loadbalancer
 from qvd.runtime.session import Claim, claim_verdict
-from qvd.runtime.store import IRuntimeStore
+from qvd.runtime.store import VM_COLUMNS, IRuntimeStore
 
 _NOBODY = dict(user_state="disconnected", user_cmd=None, l7r_host_id=None, l7r_pid=None,
                l7r_session=None)
@@ -60,6 +60,7 @@ class FakeRuntimeStore:
     def add_vm(self, name="vm", di_path="desk.tar", di_blocked=False, **fields):
         vm_id = next(self._ids)
         row = dict(_NOBODY, host_id=None, vm_state="stopped", vm_cmd=None, real_user_id=None,
+                   user_ip=None,
                    user_state_ts=self.now(), name=name, di_path=di_path, di_blocked=di_blocked)
         row.update(fields)
         self.vms[vm_id] = row
@@ -70,7 +71,7 @@ class FakeRuntimeStore:
 
     # -- IRuntimeStore ----------------------------------------------------------
 
-    def claim(self, vm_id, session_id, claimant, claim_max_age, user_id=None):
+    def claim(self, vm_id, session_id, claimant, claim_max_age, user_id=None, user_ip=None):
         row = self.vms.get(vm_id)
         if row is None:
             return defer.fail(LookupError(f"VM {vm_id} does not exist any more"))
@@ -81,13 +82,16 @@ class FakeRuntimeStore:
         verdict = claim_verdict(claim, claimant, claim_max_age)
         if verdict == "held":
             self._abort(vm_id)
-        else:
-            row.update(user_state="connecting", user_state_ts=self.now(),
-                       l7r_host_id=claimant.host_id, l7r_pid=claimant.pid,
-                       l7r_session=session_id, user_cmd=None)
-            if user_id is not None:
-                row["real_user_id"] = user_id
-        return defer.succeed((verdict, claim))
+            return defer.succeed((verdict, claim, None))
+        row.update(user_state="connecting", user_state_ts=self.now(),
+                   l7r_host_id=claimant.host_id, l7r_pid=claimant.pid,
+                   l7r_session=session_id, user_cmd=None)
+        if user_id is not None:
+            row["real_user_id"] = user_id
+        if user_ip:
+            row["user_ip"] = user_ip
+        found = dict({c: row.get(c) for c in VM_COLUMNS}, vm_id=vm_id)
+        return defer.succeed((verdict, claim, found))
 
     def _abort(self, vm_id):
         row = self.vms[vm_id]

@@ -48,6 +48,7 @@ class FakeStore:
         self.owned = True
         self.ok_counts = {}
         self.loads = []
+        self.other_nodes = 1        # peers(): other live nodes (1: this one holds a lease)
         self._ids = itertools.count(1)
 
     # -- set-up, for tests --------------------------------------------------
@@ -141,19 +142,28 @@ class FakeStore:
         return defer.succeed([(vm_id, r["vm_state"]) for vm_id, r in sorted(self.vms.items())
                               if r["host_id"] == self.host_id and r["vm_state"] != "stopped"])
 
-    def node_starting(self, pid, hypervisor, usable_cpu, usable_ram):
-        self.node.update(state="starting", cmd=None, pid=pid)
+    def node_starting(self, pid, hypervisor, usable_cpu, usable_ram, lease=0.0):
+        self.node.update(state="starting", cmd=None, pid=pid, lease=lease or None)
         return defer.succeed(None)
 
     def node_state(self, state):
         self.node["state"] = state
         return defer.succeed(True)
 
-    def tick(self, pid):
+    def tick(self, pid, lease=0.0):
         if self.node["state"] == "lost":
             return defer.succeed(None)
-        self.node["pid"] = pid
+        self.node.update(pid=pid, lease=lease or None)
         return defer.succeed(self.node["state"])
+
+    def peers(self, seconds):
+        return defer.succeed(self.other_nodes)
+
+    def rejoin(self, pid, lease=0.0):
+        if self.node["state"] != "lost":
+            return defer.succeed(False)
+        self.node.update(state="running", pid=pid, lease=lease or None)
+        return defer.succeed(True)
 
     def claim_node_stop(self):
         had = self.node["cmd"] == "stop"

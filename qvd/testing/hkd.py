@@ -24,6 +24,7 @@ from qvd.db.listen import Listener
 from qvd.db.pool import Database
 from qvd.hkd.node import HKD
 from qvd.testing import pg
+from qvd.testing.processes import stop_fencer
 from qvd.testing.fakevirt import FakeHypervisor, FakeVMA
 
 #: fast settings for tests; any key may be overridden per test
@@ -41,7 +42,9 @@ FAST = {
     "hkd.vm.expiration.interval": "0.2",
     "hkd.l7r.check.interval": "0.2",
     "hkd.cluster.check.interval": "0.2",
-    "hkd.cluster.node.timeout": "2",
+    "hkd.lease.seconds": "10",
+    "hkd.lease.fence.margin": "3",
+    "hkd.lease.release.margin": "0.5",
     "database.listen.keepalive": "0.5",
     "path.storage.images": "/nonexistent/images",
     # this process's own nftables table, removed at exit (tests kill HKDs)
@@ -139,6 +142,8 @@ class HKDTestMixin:
             [_TWISTD, "-n", "--pidfile=", "-l", os.path.join(self.root, "hkd.log"),
              "qvd-hkd", "--config", conf], env=env,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        run = self.values.get("path.run", "/run/qvd")
+        self.addCleanup(stop_fencer, self.values.get("hkd.lease.path", f"{run}/hkd-fence"))
         self.addCleanup(lambda: proc.poll() is None and proc.kill())
         return proc
 

@@ -9,6 +9,8 @@ node C{self.node}), C{self.other} (another node's id) and:
     add_vm(host_id=None, vm_state="stopped", vm_cmd=None) -> vm id
     vm(vm_id) -> {"host_id", "vm_state", "vm_cmd", "vm_state_reason"}
     set_node(state=None, cmd=None)           # this node's host_runtimes row
+    lease_left() -> seconds left of this node's lease (database clock), or None
+    set_other(state, heartbeat_age)          # the other node's state, seconds since its heartbeat
 """
 
 from twisted.internet import defer
@@ -17,6 +19,11 @@ from qvd.hkd.store import IStore, StartError
 
 
 class HKDStoreTests:
+
+    def assertLease(self, seconds):
+        left = self.lease_left()
+        self.assertTrue(left is not None and seconds - 1 < left <= seconds,
+                        f"{left} s of lease left, not {seconds}")
 
     def test_provides_interface(self):
         self.assertTrue(IStore.providedBy(self.store))
@@ -87,6 +94,40 @@ class HKDStoreTests:
         self.assertEqual((yield self.store.tick(4242)), "running")
         self.set_node(state="lost")
         self.assertIsNone((yield self.store.tick(4242)), "a lost node's heartbeat is refused")
+
+    @defer.inlineCallbacks
+    def test_heartbeat_renews_the_lease(self):
+        """
+        A heartbeat with a lease of L seconds leaves L seconds of lease (by
+        the database clock); one with no lease (0) leaves none; a lost node's
+        heartbeat renews nothing, and its rejoin is running with a new lease.
+        """
+        yield self.store.node_starting(4242, "lxc", 800.0, 4096.0, 10.0)
+        self.assertLease(10.0)
+        self.assertEqual((yield self.store.tick(4242, 0)), "starting")
+        self.assertIsNone(self.lease_left())
+        self.assertEqual((yield self.store.tick(4242, 6.0)), "starting")
+        self.assertLease(6.0)
+        self.assertFalse((yield self.store.rejoin(4242, 9.0)), "only a lost node rejoins")
+        self.set_node(state="lost")
+        self.assertIsNone((yield self.store.tick(4242, 30.0)))
+        self.assertLease(6.0)
+        self.assertTrue((yield self.store.rejoin(4242, 9.0)))
+        self.assertEqual((yield self.store.tick(4242, 9.0)), "running")
+        self.assertLease(9.0)
+
+    @defer.inlineCallbacks
+    def test_peers(self):
+        """
+        peers(10) counts the other nodes that run and sent a heartbeat in
+        the last 10 s: not a stopped one, not a silent one, never this node.
+        """
+        self.set_other("running", 1)
+        self.assertEqual((yield self.store.peers(10)), 1)
+        self.set_other("running", 30)
+        self.assertEqual((yield self.store.peers(10)), 0)
+        self.set_other("stopped", 1)
+        self.assertEqual((yield self.store.peers(10)), 0)
 
     @defer.inlineCallbacks
     def test_claim_node_stop(self):

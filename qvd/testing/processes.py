@@ -45,3 +45,25 @@ class ProcessesMixin:
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait(5)
+
+
+def stop_fencer(path, timeout=10.0):
+    """
+    End the node fencer of C{path} (hkd.lease.path) if one runs: what a test
+    that killed its HKD leaves behind, and which would otherwise stop the
+    desktops of the next test on that path.
+    """
+    import signal
+    import time
+
+    from qvd.hkd.fencer import FencerLock
+    lock = FencerLock(path)
+    deadline = time.monotonic() + timeout
+    while lock.held() and time.monotonic() < deadline:
+        pid = lock.holder()
+        if pid:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)

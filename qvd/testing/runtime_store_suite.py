@@ -18,6 +18,7 @@ from twisted.internet import defer
 
 from qvd import loadbalancer
 from qvd.runtime.session import Claimant
+from qvd.runtime.store import VM_COLUMNS
 
 WEIGHTS = loadbalancer.Weights(1, 1, 0)
 
@@ -33,7 +34,7 @@ class RuntimeStoreTests:
     def test_claim_free(self):
         node = self.add_host("n1")
         vm = self.add_vm()
-        verdict, claim = yield self.store.claim(vm, "s1", claimant(node), 330, self.user_of(vm))
+        verdict, claim, _ = yield self.store.claim(vm, "s1", claimant(node), 330, self.user_of(vm))
         self.assertEqual((verdict, claim.user_state), ("free", "disconnected"))
         row = self.row(vm)
         self.assertEqual((row["user_state"], row["l7r_host_id"], row["l7r_pid"],
@@ -43,13 +44,41 @@ class RuntimeStoreTests:
         self.assertFalse((yield self.store.claim_is_ours(vm, "s2")))
 
     @defer.inlineCallbacks
+    def test_claim_fires_with_the_row(self):
+        """
+        A claim fires with the VM's row as it is after the claim (what the
+        session goes on with, no second read); a held one with None.
+        """
+        node = self.add_host("n1")
+        vm = self.add_vm(host_id=node, vm_state="running")
+        _, _, row = yield self.store.claim(vm, "s1", claimant(node), 330)
+        self.assertEqual(set(row), set(VM_COLUMNS))
+        self.assertEqual((row["vm_id"], row["host_id"], row["vm_state"], row["user_state"],
+                          row["l7r_session"]), (vm, node, "running", "connecting", "s1"))
+        self.assertIsInstance(row["name"], str)      # the VM's name, from vms
+        _, _, row = yield self.store.claim(vm, "s2", claimant(node, pid=101, alive=(100,)), 330)
+        self.assertIsNone(row)
+
+    @defer.inlineCallbacks
+    def test_claim_records_user_ip(self):
+        """A claim records its client's address, which stays after the release."""
+        node = self.add_host("n1")
+        vm = self.add_vm()
+        yield self.store.claim(vm, "s1", claimant(node), 330, self.user_of(vm), "203.0.113.7")
+        self.assertEqual(self.row(vm)["user_ip"], "203.0.113.7")
+        yield self.store.release(vm, "s1")
+        self.assertEqual(self.row(vm)["user_ip"], "203.0.113.7")
+        yield self.store.claim(vm, "s2", claimant(node, live=("s2",)), 330)
+        self.assertEqual(self.row(vm)["user_ip"], "203.0.113.7")
+
+    @defer.inlineCallbacks
     def test_claim_held_aborts_the_holder(self):
         """A live session of another client: told to abort, its L7R notified; no claim."""
         node = self.add_host("n1")
         other = self.add_host("n2")
         vm = self.add_vm(user_state="connected", l7r_host_id=other, l7r_pid=7,
                          l7r_session="theirs")
-        verdict, claim = yield self.store.claim(vm, "s1", claimant(node), 330)
+        verdict, claim, _ = yield self.store.claim(vm, "s1", claimant(node), 330)
         self.assertEqual((verdict, claim.l7r_session, claim.owner_state),
                          ("held", "theirs", "running"))
         row = self.row(vm)
@@ -59,7 +88,7 @@ class RuntimeStoreTests:
         self.assertFalse((yield self.store.claim_is_ours(vm, "theirs")))
         # once the holder released it, the next claim succeeds
         yield self.store.release(vm, "theirs")
-        verdict, _ = yield self.store.claim(vm, "s1", claimant(node), 330)
+        verdict, _, _ = yield self.store.claim(vm, "s1", claimant(node), 330)
         self.assertEqual(verdict, "free")
 
     @defer.inlineCallbacks
@@ -75,13 +104,13 @@ class RuntimeStoreTests:
         # pid 555 of this node is dead; a live one (556) still holds its claim
         vm = self.add_vm(user_state="connected", l7r_host_id=node, l7r_pid=556,
                          l7r_session="w")
-        verdict, _ = yield self.store.claim(vm, "s1", claimant(node, alive=(556,)), 330)
+        verdict, _, _ = yield self.store.claim(vm, "s1", claimant(node, alive=(556,)), 330)
         self.assertEqual(verdict, "held")
         for runtime, expected, age in cases:
             vm = self.add_vm(**runtime)
             if age:
                 self.age_claim(vm, age)
-            verdict, _ = yield self.store.claim(vm, "s1", claimant(node), 330)
+            verdict, _, _ = yield self.store.claim(vm, "s1", claimant(node), 330)
             self.assertEqual(verdict, expected, runtime)
             self.assertEqual(self.row(vm)["l7r_session"], "s1")
 

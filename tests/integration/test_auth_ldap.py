@@ -5,7 +5,7 @@ tests (qvd.testing.slapd), with the real PostgreSQL behind the chain.
 
 import time
 
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, protocol, reactor, task
 from twisted.trial import unittest
 
 from qvd.config import Config, declared_keys
@@ -96,12 +96,13 @@ class LdapTests(DatabaseTestMixin, unittest.TestCase):
         for login in ("alice", "bob", "twin", "a*"):
             self.query("INSERT INTO users (login, tenant_id) VALUES (%s, 1)", (login,))
 
-    def authenticator(self, **settings):
+    def authenticator(self, clock=None, **settings):
         node = {"l7r.auth.plugins": "ldap", "auth.ldap.host": self.slapd.uri,
                 "auth.ldap.base": PEOPLE, "auth.ldap.scope": "sub",
                 "auth.ldap.timeout": "5"}
         node.update({k.replace("__", "."): v for k, v in settings.items()})
-        return Authenticator(self.db, Config(keys=declared_keys(), node=node), reactor)
+        return Authenticator(self.db, Config(keys=declared_keys(), node=node), reactor,
+                             clock=clock)
 
     def login(self, login, password, **settings):
         return self.authenticator(**settings).authenticate(basic(login, password), "192.0.2.1")
@@ -214,3 +215,83 @@ class LdapTests(DatabaseTestMixin, unittest.TestCase):
                          " WHERE u.id = %s", (result.user_id,))
         self.assertEqual(vms, [{"name": "bob-1"}])
         self.assertEqual(result.params["qvd.vm.user.uid"], "1002")
+
+    def counted(self, auth):
+        """The LDAP checks `auth` makes, counted in the returned list."""
+        plugin = auth._plugin("ldap")
+        original, checks = plugin.authenticate_basic, []
+
+        def authenticate_basic(ctx, login, password):
+            checks.append(login)
+            return original(ctx, login, password)
+        plugin.authenticate_basic = authenticate_basic
+        return checks
+
+    def change_password(self, uid, password):
+        self.slapd.add_ldif(f"dn: uid={uid},{PEOPLE}\nchangetype: modify\n"
+                            f"replace: userPassword\nuserPassword: {password}\n")
+
+    @defer.inlineCallbacks
+    def test_not_cached_by_default(self):
+        """
+        By default (l7r.auth.cache.ldap off) the directory is asked at every
+        login: a password changed there takes effect at the next login.
+        """
+        auth = self.authenticator(l7r__auth__failure__delay="0")
+        checks = self.counted(auth)
+        for _ in range(2):
+            yield auth.authenticate(basic("bob", "canwefixit"), "192.0.2.1")
+        self.assertEqual((len(checks), len(auth.cache)), (2, 0))
+        self.change_password("bob", "newpass")
+        yield self.assertFailure(auth.authenticate(basic("bob", "canwefixit"), "192.0.2.1"),
+                                 AuthFailed)
+
+    @defer.inlineCallbacks
+    def test_cached_when_enabled(self):
+        """
+        With l7r.auth.cache.ldap on, a second login is not sent to the
+        directory and gets the same parameters; a password changed in the
+        directory still logs in until l7r.auth.cache.lifetime runs out, but a
+        block in the database refuses it at the next login.
+        """
+        clock = task.Clock()
+        clock.advance(time.time())
+        auth = self.authenticator(clock=clock, l7r__auth__failure__delay="0",
+                                  l7r__auth__cache__ldap="1")
+        checks = self.counted(auth)
+        first = yield auth.authenticate(basic("bob", "canwefixit"), "192.0.2.1")
+        second = yield auth.authenticate(basic("bob", "canwefixit"), "192.0.2.1")
+        self.assertEqual(second, first)
+        self.assertEqual(second.params["qvd.vm.user.uid"], "1002")
+        self.assertEqual(len(checks), 1)
+        self.change_password("bob", "newpass")
+        clock.advance(299)
+        yield auth.authenticate(basic("bob", "canwefixit"), "192.0.2.1")
+        self.assertEqual(len(checks), 1)
+        clock.advance(1)
+        yield self.assertFailure(auth.authenticate(basic("bob", "canwefixit"), "192.0.2.1"),
+                                 AuthFailed)
+        yield auth.authenticate(basic("bob", "newpass"), "192.0.2.1")
+        self.query("UPDATE users SET blocked = true WHERE login = 'bob'")
+        yield self.assertFailure(auth.authenticate(basic("bob", "newpass"), "192.0.2.1"),
+                                 AuthFailed)
+        self.assertEqual(len(checks), 4)
+
+    @defer.inlineCallbacks
+    def test_auto_ldap_cached(self):
+        """
+        With auto,ldap and the cache on, the first login creates the user (and
+        is not remembered: it had no row to be checked against); from the
+        second the directory is not asked.
+        """
+        osf = self.query("INSERT INTO osfs (tenant_id, name) VALUES (1, 'desk') RETURNING id")
+        self.query("DELETE FROM users WHERE login = 'bob'")
+        auth = self.authenticator(l7r__auth__failure__delay="0", l7r__auth__cache__ldap="1",
+                                  l7r__auth__plugins="auto,ldap",
+                                  auth__auto__osf_id=str(osf[0]["id"]))
+        checks = self.counted(auth)
+        for _ in range(3):
+            result = yield auth.authenticate(basic("bob", "canwefixit"), "192.0.2.1")
+        self.assertEqual(len(checks), 2)
+        self.assertEqual(result.params["qvd.vm.user.uid"], "1002")
+        self.assertEqual(len(self.query("SELECT id FROM vms")), 1)

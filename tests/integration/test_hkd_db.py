@@ -248,12 +248,13 @@ class ClusterTests(HKDTestMixin, pg.DatabaseTestMixin, unittest.TestCase):
 
     def lost_node(self):
         """
-        A second node whose heartbeat is old, running a VM with a connected
-        session through its own L7R.
+        A second node whose lease ran out an hour ago, running a VM with a
+        connected session through its own L7R.
         """
         other = self.add_host("node2")
-        self.query("INSERT INTO host_runtimes (host_id, state, ok_ts) VALUES"
-                   " (%s, 'running', now() - interval '1 hour')", (other,))
+        self.query("INSERT INTO host_runtimes (host_id, state, ok_ts, lease_expires) VALUES"
+                   " (%s, 'running', now() - interval '1 hour', now() - interval '1 hour')",
+                   (other,))
         vm = self.add_vm("bob")
         self.query("UPDATE vm_runtimes SET host_id = %s, vm_state = 'running',"
                    " vm_address = '10.8.0.1', user_state = 'connected',"
@@ -299,17 +300,80 @@ class ClusterTests(HKDTestMixin, pg.DatabaseTestMixin, unittest.TestCase):
 
     async def test_fence(self):
         """
-        With hkd.ticker.fence, a node whose heartbeats fail for that long
-        kills its VMs (another node may start them).
+        A node that cannot renew its lease for hkd.lease.seconds minus
+        hkd.lease.fence.margin kills its VMs (another node may start them
+        once the lease has run out).
         """
         host = self.add_host()
         vm = self.add_vm()
-        hkd = await self.start_hkd(host, config=hkd_config(hkd__ticker__fence=0.5))
+        hkd = await self.start_hkd(host, config=hkd_config(hkd__lease__seconds=1.5,
+                                                           hkd__lease__fence__margin=0.5))
         self.command(vm, "start", host)
         await self.wait_state(vm, "running")
-        hkd.store.tick = lambda pid: defer.fail(RuntimeError("database unreachable (test)"))
+        hkd.store.tick = lambda pid, lease=0: defer.fail(RuntimeError("database unreachable (test)"))
         await self.until(lambda: not hkd.hv.running, what="VM killed by the fence")
         self.flushLoggedErrors(RuntimeError)
+
+    async def test_lost_only_after_lease_and_margin(self):
+        """
+        The monitor declares a node lost only once its lease ran out more
+        than hkd.lease.release.margin ago (database clock): not while it runs,
+        not within the margin, never without a lease; a stopped node is lost
+        only while it still holds VMs.
+        """
+        host = self.add_host()
+        nodes = {}
+        for name, state, lease, holds in [
+                ("valid", "running", "now() + interval '5 s'", False),
+                ("margin", "running", "now() - interval '0.2 s'", False),
+                ("nolease", "running", "NULL", False),
+                ("expired", "running", "now() - interval '3 s'", False),
+                ("stopped", "stopped", "now() - interval '3 s'", False),
+                ("stopped_vms", "stopped", "now() - interval '3 s'", True)]:
+            other = self.add_host(name)
+            self.query("INSERT INTO host_runtimes (host_id, state, lease_expires) VALUES"
+                       f" (%s, %s, {lease})", (other, state))
+            if holds:
+                vm = self.add_vm(f"u{name}")
+                self.query("UPDATE vm_runtimes SET host_id = %s, vm_state = 'running'"
+                           " WHERE vm_id = %s", (other, vm))
+            nodes[name] = other
+        await self.start_hkd(host, config=hkd_config(hkd__lease__release__margin=1))
+        await self.until(lambda: self.query(
+            "SELECT state FROM host_runtimes WHERE host_id = %s",
+            (nodes["stopped_vms"],))[0]["state"] == "lost", what="stopped node with VMs lost")
+        states = {name: self.query("SELECT state FROM host_runtimes WHERE host_id = %s",
+                                   (other,))[0]["state"] for name, other in nodes.items()}
+        self.assertEqual(states, {"valid": "running", "margin": "running",
+                                  "nolease": "running", "expired": "lost",
+                                  "stopped": "stopped", "stopped_vms": "lost"})
+
+    async def test_feeds_and_releases_the_fencer(self):
+        """
+        The HKD feeds the fencer the lease's local deadline at its start and
+        every heartbeat (and makes sure one runs); a clean stop without
+        desktops releases it.
+        """
+        class Fencer:
+            def __init__(self):
+                self.fed, self.ensured, self.released = [], 0, 0
+
+            def feed(self, deadline):
+                self.fed.append(deadline)
+
+            def ensure(self):
+                self.ensured += 1
+
+            def release(self):
+                self.released += 1
+        fencer = Fencer()
+        host = self.add_host()
+        hkd = await self.start_hkd(host, fencer=fencer, monotonic=lambda: 1000.0)
+        await self.until(lambda: len(fencer.fed) >= 3, what="three renewals")
+        self.assertEqual(set(fencer.fed), {1010.0})
+        self.assertEqual(fencer.ensured, len(fencer.fed))
+        await hkd.stopService()
+        self.assertEqual(fencer.released, 1)
 
     async def test_singleton(self):
         """

@@ -126,8 +126,10 @@ class LiveConfigTests(unittest.TestCase):
                       open(self.stack.hkd_log).read())
 
     def test_z_nothing_restarted(self):
-        """Neither daemon was restarted by the changes."""
+        """Neither daemon (nor an L7R worker process) was restarted by the changes."""
         self.assertIsNone(self.stack.hkd.poll())
         self.assertIsNone(self.stack.l7r.poll())
         with open(self.stack.l7r_log) as f:
-            self.assertEqual(f.read().count("L7R listening on"), 1)
+            text = f.read()
+        self.assertEqual(text.count("L7R listening on"), 1)
+        self.assertNotIn("starting it again", text, "no L7R worker process was restarted")

@@ -6,7 +6,8 @@ plugins (the default database password check, LDAP, TOTP, auto-provisioning).
     result = await authenticator.authenticate(headers, source_ip)
 
 See L{chain} for the order of the plugin hooks, L{plugin} for writing a
-plugin, L{tokens} for bearer tokens.
+plugin, L{tokens} for bearer tokens, L{cache} for the verified credentials
+remembered across a client's connections.
 """
 
 

@@ -23,6 +23,14 @@ Bearer tokens: the first plugin of the global chain whose
 C{authenticate_bearer} accepts wins; the user and its tenant must not be
 blocked.
 
+A password accepted by a plugin that allows it (L{IAuthPlugin.cache_verified})
+is remembered for C{l7r.auth.cache.lifetime} seconds (L{qvd.l7r.auth.cache}):
+the same tenant, login and password, while the user's and tenant's rows are
+unchanged, skip C{authenticate_basic}; everything else above (tenant and
+block checks, second factor, C{after_authenticate_basic}) and the limits
+below run on a hit as on a miss. Any change of the configuration empties the
+cache.
+
 Attempts are limited per canonical (login, tenant) and source address, per
 login and per address (L{qvd.l7r.auth.ratelimit}, docs/l7r.md); over a limit
 a request is refused before any credential is checked. Every refusal (locked,
@@ -35,6 +43,7 @@ from qvd.logs import Logger
 
 from qvd.l7r.auth import credentials, tokens
 from qvd.l7r.auth.auto import AutoPlugin
+from qvd.l7r.auth.cache import UserState, VerifiedCache
 from qvd.l7r.auth.default import DefaultPlugin
 from qvd.l7r.auth.interfaces import AuthFailed, AuthResult, IAuthenticator
 from qvd.l7r.auth.ldap import LdapPlugin
@@ -84,8 +93,10 @@ class Authenticator:
     @param blocking: C{blocking(f, *args) -> Deferred} runs CPU-heavy work
         (password hashing); by default in the reactor's thread pool.
     @param plugins: name -> plugin class, to add or replace plugins.
-    @param clock: tells the time for rate limits, tokens and TOTP codes
-        (C{seconds()}); the reactor by default.
+    @param clock: tells the time for rate limits, tokens, TOTP codes and the
+        verified-credentials cache (C{seconds()}); the reactor by default.
+
+    @ivar cache: the L{VerifiedCache} of this process's logins.
     """
 
     def __init__(self, db, config, reactor, blocking=None, plugins=None, clock=None):
@@ -97,6 +108,8 @@ class Authenticator:
         self._classes = dict(PLUGINS, **(plugins or {}))
         self._instances = {}
         self.limits = LoginLimits(self.clock, LimitSettings.from_config(self.config))
+        self.cache = VerifiedCache(self.clock, 0, 0)
+        self._cache_config = None
 
     @property
     def config(self):
@@ -156,6 +169,7 @@ class Authenticator:
         headers = {k.lower(): v for k, v in headers.items()}
         config = self.config
         self.limits.configure(LimitSettings.from_config(config))
+        self._configure_cache(config)
         creds = credentials.parse_authorization(headers.get("authorization"))
         ctx = AuthContext(config=config, source_ip=source_ip, headers=headers,
                           client_env=credentials.client_environment(headers))
@@ -193,6 +207,20 @@ class Authenticator:
             raise
         self.limits.end(ticket, ok=True)
         return result
+
+    def _configure_cache(self, config):
+        """
+        Size and lifetime of the cache from C{config}; a configuration other
+        than the last one (a reload of the live configuration) may have
+        changed the chain or a plugin's settings: forget every entry.
+        """
+        if config is self._cache_config:
+            return
+        if self._cache_config is not None:
+            self.cache.clear()
+        self._cache_config = config
+        self.cache.configure(config.getint("l7r.auth.cache.size"),
+                             config.getfloat("l7r.auth.cache.lifetime"))
 
     async def _identify(self, ctx, raw_login):
         """
@@ -240,12 +268,33 @@ class Authenticator:
         if not password:
             raise _Refused(f"empty password for {login!r}")
 
-        for plugin in chain:
-            if await defer.maybeDeferred(plugin.authenticate_basic, ctx, ctx.login, password):
-                ctx.authenticated_by = plugin.name
-                break
+        cacheable = set()
+        if self.cache.enabled:
+            cacheable = {plugin.name for plugin in chain if plugin.cache_verified(ctx)}
+        state = hit = None
+        if cacheable:
+            # Read before the check, so that a change made while it runs
+            # leaves the entry stale (qvd.l7r.auth.cache).
+            state = await self._user_state(ctx)
+            hit = self.cache.lookup(ctx.tenant_id, login, password, state, cacheable)
+        if hit is not None:
+            ctx.authenticated_by = hit.plugin
+            ctx.user_id = state.user_id
+            ctx.params.update(hit.params)
+            log.debug("password of {login} (tenant {tenant}) accepted by {plugin} "
+                      "{age:.0f} s ago, unchanged: not checked again", login=login,
+                      tenant=ctx.tenant_id, plugin=hit.plugin,
+                      age=self.clock.seconds() - hit.verified_at)
         else:
-            raise _Refused(f"wrong login or password for {login!r} (tenant {ctx.tenant_id})")
+            before = dict(ctx.params)
+            for plugin in chain:
+                if await defer.maybeDeferred(plugin.authenticate_basic, ctx, ctx.login,
+                                             password):
+                    ctx.authenticated_by = plugin.name
+                    break
+            else:
+                raise _Refused(f"wrong login or password for {login!r} (tenant {ctx.tenant_id})")
+            set_by_plugin = {k: v for k, v in ctx.params.items() if before.get(k) != v}
 
         if second is not None:
             ctx.user_id = await self._user_id(ctx)
@@ -256,8 +305,27 @@ class Authenticator:
         for plugin in chain:
             await defer.maybeDeferred(plugin.after_authenticate_basic, ctx)
         user_id = await self._user_id(ctx)
+        if hit is None and ctx.authenticated_by in cacheable and ctx.login == login:
+            # A plugin that renamed the login (auth.ldap.name.normalize) made
+            # it another row than the one state was read for: not remembered.
+            self.cache.remember(ctx.tenant_id, login, password, state, ctx.authenticated_by,
+                                set_by_plugin)
         return AuthResult(user_id=user_id, tenant_id=ctx.tenant_id, login=ctx.login,
                           params=dict(ctx.params))
+
+    async def _user_state(self, ctx):
+        """
+        The L{UserState} of C{ctx.login} in C{ctx.tenant_id}, or None when
+        there is no such user.
+        """
+        rows = await self.db.runQuery(
+            "SELECT u.id, u.password, u.blocked, t.blocked, u.xmin::text || ':' || t.xmin::text"
+            " FROM users u JOIN tenants t ON t.id = u.tenant_id"
+            " WHERE u.login = %s AND u.tenant_id = %s", (ctx.login, ctx.tenant_id))
+        if not rows:
+            return None
+        user_id, password, blocked, tenant_blocked, version = rows[0]
+        return UserState(user_id, password, blocked, tenant_blocked, version)
 
     async def _tenant_id(self, name, case_sensitive):
         where = "name = %s" if case_sensitive else "lower(name) = lower(%s)"

@@ -10,6 +10,9 @@ bearer tokens (reference 2.1).
   replaced by an argon2id hash on the next successful login. Hashing runs in
   a thread so the reactor never waits for it; an unknown login costs the same
   hashing time as a known one.
+- cache_verified: yes; a password it accepted is accepted again while the
+  user's row (and so its stored hash) is unchanged, for
+  C{l7r.auth.cache.lifetime} (L{qvd.l7r.auth.cache}).
 - authenticate_bearer: C{user_tokens} through L{qvd.l7r.auth.tokens}.
 """
 
@@ -43,6 +46,11 @@ class DefaultPlugin(Plugin):
     def find_tenant(self, ctx, login):
         user, tenant = split_login(login, ctx.cfg("l7r.auth.plugin.default.separators"))
         return user, tenant or ctx.cfg("l7r.auth.plugin.default.tenant")
+
+    def cache_verified(self, ctx):
+        # The acceptance depends on the password and users.password only,
+        # which the cache's UserState holds.
+        return True
 
     async def authenticate_basic(self, ctx, login, password):
         if not password:

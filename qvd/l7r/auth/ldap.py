@@ -19,6 +19,15 @@ C{auth.ldap.name.normalize} makes the LDAP C{uid} the login and
 C{auth.ldap.home.set} sets C{qvd.vm.user.home}. Every LDAP operation is
 bounded by C{auth.ldap.timeout}. A directory that cannot be reached is logged
 and the plugin declines, so a later plugin of the chain may still accept.
+
+cache_verified: C{l7r.auth.cache.ldap} (default off). The directory, not the
+database, says whether the password is still right and the account still
+enabled, and no row version tells the L7R when that changes: with the
+cache on, a password changed or an account disabled in the directory still
+logs in until the entry's C{l7r.auth.cache.lifetime} runs out (blocks in
+qvd's database still apply at once). A bind costs the L7R a round trip, not
+a hash, so the cache buys little here; turn it on to spare the directory in
+login storms.
 """
 
 import re
@@ -108,6 +117,9 @@ class LdapPlugin(Plugin):
 
     def _timed(self, d, timeout):
         return d.addTimeout(timeout, self.reactor)
+
+    def cache_verified(self, ctx):
+        return ctx.config.getbool("l7r.auth.cache.ldap", tenant=ctx.tenant_id)
 
     async def authenticate_basic(self, ctx, login, password):
         if not password:

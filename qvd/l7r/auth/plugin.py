@@ -17,7 +17,8 @@ no per-request state outside the context. The chain runs the hooks in this
 order (see L{qvd.l7r.auth.chain}):
 
   Basic: find_tenant -> normalize_login -> split_second_factor ->
-         authenticate_basic -> check_second_factor -> after_authenticate_basic
+         authenticate_basic (skipped on a cache hit, see cache_verified) ->
+         check_second_factor -> after_authenticate_basic
   Bearer: authenticate_bearer
 """
 
@@ -109,6 +110,17 @@ class IAuthPlugin(Interface):
             C{ctx.login}.
         """
 
+    def cache_verified(ctx):
+        """
+        Whether a password this plugin accepted may be accepted again without
+        asking the plugin, for C{l7r.auth.cache.lifetime}, while the user's
+        row is unchanged (L{qvd.l7r.auth.cache}). Say yes only when the
+        acceptance depends on nothing but the credentials and that row (or
+        when the admin chose so for a directory).
+
+        @return: a bool (not a Deferred).
+        """
+
     def check_second_factor(ctx, code):
         """
         Check the code split off by this plugin; C{ctx.user_id} is known.
@@ -159,6 +171,9 @@ class Plugin:
         return None
 
     def authenticate_basic(self, ctx, login, password):
+        return False
+
+    def cache_verified(self, ctx):
         return False
 
     def check_second_factor(self, ctx, code):
