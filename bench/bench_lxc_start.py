@@ -22,7 +22,8 @@ private PostgreSQL cluster of qvd.testing.pg):
    is the HKD's: each container pinged on its own as soon as its lxc-start
    returned, with the agent client the HKD uses, the same timeout
    (hkd.vm.vma.timeout) and the same pause between pings
-   (hkd.vm.vma.ping.starting, QVD_OVERRIDES).
+   (hkd.vm.vma.ping.starting, QVD_OVERRIDES); then the same x_start as qvd's
+   desktops get, and lxc-start -> nxagent listening.
 
 Prints p50/p95 of each and the ratio qvd / bare for "agent answering"
 (qvd's start -> running is the moment the HKD got the agent's first answer).
@@ -83,6 +84,21 @@ def scrub(root):
             subprocess.run(["ip", "link", "delete", iface], capture_output=True)
     subprocess.run(["nft", "delete", "table", "bridge", f"qvdb{PID}"], capture_output=True)
     shutil.rmtree(root, ignore_errors=True)
+
+
+async def x_session(reactor, client, since):
+    """
+    What the L7R does once a desktop runs: x_start, then x_state every 0.05 s
+    until nxagent listens. Returns that moment (time.monotonic()).
+    """
+    await client.x_start(X_PARAMS)
+    while True:
+        state = await client.x_state()
+        if state in ("listening", "connected"):
+            return time.monotonic()
+        if state == "stopped" and time.monotonic() - since > 5:
+            raise RuntimeError("the X session stopped")
+        await task.deferLater(reactor, 0.05, lambda: None)
 
 
 async def run_qvd(reactor, root, image, n, overrides=None):
@@ -166,15 +182,7 @@ async def run_qvd(reactor, root, image, n, overrides=None):
         secret = q("SELECT vma_secret FROM vm_runtimes WHERE vm_id = %s", (vm_id,))[0]
         client = VMAClient(reactor, vms[vm_id], 3030, timeout=10, secret=secret["vma_secret"])
         try:
-            await client.x_start(X_PARAMS)
-            while True:
-                state = await client.x_state()
-                if state in ("listening", "connected"):
-                    listening_at[vm_id] = time.monotonic()
-                    return
-                if state == "stopped" and time.monotonic() - running_at[vm_id] > 5:
-                    raise RuntimeError("the X session stopped")
-                await task.deferLater(reactor, 0.05, lambda: None)
+            listening_at[vm_id] = await x_session(reactor, client, running_at[vm_id])
         except Exception as e:
             errors[vm_id] = f"x_start: {e}"
 
@@ -215,8 +223,8 @@ async def run_qvd(reactor, root, image, n, overrides=None):
             break
         await task.deferLater(reactor, 0.05, lambda: None)
     pg.drop_database(name)
-    basefs = [os.path.join(root, "storage", "basefs", d)
-              for d in os.listdir(os.path.join(root, "storage", "basefs"))
+    trees = config.get("path.storage.basefs")
+    basefs = [os.path.join(trees, d) for d in os.listdir(trees)
               if not d.startswith(".")]         # not .locks
     return ([running_at[v] - t0 for v in running_at],
             [listening_at[v] - t0 for v in listening_at], errors, basefs[0])
@@ -251,7 +259,9 @@ async def run_bare(reactor, root, basefs, n):
     same agent client (L{qvd.vmaclient.VMAClient}: the VM's secret, the
     timeout C{hkd.vm.vma.timeout}) and the same pause between pings
     (C{hkd.vm.vma.ping.starting}). Returns seconds from the start of all to
-    each agent answering.
+    each agent answering, and to each nxagent listening (the bare peer's
+    desktops get the same x_start as qvd's, as soon as they answer: the
+    sessions starting compete with the desktops still booting on both sides).
     """
     from qvd.config import Config, declared_keys
     from qvd.virt._lxcconfig import SECRET_TARGET
@@ -288,7 +298,7 @@ async def run_bare(reactor, root, basefs, n):
                                        gid=owner.st_gid, secret=secret_path,
                                        secret_target=SECRET_TARGET))
         containers.append((name, ip, secret))
-    answered = {}
+    answered, listening = {}, {}
 
     async def start_and_probe(name, ip, secret):
         result = await run_process(reactor, ["lxc-start", "-d", "-n", name, "-P", lxcpath])
@@ -303,13 +313,18 @@ async def run_bare(reactor, root, basefs, n):
                 await task.deferLater(reactor, cadence, lambda: None)
                 continue
             answered[name] = time.monotonic() - t0
+            try:
+                listening[name] = await x_session(reactor, VMAClient(
+                    reactor, ip, 3030, timeout=10, secret=secret), t0 + answered[name]) - t0
+            except Exception as e:
+                print(f"bare {name}: x_start: {e}", file=sys.stderr)
             return
 
     t0 = time.monotonic()
     await defer.gatherResults([defer.ensureDeferred(start_and_probe(*c)) for c in containers])
     for name, _, _ in containers:
         await run_process(reactor, ["lxc-stop", "-k", "-n", name, "-P", lxcpath])
-    return list(answered.values())
+    return list(answered.values()), list(listening.values())
 
 
 async def bench(reactor, n):
@@ -319,13 +334,14 @@ async def bench(reactor, n):
     os.chmod(root, 0o755)  # containers' root (unprivileged) walks through it
     try:
         running, listening, errors, basefs = await run_qvd(reactor, root, image, n)
-        bare = await run_bare(reactor, root, basefs, n)
+        bare, bare_listening = await run_bare(reactor, root, basefs, n)
     finally:
         scrub(root)
     print(f"\n{n} desktops started together (minimal DI, LXC, {os.cpu_count()} CPUs)")
     print(summary("qvd: start -> running (agent answered)", running))
     print(summary("qvd: start -> nxagent listening", listening))
     print(summary("bare lxc-start -> agent answering", bare))
+    print(summary("bare lxc-start -> nxagent listening", bare_listening))
     if running and bare:
         print(f"ratio qvd/bare (agent answering): p50 "
               f"{pct(running, 50) / pct(bare, 50):.2f}x, p95 "
