@@ -9,15 +9,21 @@ private PostgreSQL cluster of qvd.testing.pg):
 
 1. qvd: a real HKD service (qvd.hkd.node.HKD) with the LXC driver and the real
    agent client; the minimal test DI (qvd.testing.images); N VMs get
-   vm_cmd='start' in one UPDATE + NOTIFY (what the L7R does). Measured per VM,
-   from that commit: start -> 'running' (seen through LISTEN qvd_vm_state),
+   vm_cmd='start' in one UPDATE + NOTIFY, one transaction on an open connection
+   (what the L7R does). Measured per VM, from sending that transaction: start -> 'running' (seen through LISTEN qvd_vm_state),
    and start -> nxagent listening (the bench calls x_start as soon as the VM is
    running, as the L7R does, then polls x_state until 'listening').
 2. bare peer, same run, same rootfs: for each of N containers an overlayfs over
    the DI tree the HKD unpacked, a hand-written LXC config (veth on the same
    bridge, static address, the same user namespace mapping as qvd's: the
-   tree's ids are shifted for it) and `lxc-start -d`, all N at once; measured per
-   container: lxc-start -> the agent's port 3030 answering GET /vma/ping.
+   tree's ids are shifted for it, a VM secret bind-mounted as qvd does) and
+   `lxc-start -d`, all N at once (spawned from the reactor, as the HKD does);
+   measured per container: lxc-start -> the agent answering a ping. The probe
+   is the HKD's: each container pinged on its own as soon as its lxc-start
+   returned, with the agent client the HKD uses, the same timeout
+   (hkd.vm.vma.timeout) and the same pause between pings
+   (hkd.vm.vma.ping.starting, QVD_OVERRIDES); then the same x_start as qvd's
+   desktops get, and lxc-start -> nxagent listening.
 
 Prints p50/p95 of each and the ratio qvd / bare for "agent answering"
 (qvd's start -> running is the moment the HKD got the agent's first answer).
@@ -25,19 +31,22 @@ Prints p50/p95 of each and the ratio qvd / bare for "agent answering"
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
-from twisted.internet import defer, task, threads
+from twisted.internet import defer, task
 
 PID = os.getpid()
 SUBNET = f"10.218.{PID % 200}"
 BRIDGE = f"qbk{PID % 1000}"
 PREFIX = f"qvdb{PID % 100000}-"
 VETH = f"qk{PID % 1000}v"
+
+#: The HKD's agent pings while a VM starts (the bare peer is probed the same way).
+QVD_OVERRIDES = {"hkd.vm.vma.ping.starting": "0.1", "hkd.vm.vma.ping.interval": "2",
+                 "hkd.vm.vma.timeout": "4"}
 
 X_PARAMS = {"qvd.vm.user.name": "qvd", "qvd.client.os": "linux",
             "qvd.client.geometry": "1024x768", "qvd.client.link": "lan",
@@ -60,15 +69,6 @@ def summary(name, values):
             f"p95 {pct(values, 95):6.2f} s  max {max(values):6.2f} s")
 
 
-def vma_answers(ip, port=3030):
-    try:
-        with socket.create_connection((ip, port), timeout=0.5) as s:
-            s.sendall(b"GET /vma/ping HTTP/1.0\r\nHost: vm\r\n\r\n")
-            return s.recv(64).startswith(b"HTTP/")
-    except OSError:
-        return False
-
-
 def scrub(root):
     lxcpath = os.path.join(root, "run", "lxc")
     for path in (lxcpath, os.path.join(root, "bare")):
@@ -84,6 +84,21 @@ def scrub(root):
             subprocess.run(["ip", "link", "delete", iface], capture_output=True)
     subprocess.run(["nft", "delete", "table", "bridge", f"qvdb{PID}"], capture_output=True)
     shutil.rmtree(root, ignore_errors=True)
+
+
+async def x_session(reactor, client, since):
+    """
+    What the L7R does once a desktop runs: x_start, then x_state every 0.05 s
+    until nxagent listens. Returns that moment (time.monotonic()).
+    """
+    await client.x_start(X_PARAMS)
+    while True:
+        state = await client.x_state()
+        if state in ("listening", "connected"):
+            return time.monotonic()
+        if state == "stopped" and time.monotonic() - since > 5:
+            raise RuntimeError("the X session stopped")
+        await task.deferLater(reactor, 0.05, lambda: None)
 
 
 async def run_qvd(reactor, root, image, n, overrides=None):
@@ -109,10 +124,10 @@ async def run_qvd(reactor, root, image, n, overrides=None):
         "vm.network.netmask": "255.255.255.0", "vm.lxc.bridge.address": f"{SUBNET}.1/24",
         "hkd.lock.path": f"{root}/run/hkd.lock", "hkd.vm.starting.max": str(n),
         "hkd.vm.timeout.waiting_vma": "120", "hkd.vm.timeout.preparing": "600",
-        "hkd.vm.vma.ping.starting": "0.1", "hkd.vm.vma.ping.interval": "2",
         "hkd.vm.vma.dead.seconds": "60", "hkd.vm.vma.dead.failures": "10",
         "hkd.vm.timeout.powering_off": "20", "hkd.vm.timeout.shutting_down": "20",
         "vm.network.firewall.table": f"qvdb{PID}"})
+    values.update(QVD_OVERRIDES)
     values.update(overrides or {})
     config = Config(keys=declared_keys(), node=values)
     name, dsn = pg.fresh_database()
@@ -167,15 +182,7 @@ async def run_qvd(reactor, root, image, n, overrides=None):
         secret = q("SELECT vma_secret FROM vm_runtimes WHERE vm_id = %s", (vm_id,))[0]
         client = VMAClient(reactor, vms[vm_id], 3030, timeout=10, secret=secret["vma_secret"])
         try:
-            await client.x_start(X_PARAMS)
-            while True:
-                state = await client.x_state()
-                if state in ("listening", "connected"):
-                    listening_at[vm_id] = time.monotonic()
-                    return
-                if state == "stopped" and time.monotonic() - running_at[vm_id] > 5:
-                    raise RuntimeError("the X session stopped")
-                await task.deferLater(reactor, 0.05, lambda: None)
+            listening_at[vm_id] = await x_session(reactor, client, running_at[vm_id])
         except Exception as e:
             errors[vm_id] = f"x_start: {e}"
 
@@ -188,10 +195,15 @@ async def run_qvd(reactor, root, image, n, overrides=None):
     listener.subscribe("qvd_vm_state", on_state)
     await listener.start()
 
-    t0 = time.monotonic()
-    q("UPDATE vm_runtimes SET host_id = %s, vm_cmd = 'start' WHERE vm_id = ANY(%s)",
-      (host, list(vms)))
-    q(f"NOTIFY qvd_cmd_for_vm_on_host{host}")
+    def command_start(cur):
+        cur.execute("UPDATE vm_runtimes SET host_id = %s, vm_cmd = 'start'"
+                    " WHERE vm_id = ANY(%s)", (host, list(vms)))
+        cur.execute(f"NOTIFY qvd_cmd_for_vm_on_host{host}")
+    with sync.connect(dsn) as conn:
+        # as the L7R does it: on a connection it has, one transaction (the
+        # NOTIFY goes out at its commit); the clock starts when it is sent
+        t0 = time.monotonic()
+        sync.transaction(conn, command_start)
     deadline = t0 + 180
     while len(listening_at) + len(errors) < n and time.monotonic() < deadline:
         await task.deferLater(reactor, 0.1, lambda: None)
@@ -211,8 +223,8 @@ async def run_qvd(reactor, root, image, n, overrides=None):
             break
         await task.deferLater(reactor, 0.05, lambda: None)
     pg.drop_database(name)
-    basefs = [os.path.join(root, "storage", "basefs", d)
-              for d in os.listdir(os.path.join(root, "storage", "basefs"))
+    trees = config.get("path.storage.basefs")
+    basefs = [os.path.join(trees, d) for d in os.listdir(trees)
               if not d.startswith(".")]         # not .locks
     return ([running_at[v] - t0 for v in running_at],
             [listening_at[v] - t0 for v in listening_at], errors, basefs[0])
@@ -235,14 +247,30 @@ lxc.net.0.ipv4.address = {ip}/24
 lxc.idmap = u 0 {uid} 65536
 lxc.idmap = g 0 {gid} 65536
 lxc.tty.dir =
+lxc.mount.entry = {secret} {secret_target} none bind,ro,create=file 0 0
 """
 
 
-def run_bare(root, basefs, n):
+async def run_bare(reactor, root, basefs, n):
     """
-    N plain lxc-start -d over overlays of the same unpacked DI, all at once.
-    Returns seconds from the start of all to each agent answering.
+    N plain lxc-start -d over overlays of the same unpacked DI, all at once,
+    probed the way the HKD probes its VMs (L{qvd.hkd.supervisor}): each
+    container on its own, from the moment its lxc-start returned, with the
+    same agent client (L{qvd.vmaclient.VMAClient}: the VM's secret, the
+    timeout C{hkd.vm.vma.timeout}) and the same pause between pings
+    (C{hkd.vm.vma.ping.starting}). Returns seconds from the start of all to
+    each agent answering, and to each nxagent listening (the bare peer's
+    desktops get the same x_start as qvd's, as soon as they answer: the
+    sessions starting compete with the desktops still booting on both sides).
     """
+    from qvd.config import Config, declared_keys
+    from qvd.virt._lxcconfig import SECRET_TARGET
+    from qvd.virt._process import run as run_process
+    from qvd.vmaclient import VMAClient
+
+    config = Config(keys=declared_keys(), node=QVD_OVERRIDES)
+    timeout = config.getfloat("hkd.vm.vma.timeout")
+    cadence = config.getfloat("hkd.vm.vma.ping.starting")
     lxcpath = os.path.join(root, "bare")
     os.makedirs(lxcpath, exist_ok=True)
     containers = []
@@ -258,26 +286,45 @@ def run_bare(root, basefs, n):
                         f"lowerdir={basefs},upperdir={upper},workdir={work}", merged],
                        check=True)
         os.makedirs(os.path.join(lxcpath, name))
+        secret, secret_path = os.urandom(16).hex(), os.path.join(lxcpath, name, "vma.secret")
+        fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            os.fchown(f.fileno(), owner.st_uid, owner.st_gid)
+            f.write(secret + "\n")
         ip = f"{SUBNET}.{120 + i}"
         with open(os.path.join(lxcpath, name, "config"), "w") as f:
             f.write(BARE_CONFIG.format(name=name, rootfs=merged, veth=f"{VETH}b{i}",
                                        bridge=BRIDGE, i=i, ip=ip, uid=owner.st_uid,
-                                       gid=owner.st_gid))
-        containers.append((name, ip))
+                                       gid=owner.st_gid, secret=secret_path,
+                                       secret_target=SECRET_TARGET))
+        containers.append((name, ip, secret))
+    answered, listening = {}, {}
+
+    async def start_and_probe(name, ip, secret):
+        result = await run_process(reactor, ["lxc-start", "-d", "-n", name, "-P", lxcpath])
+        if result.code != 0:
+            print(f"bare {name}: lxc-start failed: {result.describe()}", file=sys.stderr)
+            return
+        client = VMAClient(reactor, ip, 3030, timeout=timeout, secret=secret)
+        while time.monotonic() - t0 < 120:
+            try:
+                await client.ping()
+            except Exception:
+                await task.deferLater(reactor, cadence, lambda: None)
+                continue
+            answered[name] = time.monotonic() - t0
+            try:
+                listening[name] = await x_session(reactor, VMAClient(
+                    reactor, ip, 3030, timeout=10, secret=secret), t0 + answered[name]) - t0
+            except Exception as e:
+                print(f"bare {name}: x_start: {e}", file=sys.stderr)
+            return
+
     t0 = time.monotonic()
-    procs = [subprocess.Popen(["lxc-start", "-d", "-n", name, "-P", lxcpath])
-             for name, _ in containers]
-    for p in procs:
-        p.wait()
-    answered = {}
-    while len(answered) < n and time.monotonic() - t0 < 120:
-        for name, ip in containers:
-            if name not in answered and vma_answers(ip):
-                answered[name] = time.monotonic() - t0
-        time.sleep(0.02)
-    for name, _ in containers:
-        subprocess.run(["lxc-stop", "-k", "-n", name, "-P", lxcpath], capture_output=True)
-    return list(answered.values())
+    await defer.gatherResults([defer.ensureDeferred(start_and_probe(*c)) for c in containers])
+    for name, _, _ in containers:
+        await run_process(reactor, ["lxc-stop", "-k", "-n", name, "-P", lxcpath])
+    return list(answered.values()), list(listening.values())
 
 
 async def bench(reactor, n):
@@ -287,13 +334,14 @@ async def bench(reactor, n):
     os.chmod(root, 0o755)  # containers' root (unprivileged) walks through it
     try:
         running, listening, errors, basefs = await run_qvd(reactor, root, image, n)
-        bare = await threads.deferToThread(run_bare, root, basefs, n)
+        bare, bare_listening = await run_bare(reactor, root, basefs, n)
     finally:
         scrub(root)
     print(f"\n{n} desktops started together (minimal DI, LXC, {os.cpu_count()} CPUs)")
     print(summary("qvd: start -> running (agent answered)", running))
     print(summary("qvd: start -> nxagent listening", listening))
     print(summary("bare lxc-start -> agent answering", bare))
+    print(summary("bare lxc-start -> nxagent listening", bare_listening))
     if running and bare:
         print(f"ratio qvd/bare (agent answering): p50 "
               f"{pct(running, 50) / pct(bare, 50):.2f}x, p95 "

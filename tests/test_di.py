@@ -3,9 +3,12 @@ Unit tests of qvd-di: recipes, cache keys, the code layer. No root, no
 network (mmdebstrap is never run here).
 """
 
+import importlib.util
 import io
 import os
 import shutil
+import subprocess
+import sys
 import tarfile
 import tempfile
 
@@ -14,7 +17,9 @@ from twisted.trial import unittest
 from qvd.config import Config, declared_keys
 from qvd.di import cli
 from qvd.di.build import Progress, add_code_layer, build_base
-from qvd.di.recipe import MARKER_NAME, Recipe, RecipeError, source_hash, vma_unit
+from qvd.di.recipe import (
+    BASE_CUSTOMIZE_HOOK, CONTAINER_MASKED_GENERATORS, CONTAINER_MASKED_UNITS,
+    DESKTOP_MASKED_UNITS, MARKER_NAME, Recipe, RecipeError, source_hash, vma_unit)
 
 
 def recipe(desktop="minimal", **kw):
@@ -78,6 +83,28 @@ class RecipeTests(unittest.TestCase):
         self.assertIn("python3 -m qvd.vma --config /etc/qvd/vma.conf", vma_unit(True))
         self.assertNotIn("-m qvd.vma", vma_unit(False))
 
+    def test_vma_unit_starts_early(self):
+        """
+        The VMA unit has no default dependencies (it starts when systemd does,
+        not after sysinit.target and basic.target; the agent waits for the
+        boot before a session) and still stops before the system shuts down.
+        """
+        unit = vma_unit(True)
+        self.assertIn("DefaultDependencies=no\n", unit)
+        self.assertIn("Conflicts=shutdown.target\n", unit)
+        self.assertIn("Before=shutdown.target\n", unit)
+        ordering = [l for l in unit.splitlines() if l.startswith(("After=", "Requires="))]
+        self.assertEqual(ordering, ["After=network.target"])
+
+    def test_base_masks(self):
+        """
+        The base hook masks every unit and generator of the masked lists.
+        """
+        words = BASE_CUSTOMIZE_HOOK.replace(";", " ").split()
+        for name in CONTAINER_MASKED_UNITS + DESKTOP_MASKED_UNITS + CONTAINER_MASKED_GENERATORS:
+            self.assertIn(name, words)
+        self.assertIn('/etc/systemd/system-generators/$g"', BASE_CUSTOMIZE_HOOK)
+
 
 class CodeLayerTests(unittest.TestCase):
 
@@ -113,6 +140,9 @@ class CodeLayerTests(unittest.TestCase):
         self.assertNotIn("./usr/lib/python3/dist-packages/qvd/vma/__pycache__/x.pyc", names)
         wants = names["./etc/systemd/system/multi-user.target.wants/qvd-vma.service"]
         self.assertEqual(wants.linkname, "/etc/systemd/system/qvd-vma.service")
+        wants = names["./etc/systemd/system/sockets.target.wants/qvd-vma.socket"]
+        self.assertEqual(wants.linkname, "/etc/systemd/system/qvd-vma.socket")
+        self.assertIn("./etc/systemd/system/qvd-vma.socket", names)
         self.assertEqual(names["./usr/bin/x-session-manager"].linkname,
                          "/usr/local/bin/qvd-minimal-session")
         self.assertEqual(names["./usr/local/bin/qvd-minimal-session"].mode, 0o755)
@@ -129,6 +159,48 @@ class CodeLayerTests(unittest.TestCase):
         with open(os.path.join(self.source, "vma", "__main__.py"), "a") as f:
             f.write("# changed\n")
         self.assertNotEqual(source_hash(self.source), before)
+
+    def test_code_key(self):
+        """
+        The code key is stable and changes with any file of the code layer:
+        a qvd module, the minimal desktop's colour, the VMA's unit.
+        """
+        from qvd.di import recipe as recipe_module
+        r = recipe()
+        before = r.code_key(self.source)
+        self.assertEqual(recipe().code_key(self.source), before)
+        self.assertNotEqual(recipe(colour="#ff0000").code_key(self.source), before)
+        self.patch(recipe_module, "vma_unit", lambda present=True: "[Unit]\n")
+        self.assertNotEqual(r.code_key(self.source), before)
+        self.patch(recipe_module, "vma_unit", vma_unit)
+        with open(os.path.join(self.source, "vma", "__main__.py"), "a") as f:
+            f.write("# changed\n")
+        self.assertNotEqual(r.code_key(self.source), before)
+
+    def test_bytecode(self):
+        """
+        Each module of the code layer comes with its checked-hash bytecode for
+        this Python, which this Python loads instead of compiling the module.
+        """
+        files = {f.path: f for f in recipe().code_files(self.source)}
+        tag = sys.implementation.cache_tag
+        pyc = files[f"usr/lib/python3/dist-packages/qvd/vma/__pycache__/__main__.{tag}.pyc"]
+        self.assertEqual(pyc.data[:4], importlib.util.MAGIC_NUMBER)
+        self.assertEqual(pyc.data[4:8], b"\x03\0\0\0")       # hash-based, checked
+        self.assertEqual(pyc.data[8:16], importlib.util.source_hash(b"print('vma')\n"))
+        root = os.path.join(self.dir, "image")
+        for f in files.values():
+            if f.link is None:
+                os.makedirs(os.path.join(root, os.path.dirname(f.path)), exist_ok=True)
+                with open(os.path.join(root, f.path), "wb") as out:
+                    out.write(f.data)
+        env = dict(os.environ, PYTHONPATH=os.path.join(root, "usr/lib/python3/dist-packages"))
+        out = subprocess.run([sys.executable, "-B", "-v", "-c", "import qvd.vma.__main__"],
+                             env=env, capture_output=True, text=True, cwd="/")
+        self.assertIn("vma", out.stdout)
+        self.assertIn(f"code object from '{root}/{pyc.path}'", out.stderr)
+        self.assertEqual(recipe().code_files(self.source, bytecode=False),
+                         [f for f in files.values() if not f.path.endswith(".pyc")])
 
     def test_cached_base_is_reused(self):
         """

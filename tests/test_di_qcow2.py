@@ -122,14 +122,23 @@ class PrepareTests(unittest.TestCase):
 
     def test_unmask(self):
         """
-        udev masked by an LXC-oriented rootfs is unmasked; other masks stay.
+        What an LXC-oriented rootfs masks for containers (udev, sysctl, TRIM,
+        the disk generators...) is unmasked; other masks stay (apt's timers:
+        a desktop does not update itself).
         """
         system = os.path.join(self.root, "etc", "systemd", "system")
-        os.symlink("/dev/null", os.path.join(system, "systemd-udevd.service"))
-        os.symlink("/dev/null", os.path.join(system, "apt-daily.service"))
+        generators = os.path.join(self.root, "etc", "systemd", "system-generators")
+        os.makedirs(generators, exist_ok=True)
+        for unit in ("systemd-udevd.service", "systemd-sysctl.service", "fstrim.timer",
+                     "apt-daily.service", "apt-daily.timer"):
+            os.symlink("/dev/null", os.path.join(system, unit))
+        os.symlink("/dev/null", os.path.join(generators, "systemd-cryptsetup-generator"))
         qcow2.prepare_rootfs(self.root, run=self.run_)
-        self.assertFalse(os.path.lexists(os.path.join(system, "systemd-udevd.service")))
+        for unit in ("systemd-udevd.service", "systemd-sysctl.service", "fstrim.timer"):
+            self.assertFalse(os.path.lexists(os.path.join(system, unit)), unit)
+        self.assertFalse(os.path.lexists(os.path.join(generators, "systemd-cryptsetup-generator")))
         self.assertTrue(os.path.lexists(os.path.join(system, "apt-daily.service")))
+        self.assertTrue(os.path.lexists(os.path.join(system, "apt-daily.timer")))
 
     def test_prepareIdempotent(self):
         """

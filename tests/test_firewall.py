@@ -157,6 +157,27 @@ class NodeFirewallTests(unittest.TestCase):
         self.assertEqual(nft.scripts[-1], ruleset(SETTINGS, []))
         self.assertEqual(fw.ports, {})
 
+    def test_changes_coalesced(self):
+        """
+        Desktops starting while nft runs cost one more run in all, not one each:
+        the run after the first renders them all, and the changes it rendered
+        run nothing more (their Deferreds fire once it is done).
+        """
+        nft = SlowNft()
+        fw = NodeFirewall(SETTINGS, None, run=nft)
+        first = fw.allow(BOB)
+        dave = VMPort(7, "qvd7", "10.9.0.107", "54:52:00:09:00:07")
+        later = [fw.allow(CAROL), fw.allow(dave)]
+        self.assertEqual(len(nft.scripts), 1)
+        for d in [first] + later:
+            self.assertNoResult(d)
+        nft.finish_all()            # the first run, then the one for the others
+        for d in [first] + later:
+            self.successResultOf(d)
+        self.assertEqual(len(nft.scripts), 2)
+        self.assertEqual(sorted(fw.ports), [5, 6, 7])
+        self.assertEqual(nft.scripts[-1], ruleset(SETTINGS, fw.ports.values()))
+
     def test_disabled(self):
         """With the firewall off nothing is run."""
         nft = FakeNft()

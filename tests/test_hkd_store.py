@@ -6,11 +6,11 @@ tests use.
 
 import itertools
 
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from qvd.db.pool import Database
-from qvd.hkd.store import Store
+from qvd.hkd.store import StartError, Store
 from qvd.testing import pg
 from qvd.testing.fakestore import FakeStore
 from qvd.testing.hkd_store_suite import HKDStoreTests
@@ -110,3 +110,42 @@ class RealHKDStoreTests(HKDStoreTests, pg.DatabaseTestMixin, unittest.TestCase):
         left = self.query("SELECT extract(epoch FROM lease_expires - now())::float AS s"
                           " FROM host_runtimes WHERE host_id = %s", (self.node,))[0]["s"]
         return left
+
+    @defer.inlineCallbacks
+    def test_load_for_start_released_meanwhile(self):
+        """
+        A VM released from this node between the load's read and its write is
+        not started: the write's own condition sees the release.
+        """
+        mine = self.add_vm(host_id=self.node, vm_state="starting")
+        read = self.store._vm_row
+
+        async def read_then_release(cur, vm_id):
+            row = await read(cur, vm_id)
+            self.query("UPDATE vm_runtimes SET host_id = NULL, vm_state = 'stopped'"
+                       " WHERE vm_id = %s", (vm_id,))
+            return row
+        self.store._vm_row = read_then_release
+        e = yield self.assertFailure(self.store.load_for_start(mine), StartError)
+        self.assertIn("no longer assigned to this node", str(e))
+        self.assertIsNone(self.vm(mine)["host_id"])
+
+    @defer.inlineCallbacks
+    def test_loads_for_start_together(self):
+        """
+        VMs starting together load without failing each other's transactions
+        (no serialization retry), each with its own secret.
+        """
+        import qvd.db.pool
+        retries = []
+        real_uniform = qvd.db.pool.random.uniform
+        self.patch(qvd.db.pool.random, "uniform",
+                   lambda a, b: (retries.append(b), real_uniform(a, b))[1])
+        db = Database(pg.role_dsn(self.dbname, "hkd"), reactor, size=5)
+        self.addCleanup(db.stop)
+        store = Store(db, self.node)
+        vms = [self.add_vm(host_id=self.node, vm_state="starting") for _ in range(5)]
+        specs = yield defer.gatherResults([store.load_for_start(v) for v in vms])
+        self.assertEqual([s.vm_id for s in specs], vms)
+        self.assertEqual(len({s.vma_secret for s in specs}), 5)
+        self.assertEqual(retries, [])

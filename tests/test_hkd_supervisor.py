@@ -381,6 +381,37 @@ class SecretAndFilterTests(SupervisorTestCase):
         self.running()
         self.assertEqual(self.vma.secrets[self.ip], "k7")
 
+    def test_filter_while_preparing(self):
+        """
+        The packet filter is installed while the driver prepares the VM (the
+        two overlap), and the driver starts the VM only once both are done.
+        """
+        events = []
+        allowed = defer.Deferred()
+
+        class Firewall:
+            def allow(self, port):
+                events.append("allow")
+                return allowed
+
+            def forget(self, vm_id):
+                return defer.succeed(None)
+        self.hv.port_name = lambda vm_id: f"qvd{vm_id}"
+        self.hv.delay["prepare"] = 1.0
+        original = self.hv.start
+        self.hv.start = lambda spec: (events.append("start"), original(spec))[1]
+        sup = self.supervisor()
+        sup.firewall = Firewall()
+        sup.handle("start")
+        self.clock.advance(0)
+        self.assertEqual((sup.state, events), ("preparing", ["allow"]))
+        self.advance(1.5)
+        self.assertEqual((sup.state, events), ("booting", ["allow"]))
+        allowed.callback(None)
+        self.clock.advance(0)
+        self.assertEqual(events, ["allow", "start"])
+        self.assertEqual(sup.state, "running")
+
     def test_filter_before_start_and_removed_after(self):
         """
         The VM's packet filter is installed before the driver starts it and

@@ -395,6 +395,21 @@ class DriverTests(unittest.TestCase):
                          ["lxc-start", "-n", self.settings.container_name(6),
                           "-P", self.settings.lxcpath, "-d"])
 
+    def test_watch_after_start_asks_lxc_nothing(self):
+        """
+        The watch of a VM the driver just started follows the init pid start
+        got (no second lxc-info); a later watch asks LXC again.
+        """
+        self.container(6)
+        driver, runner = self.driver({
+            "lxc-info": ProcessResult(("lxc-info",), 0, "State: RUNNING\nPID: 999999999\n")})
+        self.successResultOf(driver.start(spec(vm_id=6)))
+        calls = len(runner.calls)
+        self.assertIsNone(self.successResultOf(driver.watch(6)))    # no such process: ended
+        self.assertEqual(len(runner.calls), calls)
+        self.successResultOf(driver.watch(6))
+        self.assertEqual(runner.calls[-1][0], "lxc-info")
+
     def test_missing_bridge_created(self):
         """
         A missing bridge is created with the node's address and brought up;

@@ -188,6 +188,33 @@ class AgentTests(AgentTestCase):
         self.assertTrue(self.read("nxagent.state").startswith("starting:"))
 
     @defer.inlineCallbacks
+    def test_start_waits_for_the_boot(self):
+        """
+        The first session starts only once vma.boot.wait.command has returned
+        (the agent answers while the system still boots); later sessions do
+        not wait again, and a failing wait does not stop the session.
+        """
+        booting = defer.Deferred()
+        self.runner.results["systemctl"] = booting
+        self.vma = VMA(self.reactor, self.make_settings(
+            boot_wait_command=("systemctl", "is-system-running", "--wait")),
+            self.runner, self.host, self.procs)
+        result = yield self.vma.x_start(dict(PARAMS))
+        self.assertEqual(result, "starting")
+        self.assertEqual(self.runner.commands, [["systemctl", "is-system-running", "--wait"]])
+        self.assertEqual(self.reactor.spawned, [])
+        booting.callback(CommandResult(1, "degraded\n"))
+        self.assertEqual(self.runner.commands[1], ["groupadd", "alice"])
+        self.assertEqual(len(self.reactor.spawned), 1)
+        self.reactor.spawned[-1].proto.processEnded(Failure(ProcessDone(0)))
+        self.assertEqual(self.vma.machine.state, "stopped")
+        before = len(self.runner.commands)
+        yield self.vma.x_start(dict(PARAMS))
+        self.assertNotIn(["systemctl", "is-system-running", "--wait"],
+                         self.runner.commands[before:])
+        self.assertEqual(len(self.reactor.spawned), 2)
+
+    @defer.inlineCallbacks
     def test_xauthority_private(self):
         """
         The session's X cookie is a fresh 16-byte MIT-MAGIC-COOKIE-1 in a file
@@ -506,15 +533,18 @@ class SettingsTests(unittest.TestCase):
         """The declared defaults give port 3030's usual session: display 100, /home, qvd."""
         s = self.load("")
         self.assertEqual((s.session.display, s.session.nx_port, s.session.default_user,
-                          s.nxagent_config, s.poweroff_command, s.timeouts.listening),
-                         (100, 4100, "qvd", "/var/run/qvd/nxagent.conf", ("poweroff",), 30.0))
+                          s.nxagent_config, s.poweroff_command, s.timeouts.listening,
+                          s.boot_wait_command),
+                         (100, 4100, "qvd", "/var/run/qvd/nxagent.conf", ("poweroff",), 30.0,
+                          ("systemctl", "is-system-running", "--wait")))
 
     def test_keys(self):
         """vma.conf keys reach the settings: hooks, defaults, timeouts, commands."""
         s = self.load("vma.display = 150\nvma.on_action.connect = /bin/true\n"
                       "vma.default.qvd.client.link = lan\nvma.timeout.stopping = 5\n"
                       "vma.poweroff.command = kill -PWR 1\nvma.provisioning.enable = 0\n"
-                      "vma.nxagent.args.extra = -nolisten tcp\n")
+                      "vma.nxagent.args.extra = -nolisten tcp\n"
+                      "vma.boot.wait.command = /bin/true\n")
         self.assertEqual(s.session.display, 150)
         self.assertEqual(s.on_action, {"connect": "/bin/true"})
         self.assertEqual(s.session.defaults, {"qvd.client.link": "lan"})
@@ -522,6 +552,7 @@ class SettingsTests(unittest.TestCase):
         self.assertEqual(s.poweroff_command, ("kill", "-PWR", "1"))
         self.assertFalse(s.provisioning_enabled)
         self.assertEqual(s.nxagent_extra, ("-nolisten", "tcp"))
+        self.assertEqual(s.boot_wait_command, ("/bin/true",))
 
     def test_unknown_hook(self):
         """A misspelt action hook is a configuration error naming it."""

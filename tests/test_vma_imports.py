@@ -101,3 +101,28 @@ class ImportTests(unittest.TestCase):
         self.assertEqual(packages, ["__init__.py", "_listen.py", "config", "logs.py", "protocols", "vma"])
         for absent in ("l7r", "hkd", "db", "admin", "virt", "testing", "client", "di"):
             self.assertFalse(os.path.exists(os.path.join(tree, "qvd", absent)), absent)
+
+    def test_entry_point_leaves_tls_out(self):
+        """
+        The agent's entry point keeps Twisted's reactor from loading pyOpenSSL,
+        cryptography and service_identity even where they are installed (they
+        cost a desktop's boot 0.2-0.3 s), and the reactor still serves TCP.
+        """
+        probe = (
+            "import sys\n"
+            "import qvd.vma.__main__ as entry\n"
+            "entry.without_tls()\n"
+            "from twisted.internet import reactor, protocol\n"
+            "port = reactor.listenTCP(0, protocol.Factory.forProtocol(protocol.Protocol),"
+            " interface='127.0.0.1')\n"
+            "port.stopListening()\n"
+            "print('LOADED', sorted(m for m in sys.modules if m.split('.')[0] in"
+            " ('OpenSSL', 'cryptography', 'service_identity') and sys.modules[m]))\n")
+        for python in (sys.executable, DEBIAN_PYTHON):
+            if not os.path.exists(python):
+                continue
+            env = dict(os.environ, PYTHONPATH=TREE)
+            out = subprocess.run([python, "-c", probe], env=env, capture_output=True,
+                                 text=True, timeout=60, cwd="/")
+            self.assertEqual(out.returncode, 0, out.stderr[-2000:])
+            self.assertIn("LOADED []", out.stdout, (python, out.stdout))

@@ -23,8 +23,8 @@ software emulation), else the C{vmlinuz} itself.
 
 What L{prepare_rootfs} changes in the tree: a small initramfs (only the
 virtio and ext4 modules, and no udev: 1.7 s instead of 7 s under a loaded
-TCG), units an LXC rootfs may mask (udev, getty) unmasked, C{/etc/fstab} with C{/dev/vda}
-as root, and systemd-networkd plus systemd-network-generator enabled: the
+TCG), the units and generators an LXC rootfs masks (L{qvd.di.recipe})
+unmasked, C{/etc/fstab} with C{/dev/vda} as root, and systemd-networkd plus systemd-network-generator enabled: the
 driver passes the VM's static address as C{ip=<ip>::<gw>:<mask>:<host>:eth0:off}
 on the kernel command line (L{qvd.virt._domain}) and the generator turns it
 into a networkd configuration at boot. The agent's secret comes through QEMU's
@@ -42,6 +42,7 @@ import tempfile
 
 from qvd.bootfiles import (  # noqa: F401 (part of the builder's API)
     Image, ImageError, extract_boot_files, kernel_files, uncompressed_kernel, version_key)
+from qvd.di.recipe import CONTAINER_MASKED_GENERATORS, CONTAINER_MASKED_UNITS
 from qvd.protocols.simplerpc import FW_CFG_SECRET_RAW
 
 #: Debian packages a rootfs needs to boot as a KVM guest (dbus: systemd-logind
@@ -95,12 +96,13 @@ case "$1" in prereqs) exit 0;; esac
 exit 0
 """
 
-# Units an LXC-oriented rootfs may mask that a KVM guest needs.
-_UNMASK = (
+# Units an LXC-oriented rootfs may mask that a KVM guest needs: every unit
+# and generator qvd-di masks for containers (qvd.di.recipe), and a few more.
+_UNMASK = tuple(sorted(set(CONTAINER_MASKED_UNITS) | {
     "systemd-udevd.service", "systemd-udev-trigger.service", "systemd-udevd-control.socket",
     "systemd-udevd-kernel.socket", "systemd-modules-load.service", "systemd-remount-fs.service",
     "getty@tty1.service", "serial-getty@ttyS0.service",
-)
+}))
 
 _ENABLE = (
     ("multi-user.target.wants", "systemd-networkd.service"),
@@ -149,8 +151,10 @@ def prepare_rootfs(rootfs, run=subprocess.run):
         with open(os.path.join(d, "udev"), "w") as f:
             f.write(_NO_UDEV_SCRIPT)
         os.chmod(os.path.join(d, "udev"), 0o755)
-    for unit in _UNMASK:
-        path = os.path.join(rootfs, "etc", "systemd", "system", unit)
+    masked = [os.path.join(rootfs, "etc", "systemd", "system", unit) for unit in _UNMASK]
+    masked += [os.path.join(rootfs, "etc", "systemd", "system-generators", generator)
+               for generator in CONTAINER_MASKED_GENERATORS]
+    for path in masked:
         if os.path.islink(path) and os.readlink(path) == "/dev/null":
             os.unlink(path)
     with open(os.path.join(rootfs, "etc", "fstab"), "w") as f:

@@ -7,25 +7,31 @@ source tree to hash it.
     recipe.code_files()        # (path in image, mode, bytes) of the qvd layer
 
 The base layer is what mmdebstrap makes from (suite, variant, packages); the
-code layer is the qvd package, the VMA's systemd unit and, for the minimal
-desktop, its session script.
+code layer is the qvd package (with its bytecode), the VMA's systemd unit and,
+for the minimal desktop, its session script. C{recipe.code_key(source)}
+names the code layer: an image is keyed by both.
 """
 
 import ast
 import hashlib
+import importlib.util
 import json
+import marshal
 import os
 import re
+import struct
+import sys
 
 import attrs
 
 DESKTOPS = ("xfce", "mate", "gnome", "minimal")
 #: Bumped when the base layer's hooks change, so cached layers are rebuilt.
-BASE_FORMAT = 1
+BASE_FORMAT = 2
 #: Process name of the minimal session's marker (a script: its C{comm}; at
 #: most 15 characters, the kernel's limit).
 MARKER_NAME = "qvd-test-marker"
 VMA_UNIT = "qvd-vma.service"
+VMA_SOCKET = "qvd-vma.socket"
 DIST_PACKAGES = "usr/lib/python3/dist-packages"
 
 _COLOUR = re.compile(r"^(#[0-9a-fA-F]{3}|#[0-9a-fA-F]{6}|[A-Za-z ]{1,40})$")
@@ -137,24 +143,35 @@ class Recipe:
             f"  {{ read -r connected; xsetroot -solid '{self.colour}'; cat >/dev/null; }}\n"
         )
 
-    def code_files(self, qvd_source, vma_present=None):
+    def code_files(self, qvd_source, vma_present=None, bytecode=True):
         """
         The files of the code layer: a list of L{ImageFile}.
 
         @param qvd_source: the directory of the C{qvd} package to copy.
         @param vma_present: whether C{qvd.vma} can be run (C{python3 -m
             qvd.vma}); looked up in C{qvd_source} when None.
+        @param bytecode: with each module's bytecode (L{bytecode_file}).
         """
         if vma_present is None:
             vma_present = os.path.exists(os.path.join(qvd_source, "vma", "__main__.py"))
         files = []
         for path, data in _package_files(qvd_source):
             files.append(ImageFile(f"{DIST_PACKAGES}/qvd/{path}", 0o644, data))
+            if bytecode and path.endswith(".py"):
+                compiled = bytecode_file(f"{DIST_PACKAGES}/qvd/{path}", data)
+                if compiled is not None:
+                    files.append(compiled)
         files.append(ImageFile(f"etc/systemd/system/{VMA_UNIT}", 0o644,
                                vma_unit(vma_present).encode()))
         files.append(ImageFile(
             f"etc/systemd/system/multi-user.target.wants/{VMA_UNIT}", 0o777,
             link=f"/etc/systemd/system/{VMA_UNIT}"))
+        if vma_present:
+            files.append(ImageFile(f"etc/systemd/system/{VMA_SOCKET}", 0o644,
+                                   VMA_SOCKET_UNIT.encode()))
+            files.append(ImageFile(
+                f"etc/systemd/system/sockets.target.wants/{VMA_SOCKET}", 0o777,
+                link=f"/etc/systemd/system/{VMA_SOCKET}"))
         files.append(ImageFile("etc/qvd/vma.conf", 0o644, VMA_CONF.encode()))
         files.append(ImageFile("etc/qvd/di.json", 0o644, json.dumps({
             "suite": self.suite, "variant": self.variant, "desktop": self.desktop,
@@ -170,6 +187,37 @@ class Recipe:
                                    link="/usr/local/bin/qvd-minimal-session"))
         return files
 
+    def code_key(self, qvd_source, vma_present=None):
+        """
+        A short hash naming the code layer of this recipe: every file of it
+        (path, mode, link, content: the qvd package, the unit, the session
+        scripts, the colour), and the bytecode's Python version.
+        """
+        digest = hashlib.sha256(importlib.util.MAGIC_NUMBER)
+        for item in self.code_files(qvd_source, vma_present, bytecode=False):
+            digest.update(json.dumps([item.path, item.mode, item.link]).encode() + b"\0"
+                          + hashlib.sha256(item.data).digest())
+        return digest.hexdigest()[:16]
+
+
+def bytecode_file(path, source):
+    """
+    The L{ImageFile} of module C{path}'s bytecode for the Python running
+    this (C{__pycache__/<name>.<cache tag>.pyc}), checked-hash (PEP 552): an
+    image's python3 of the same version loads it instead of compiling the
+    module at every boot (a desktop's upper layer starts empty), after
+    checking it against the source; another version does not look for it.
+    None when this Python has no bytecode cache.
+    """
+    tag = sys.implementation.cache_tag
+    if tag is None:
+        return None
+    directory, name = os.path.split(path)
+    code = compile(source, "/" + path, "exec", dont_inherit=True)
+    data = (importlib.util.MAGIC_NUMBER + struct.pack("<I", 0b11)
+            + importlib.util.source_hash(source) + marshal.dumps(code))
+    return ImageFile(f"{directory}/__pycache__/{name[:-3]}.{tag}.pyc", 0o644, data)
+
 
 @attrs.frozen
 class ImageFile:
@@ -182,17 +230,44 @@ class ImageFile:
     link: str | None = None
 
 
+#: Units a container does not need (the node's kernel, devices, file systems
+#: and clock are not the desktop's) that slow its boot: masked in the base
+#: layer; a KVM guest unmasks them (L{qvd.di.qcow2}).
+CONTAINER_MASKED_UNITS = (
+    "systemd-udevd.service", "systemd-udev-trigger.service",
+    "systemd-hwdb-update.service", "systemd-modules-load.service",
+    "sys-kernel-config.mount", "sys-kernel-debug.mount", "sys-kernel-tracing.mount",
+    "getty@tty1.service",
+    # the node's sysctls; static device nodes (LXC makes /dev); fstab remounts;
+    # kernel crash dumps; ext4 scrubbing and TRIM of the node's disks
+    "systemd-sysctl.service", "systemd-tmpfiles-setup-dev.service",
+    "systemd-remount-fs.service", "systemd-pstore.service",
+    "e2scrub_reap.service", "e2scrub_all.timer", "fstrim.timer",
+    # boot records in utmp/wtmp; system users (made when the image is built)
+    "systemd-update-utmp.service", "systemd-update-utmp-runlevel.service",
+    "systemd-sysusers.service",
+)
+#: systemd generators a container does not need (encrypted, integrity and
+#: verity disks, GPT auto-mounts, resume from hibernation, offline updates).
+CONTAINER_MASKED_GENERATORS = (
+    "systemd-cryptsetup-generator", "systemd-gpt-auto-generator",
+    "systemd-hibernate-resume-generator", "systemd-integritysetup-generator",
+    "systemd-veritysetup-generator", "systemd-system-update-generator",
+)
+#: Units no desktop needs, container or VM: a desktop of a shared DI does not
+#: update itself (its changes are thrown away; a new DI version does that).
+DESKTOP_MASKED_UNITS = ("apt-daily.timer", "apt-daily-upgrade.timer", "dpkg-db-backup.timer")
+
 # Runs in mmdebstrap's customize phase ($1 is the new root).
 BASE_CUSTOMIZE_HOOK = (
     'ln -sfn /var/lib/xkb "$1/usr/share/X11/xkb/compiled"; '
     'rm -f "$1/etc/hostname" "$1/etc/machine-id" "$1/var/lib/dbus/machine-id"; '
     'touch "$1/etc/machine-id"; '
-    'mkdir -p "$1/etc/qvd" "$1/var/log/qvd"; '
-    # Units that make no sense in a container and slow the boot.
-    'for u in systemd-udevd.service systemd-udev-trigger.service '
-    'systemd-hwdb-update.service systemd-modules-load.service '
-    'sys-kernel-config.mount sys-kernel-debug.mount sys-kernel-tracing.mount '
-    'getty@tty1.service; do ln -sfn /dev/null "$1/etc/systemd/system/$u"; done'
+    'mkdir -p "$1/etc/qvd" "$1/var/log/qvd" "$1/etc/systemd/system-generators"; '
+    'for u in ' + " ".join(CONTAINER_MASKED_UNITS + DESKTOP_MASKED_UNITS) + '; do '
+    'ln -sfn /dev/null "$1/etc/systemd/system/$u"; done; '
+    'for g in ' + " ".join(CONTAINER_MASKED_GENERATORS) + '; do '
+    'ln -sfn /dev/null "$1/etc/systemd/system-generators/$g"; done'
 )
 
 MARKER_SCRIPT = """\
@@ -224,6 +299,27 @@ VMA_CONF = """\
 """
 
 
+#: The agent's port, listened on by systemd from the first moment of the boot
+#: and handed to the agent (L{qvd.vma.__main__.socket_from_systemd}): the
+#: node's first ping waits there for the agent instead of being refused. It
+#: is vma.address and vma.port of the default configuration (an image that
+#: changes them changes this unit too).
+VMA_SOCKET_UNIT = """\
+[Unit]
+Description=qvd VM agent (VMA) port
+DefaultDependencies=no
+Before=sockets.target shutdown.target
+Conflicts=shutdown.target
+
+[Socket]
+ListenStream=0.0.0.0:3030
+Backlog=50
+
+[Install]
+WantedBy=sockets.target
+"""
+
+
 def vma_unit(vma_present=True):
     """
     The systemd unit that runs the VMA at boot. Without a C{qvd.vma} module
@@ -236,7 +332,13 @@ def vma_unit(vma_present=True):
     return f"""\
 [Unit]
 Description=qvd VM agent (VMA)
+# Started as soon as systemd runs, not after sysinit.target and basic.target:
+# the desktop answers its node sooner. The agent waits for the boot to finish
+# before it starts a session (vma.boot.wait.command).
+DefaultDependencies=no
 After=network.target
+Conflicts=shutdown.target
+Before=shutdown.target
 
 [Service]
 ExecStart={command}

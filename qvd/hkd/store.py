@@ -171,6 +171,14 @@ class Store:
         Read the VM, its user, OSF and DI (by C{vms.di_tag} within the OSF, not
         blocked); write the runtime row (address, ports, current DI/OSF) and
         count the attempt. Fires with a L{VMSpec}; fails with L{StartError}.
+
+        READ COMMITTED, like L{load_for_cleanup}: the one thing that must hold
+        at the write, that the VM is still this node's, is the runtime row
+        UPDATE's own condition (re-checked on the row's newest version), and
+        the counter is one atomic upsert. Under SERIALIZABLE, VMs starting
+        together on the small runtime tables failed each other's loads
+        (relation and page predicate locks) and retried: the fifth of five
+        waited 0.1-0.3 s.
         """
         async def txn(cur):
             row = await self._vm_row(cur, vm_id)
@@ -195,13 +203,15 @@ class Store:
                 " WHERE vm_id = %s AND host_id = %s",
                 (row["ip"], self.settings.vma_port, self.settings.x_port, di["id"],
                  row["osf_id"], secret, vm_id, self.host_id))
+            if cur.rowcount != 1:
+                raise StartError(f"VM {vm_id} is no longer assigned to this node")
             await cur.execute(
                 "INSERT INTO vm_counters (vm_id, run_attempts) VALUES (%s, 1)"
                 " ON CONFLICT (vm_id) DO UPDATE SET run_attempts = vm_counters.run_attempts + 1",
                 (vm_id,))
             return self._spec(row, di["id"], os.path.join(self.settings.images, di["path"]),
                               vma_secret=secret)
-        return self.db.transaction(txn)
+        return self.db.transaction(txn, isolation="READ COMMITTED")
 
     async def load_for_cleanup(self, vm_id):
         """

@@ -71,6 +71,17 @@ class SupervisorSettings:
         )
 
 
+class _Refused:
+    """The failure of a step started early, held as a value until it is needed."""
+
+    def __init__(self, failure):
+        self.failure = failure
+
+    @staticmethod
+    def raise_(result):
+        return result.failure if isinstance(result, _Refused) else result
+
+
 def _describe(failure):
     value = failure.value
     text = str(value).strip() or type(value).__name__
@@ -107,6 +118,7 @@ class Supervisor:
         self._ping_call = None
         self._ping_d = None
         self._watch_d = None
+        self._filtering = None      # the packet filter installed during 'preparing'
         self._liveness = Liveness(settings.dead_failures, settings.dead_seconds)
         self._want = None
         self._written = persisted
@@ -274,12 +286,18 @@ class Supervisor:
         d.addCallbacks(lambda _: epoch == self._epoch and self.handle("loaded"), failed)
 
     def _do_prepare(self):
+        # The packet filter goes in while the storage is prepared; the start
+        # waits for both (a refusal is kept for it, not logged as unhandled).
+        self._filtering = self.filter().addErrback(_Refused)
         self._run_op("prepared", lambda: self.driver.prepare(self.spec))
 
     def _do_boot(self):
+        filtering, self._filtering = self._filtering, None
+
         def start():
             # Filtered before it starts: a desktop never runs unfiltered.
-            d = self.filter()
+            d = filtering if filtering is not None else self.filter()
+            d.addCallback(_Refused.raise_)
             d.addCallback(lambda _: self.driver.start(self.spec))
             return d.addCallback(self._started)
         self._run_op("booted", start)

@@ -5,10 +5,12 @@ Disk images for integration tests, built once and cached outside the clone.
     if cannot_build_reason(): raise SkipTest(cannot_build_reason())
     path = minimal_lxc_image()      # /var/cache/qvd-test/lxc-minimal-<key>.tar
 
-The key hashes the recipe (suite, packages, desktop, colour) and the qvd
-package copied into the image (so a change to qvd/vma gives a new image);
-only the cheap code layer is rebuilt when just the qvd sources changed (the
-mmdebstrap base layer is cached in C{di.build.cache}).
+The key hashes the recipe's base layer (suite, packages, desktop, the base
+hooks' format) and every file of its code layer (the qvd package copied into
+the image, the VMA's unit, the session scripts and colour: so a change to
+qvd/vma or to the unit gives a new image); only the cheap code layer is
+rebuilt when just those changed (the mmdebstrap base layer is cached in
+C{di.build.cache}).
 """
 
 import contextlib
@@ -23,7 +25,7 @@ import qvd
 from qvd.config import Config, declared_keys
 from qvd._locks import locked
 from qvd.di.build import Progress, build_image
-from qvd.di.recipe import Recipe, source_hash
+from qvd.di.recipe import Recipe
 
 CACHE = "/var/cache/qvd-test"
 #: Unpacked test images (an LXC base fs cache shared by test runs: the
@@ -60,8 +62,7 @@ def minimal_lxc_image(colour=TEST_COLOUR, stream=None):
     """
     recipe = minimal_recipe(colour)
     key = hashlib.sha256(
-        f"{recipe.base_key()}|{recipe.colour}|{source_hash(QVD_SOURCE)}".encode()
-    ).hexdigest()[:16]
+        f"{recipe.base_key()}|{recipe.code_key(QVD_SOURCE)}".encode()).hexdigest()[:16]
     os.makedirs(CACHE, exist_ok=True)
     path = os.path.join(CACHE, f"lxc-minimal-{key}.tar")
     with locked(path + ".lock"):

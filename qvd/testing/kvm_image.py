@@ -124,15 +124,15 @@ def minimal_kvm_image(stream=None):
     The minimal test desktop of L{qvd.testing.images} (the real VMA,
     nxagent, a session painting L{qvd.testing.images.TEST_COLOUR}) built
     with L{qcow2.VM_PACKAGES} and made a bootable KVM disk; cached as
-    C{/var/cache/qvd-test/kvm-minimal-<key>.qcow2} (key: the recipe, the
-    qvd sources in the image and the qcow2 layout).
+    C{/var/cache/qvd-test/kvm-minimal-<key>.qcow2} (key: the recipe's base
+    and code layers and the qcow2 layout).
 
     @raise ImageUnavailable: it cannot be built here.
     """
     from qvd.config import Config, declared_keys
     from qvd._locks import locked
     from qvd.di.build import BuildError, Progress, build_image
-    from qvd.di.recipe import Recipe, source_hash
+    from qvd.di.recipe import Recipe
     from qvd.testing import images
 
     why = images.cannot_build_reason()
@@ -142,7 +142,7 @@ def minimal_kvm_image(stream=None):
     recipe = Recipe.from_config(config, "minimal", images.TEST_COLOUR,
                                 qcow2.VM_PACKAGES + GUEST_AGENT_PACKAGES)
     key = hashlib.sha256(
-        f"{recipe.base_key()}|{recipe.colour}|{source_hash(images.QVD_SOURCE)}|{_key()}".encode()
+        f"{recipe.base_key()}|{recipe.code_key(images.QVD_SOURCE)}|{_key()}".encode()
     ).hexdigest()[:16]
     os.makedirs(CACHE, exist_ok=True)
     path = os.path.join(CACHE, f"kvm-minimal-{key}.qcow2")

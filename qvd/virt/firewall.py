@@ -199,7 +199,9 @@ class NodeFirewall:
     """
     Keeps the node's table equal to L{ruleset} of the desktops it was told
     about. Changes are applied one at a time, in order, each rendering every
-    change made before it (two desktops stopping at once both go); a desktop
+    change made before it (two desktops stopping at once both go), and a
+    change that an earlier run already rendered runs no C{nft} (five desktops
+    starting at once cost one or two runs, not five in a row); a desktop
     that C{nft} refuses fails with L{VirtError} and is not kept.
 
     @ivar ports: the desktops of the table in the kernel, by VM id.
@@ -212,14 +214,18 @@ class NodeFirewall:
         self._run = run or (lambda argv, stdin: run_process(reactor, argv, stdin=stdin))
         self.ports = {}
         self._wanted = {}
+        self._in_kernel = None      # the ruleset nft last took
         self._lock = defer.DeferredLock()
 
     def _apply(self, undo):
         """Make the table match C{_wanted}; on a refusal, C{undo()} and fail."""
         def apply():
             wanted = dict(self._wanted)
-            d = self._run(["nft", "-f", "-"],
-                          stdin=ruleset(self.settings, wanted.values()).encode())
+            text = ruleset(self.settings, wanted.values())
+            if text == self._in_kernel:
+                self.ports = wanted
+                return None         # an earlier run rendered this change already
+            d = self._run(["nft", "-f", "-"], stdin=text.encode())
 
             def done(result):
                 if result.code != 0:
@@ -227,6 +233,7 @@ class NodeFirewall:
                     raise VirtError(f"nft refused the desktops' rules of table "
                                     f"{self.settings.table}: {result.describe()}")
                 self.ports = wanted
+                self._in_kernel = text
             return d.addCallback(done)
         if not self.settings.enabled:
             self.ports = dict(self._wanted)

@@ -75,6 +75,9 @@ class LXCDriver:
         self._to_thread = to_thread or (
             lambda f, *a: threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *a))
         self.bridge = config.get("vm.network.bridge")
+        #: vm_id -> pid of the init this driver just started (its watch then
+        #: needs no lxc-info)
+        self._started = {}
 
     # -- helpers ---------------------------------------------------------
 
@@ -228,6 +231,7 @@ class LXCDriver:
                 f"status {result.code}, state {state}): "
                 + (" / ".join(e.split(" - ", 1)[-1] for e in errors) or
                    f"see {layout.log_path}"))
+        self._started[spec.vm_id] = pid
         return RunningVM(spec.vm_id, pid)
 
     @defer.inlineCallbacks
@@ -242,6 +246,7 @@ class LXCDriver:
 
     @defer.inlineCallbacks
     def _stop(self, vm_id):
+        self._started.pop(vm_id, None)
         state, _ = yield self._info(vm_id)
         if state in _STOPPED:
             return
@@ -305,9 +310,11 @@ class LXCDriver:
 
     @defer.inlineCallbacks
     def watch(self, vm_id):
-        state, pid = yield self._info(vm_id)
-        if state in _STOPPED or pid is None:
-            return None
+        pid = self._started.pop(vm_id, None)
+        if pid is None:
+            state, pid = yield self._info(vm_id)
+            if state in _STOPPED or pid is None:
+                return None
         yield _ProcessWatch(self._reactor, pid, self.settings.watch_interval).ended
 
 

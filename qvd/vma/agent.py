@@ -77,6 +77,9 @@ class VMASettings:
     on_state: dict = attrs.field(factory=dict)    # connected/suspended/disconnected -> path
     hook_timeout: float = 120.0
     poweroff_command: tuple = ("poweroff",)
+    #: run (once) before the first session starts, to wait for the system to
+    #: finish booting: the agent starts early in the boot, not after it
+    boot_wait_command: tuple = ()
 
     @classmethod
     def from_config(cls, cfg):
@@ -139,7 +142,8 @@ class VMASettings:
             on_action=on_action,
             on_state=family("vma.on_state."),
             hook_timeout=hook_timeout,
-            poweroff_command=tuple(poweroff))
+            poweroff_command=tuple(poweroff),
+            boot_wait_command=tuple(_split(cfg.get("vma.boot.wait.command"))))
 
 
 def read_env_file(path, owner_uid=None):
@@ -267,6 +271,7 @@ class VMA:
         self._props = {}
         self._busy = False          # an x_start is between its checks and its answer
         self._generation = 0        # counts session starts (a stale background start stops)
+        self._booted = False        # vma.boot.wait.command has run
         self.last_error = None
 
     # -- SimpleRPC functions (params: dict of text) ----------------------------
@@ -517,7 +522,8 @@ class VMA:
             if current():
                 self.machine.provisioning()
         try:
-            if self.settings.provisioning_enabled:
+            yield self._wait_for_boot()
+            if self.settings.provisioning_enabled and current():
                 yield self._provisioner.provision(props, on_work=on_work)
             if current():
                 yield self._action_hook("connect", props)
@@ -537,6 +543,30 @@ class VMA:
         except Exception as e:
             log.failure("Unable to start the X session")
             self._start_failed(generation, str(e))
+
+    @defer.inlineCallbacks
+    def _wait_for_boot(self):
+        """
+        Run C{vma.boot.wait.command} once in the agent's life: the agent
+        answers while the system is still booting (its unit has no default
+        dependencies), and a session must not start before the boot's own
+        set-up is done (systemd-tmpfiles empties /tmp and /tmp/.X11-unix,
+        /run/nologin bars logins until systemd-user-sessions). Its exit status
+        does not matter (C{degraded}, or no systemd: the system is as up as it
+        gets); it is bounded by C{vma.timeout.starting}.
+        """
+        argv = self.settings.boot_wait_command
+        if not argv or self._booted:
+            return None
+        started = self._reactor.seconds()
+        result = yield self._runner.run(list(argv),
+                                        timeout=self.settings.timeouts.starting or None)
+        self._booted = True
+        waited = self._reactor.seconds() - started
+        if waited >= 0.5:
+            log.info("waited {s:.1f} s for the system to finish booting ({argv}: {out})",
+                     s=waited, argv=" ".join(argv), out=result.output.strip()[-100:])
+        return None
 
     def _start_failed(self, generation, message):
         if generation == self._generation and self._process is None:

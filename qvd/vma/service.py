@@ -24,17 +24,30 @@ class ListeningService(service.Service):
     Listens on C{port}/C{interface} while running (like
     C{twisted.application.internet.TCPServer}, which pulls in Automat: the
     VMA must import only the stdlib, Twisted, attrs and zope.interface).
+
+    @param listening: a socket already bound and listening there
+        (L{qvd.vma.__main__.listen_early}), served instead of a new one; the
+        service takes it over (and closes it).
     """
 
-    def __init__(self, reactor, port, factory, interface=""):
+    def __init__(self, reactor, port, factory, interface="", listening=None):
         self._reactor = reactor
         self._port_number = port
         self._factory = factory
         self._interface = interface
+        self._listening = listening
         self.port = None
 
     def startService(self):
         super().startService()
+        if self._listening is not None:
+            sock, self._listening = self._listening, None
+            try:
+                self.port = self._reactor.adoptStreamPort(sock.fileno(), sock.family,
+                                                          self._factory)
+            finally:
+                sock.close()        # the reactor serves a duplicate of it
+            return
         self.port = self._reactor.listenTCP(self._port_number, self._factory,
                                             interface=self._interface)
 
@@ -73,9 +86,12 @@ def _fit_descriptors(needed):
                      hard=hard, needed=needed)
 
 
-def make_service(cfg, reactor):
+def make_service(cfg, reactor, listening=None):
     """
     The VMA service of configuration C{cfg} (a L{qvd.config.Config}).
+
+    @param listening: a socket already listening on C{vma.address}:C{vma.port}
+        to serve (see L{ListeningService}), or None.
     """
     import os
 
@@ -104,7 +120,8 @@ def make_service(cfg, reactor):
     top = service.MultiService()
     agent = VMAService(vma)
     agent.setServiceParent(top)
-    rpc = ListeningService(reactor, cfg.getint("vma.port"), factory, interface=address)
+    rpc = ListeningService(reactor, cfg.getint("vma.port"), factory, interface=address,
+                           listening=listening)
     rpc.setServiceParent(top)
     top.vma = vma
     top.rpc = rpc
