@@ -267,7 +267,12 @@ class TwoNodeHomeTests(unittest.TestCase):
         # Each test node has its own VM subnet (the VM network across nodes
         # is another part of issue 11): the VM gets node B's address.
         self.a.query("UPDATE vms SET ip = %s WHERE id = %s", (f"{self.b.subnet}.50", vm))
-        self.b.start_vms(vm)
+        try:
+            # node B's first start of the DI unpacks it from the volume (over FUSE)
+            self.b.start_vms(vm, timeout=180)
+        except AssertionError as e:
+            raise AssertionError(f"{e}; the VM: {self.b.vm_row(vm)}\nnode B's HKD:\n"
+                                 + self.b.log_tail(self.b.hkd_log, 40))
         self.assertEqual(self.b.vm_row(vm)["host_id"], self.b.host)
         done = self.b.attach(vm, "cat", "/home/proof.txt")
         self.assertEqual((done.returncode, done.stdout), (0, "written-on-a\n"), done.stderr)
