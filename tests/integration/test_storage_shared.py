@@ -3,7 +3,7 @@ Shared storage on a real GlusterFS volume (L{qvd.testing.gluster}): the
 HKD's checks at start and before each VM's start (twistd qvd-hkd with the
 fake hypervisor of fake_hkd.tac), qvd-admin storage init, and what di del /
 vm del free, on the volume and on the node. The home that follows its VM
-from one node to another, with LXC desktops, is in L{TwoNodeHomeTests}.
+from one node to another, with LXC desktops, is in test_a_storage_two_nodes.
 """
 
 import io
@@ -225,55 +225,3 @@ class CheckTests(VolumeMixin, HKDTestMixin, pg.DatabaseTestMixin, unittest.TestC
         self.assertTrue(os.path.isdir(kept))
         self.assertEqual(sorted(os.listdir(os.path.join(local, "basefs"))),
                          [".locks", "other.u1000000-g1000000"])
-
-
-class TwoNodeHomeTests(unittest.TestCase):
-    """
-    Two nodes on this machine (two HKDs with their own hosts rows, bridges,
-    run dirs and container names, one database), each with its own FUSE
-    mount of one GlusterFS volume as path.storage.root, LXC desktops of the
-    minimal image (on the volume).
-    """
-
-    def setUp(self):
-        from qvd.testing import e2e
-        why = gluster.missing() or e2e.missing("lxc")
-        if why:
-            raise unittest.SkipTest(why)
-        self.volume = gluster.Volume("qvdtn").start()
-        self.addCleanup(self.volume.stop)
-        mount_a, mount_b = self.volume.mount(), self.volume.mount()
-        storage.write_marker(mount_a, "two-nodes")
-        shared = {"path.storage.shared": "1"}
-        self.a = e2e.Stack("gnode", subnet_base=233, nodename="node-a",
-                           storage_root=mount_a, config=shared, storage_id="two-nodes")
-        self.addCleanup(self.a.stop)
-        self.a.start()
-        self.b = e2e.Stack("hnode", subnet_base=235, nodename="node-b", join=self.a,
-                           storage_root=mount_b, config=shared)
-        self.addCleanup(self.b.stop)
-        self.b.start()
-
-    def test_home_follows_the_vm(self):
-        """
-        A file the user's desktop writes into its home on node A is in the
-        home when the VM next starts on node B.
-        """
-        vm = self.a.add_user("alice", "secret")
-        self.a.start_vms(vm)
-        done = self.a.attach(vm, "sh", "-c", "echo written-on-a > /home/proof.txt && sync")
-        self.assertEqual(done.returncode, 0, done.stderr)
-        self.a.stop_vms()
-        # Each test node has its own VM subnet (the VM network across nodes
-        # is another part of issue 11): the VM gets node B's address.
-        self.a.query("UPDATE vms SET ip = %s WHERE id = %s", (f"{self.b.subnet}.50", vm))
-        try:
-            # node B's first start of the DI unpacks it from the volume (over FUSE)
-            self.b.start_vms(vm, timeout=180)
-        except AssertionError as e:
-            raise AssertionError(f"{e}; the VM: {self.b.vm_row(vm)}\nnode B's HKD:\n"
-                                 + self.b.log_tail(self.b.hkd_log, 40))
-        self.assertEqual(self.b.vm_row(vm)["host_id"], self.b.host)
-        done = self.b.attach(vm, "cat", "/home/proof.txt")
-        self.assertEqual((done.returncode, done.stdout), (0, "written-on-a\n"), done.stderr)
-        self.b.stop_vms()
