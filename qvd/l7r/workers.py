@@ -27,10 +27,12 @@ Stopping the service sends SIGTERM to every worker and waits for them
 
 import os
 import signal
+import socket
 import sys
 
 from twisted.application import service
 from twisted.internet import defer, error, protocol
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.logger import LogLevel, eventFromJSON, formatEvent, globalLogPublisher
 
 from qvd.logs import Logger
@@ -179,9 +181,8 @@ class L7RWorkers(service.Service):
         if not self._announced and all(p.ready for p in self.workers.values()) \
                 and len(self.workers) == self.count:
             self._announced = True
-            host = self.sockets[0].getsockname()
             log.info("L7R listening on {address} ({count} worker processes, pids {pids})",
-                     address=_address(self.sockets[0], host), count=self.count,
+                     address=_address(self.sockets[0]), count=self.count,
                      pids=" ".join(str(p.transport.pid) for p in self.workers.values()))
 
     def worker_ended(self, proto):
@@ -248,9 +249,8 @@ def _signal(proto, number):
         pass
 
 
-def _address(sock, host):
-    """The listening address as Twisted prints a port's host."""
-    from twisted.internet.address import IPv4Address, IPv6Address
-    if sock.family == 10:
-        return IPv6Address("TCP", host[0], host[1])
-    return IPv4Address("TCP", host[0], host[1])
+def _address(sock):
+    """The listening address of C{sock} as Twisted prints a port's host."""
+    host, port = sock.getsockname()[:2]
+    kind = IPv6Address if sock.family == socket.AF_INET6 else IPv4Address
+    return kind("TCP", host, port)
